@@ -1,0 +1,254 @@
+"""The `headshare` command line: one subcommand per step, each a thin layer over the Python API.
+
+Errors a user can cause (bad ratio, missing model, existing output) end in one line on stderr and
+exit status 2; nothing is written unless the whole step succeeded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .plan import METHOD_HELP, METHODS
+
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, KeyError)
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _dtype(name: str | None):
+    import torch
+
+    if name in (None, "auto"):
+        return None
+    try:
+        return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[name]
+    except KeyError:
+        raise ValueError(f"unknown --dtype {name!r}; use float32, bfloat16 or float16") from None
+
+
+def _ratio(text: str) -> float:
+    try:
+        r = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"ratio must be a number in [0, 1), got {text!r}") from None
+    if not 0 <= r < 1:
+        raise argparse.ArgumentTypeError(f"ratio must be in [0, 1), got {r}")
+    return r
+
+
+def _check_output(out: Path, model_dir: str | None, force: bool) -> None:
+    out = out.resolve()
+    if model_dir is not None:
+        src = Path(model_dir).resolve()
+        if out == src or src in out.parents:
+            raise ValueError(f"output {out} is inside the input model directory {src}; choose another place")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a directory")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise FileExistsError(f"{out} exists and is not empty (use --force to replace it)")
+
+
+def _method_kwargs(args) -> dict:
+    kw = {"progress": True}
+    for name in ("metric", "seed", "calib", "calib_tokens"):
+        v = getattr(args, name, None)
+        if v is not None:
+            kw[name] = v
+    return kw
+
+
+def _write_json(obj, path: str | None) -> None:
+    text = json.dumps(obj, indent=1)
+    if path in (None, "-"):
+        print(text)
+    else:
+        Path(path).write_text(text + "\n")
+
+
+# -- commands ------------------------------------------------------------------------------------------
+
+def cmd_fetch(args) -> None:
+    from .fetch import fetch
+
+    print(fetch(args.alias, force=args.force))
+
+
+def cmd_analyze(args) -> None:
+    from .fetch import resolve_model
+    from .similarity import analysis
+
+    result = analysis(resolve_model(args.model), metric=args.metric)
+    _write_json(result, args.out)
+    best = result["best_matches"]
+    if best and args.out not in (None, "-"):
+        top = max(best, key=lambda b: b["similarity"])
+        _log(f"{len(best)} units matched; best pair ({top['layer']},{top['unit']}) <- "
+             f"({top['source_layer']},{top['source_unit']}) cosine {top['similarity']:.4f}; wrote {args.out}")
+
+
+def _load(args, path: str | None = None):
+    """Resolve args.model (unless already resolved to `path`) and load it."""
+    from .fetch import load_model, resolve_model
+
+    path = path or resolve_model(args.model)
+    model, tok = load_model(path, dtype=_dtype(getattr(args, "dtype", None)))
+    return path, model, tok
+
+
+def _make_plan(args, model, tok):
+    from .plan import SharePlan, make_plan
+
+    if getattr(args, "plan", None):
+        return SharePlan.load(args.plan)
+    if args.ratio is None:
+        raise ValueError("give --ratio (or --plan FILE)")
+    kw = _method_kwargs(args)
+    kw["tokenizer"] = tok
+    return make_plan(model, ratio=args.ratio, method=args.method, **kw)
+
+
+def cmd_plan(args) -> None:
+    _, model, tok = _load(args)
+    plan = _make_plan(args, model, tok)
+    plan.save(args.out)
+    _log(f"{plan.method}: {plan.units_shared} units shared, {len(plan.pruned)} pruned of "
+         f"{plan.layout['num_layers'] * plan.layout['units_per_layer']}; wrote {args.out}")
+
+
+def cmd_share(args) -> None:
+    from .fetch import resolve_model
+    from .share import info, share
+
+    out = Path(args.out)
+    path = resolve_model(args.model)
+    _check_output(out, path, args.force)  # before the slow part, so a mistake costs nothing
+    path, model, tok = _load(args, path)
+    text = None
+    before = None
+    if args.eval:
+        from .data import load_text
+        from .evaluate import perplexity
+
+        text = load_text(args.text, split="eval")
+        _log("evaluating the original model ...")
+        before = perplexity(model, tok, text, window=args.window, stride=args.window, max_tokens=args.eval_tokens)
+    plan = _make_plan(args, model, tok)
+    t0 = time.time()
+    share(model, plan)
+    model.save_pretrained(out, force=args.force, tokenizer=tok)
+    summary = info(out)
+    summary["share_seconds"] = round(time.time() - t0, 2)
+    summary["out"] = str(out.resolve())
+    if args.eval:
+        after = perplexity(model, tok, text, window=args.window, stride=args.window, max_tokens=args.eval_tokens)
+        summary.update(perplexity_original=before["perplexity"], perplexity_shared=after["perplexity"],
+                       eval_tokens=after["tokens"], eval_text=args.text)
+    if args.json:
+        _write_json(summary, None)
+    else:
+        print(_summary_table(summary))
+
+
+def _summary_table(s: dict) -> str:
+    saved_p = s["params_original"] - s["params_shared"]
+    saved_b = s["bytes_original"] - s["bytes_shared"]
+    rows = [
+        ("method", s["method"]),
+        ("units shared", f"{s['units_shared']} / {s['units_total']} ({s['unit']})"),
+        ("parameters", f"{s['params_original']:,} -> {s['params_shared']:,} (-{saved_p:,}, "
+                       f"-{100 * saved_p / s['params_original']:.2f} %)"),
+        ("weight bytes", f"{s['bytes_original']:,} -> {s['bytes_shared']:,} (-{saved_b:,})"),
+        ("checkpoint", f"{s.get('out', '')} ({s['checkpoint_bytes']:,} bytes of safetensors)"),
+    ]
+    if "perplexity_shared" in s:
+        rows.append(("perplexity", f"{s['perplexity_original']:.3f} -> {s['perplexity_shared']:.3f} "
+                                   f"(x{s['perplexity_shared'] / s['perplexity_original']:.3f}) on "
+                                   f"{s['eval_tokens']:,} tokens of {s['eval_text']}"))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def cmd_info(args) -> None:
+    from .share import info
+
+    s = info(args.path)
+    if args.json:
+        _write_json(s, None)
+    else:
+        s["out"] = str(Path(args.path).resolve())
+        print(_summary_table(s))
+
+
+# -- parser ----------------------------------------------------------------------------------------------
+
+def _add_plan_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ratio", type=_ratio, help="fraction of all attention units to share, in [0, 1)")
+    p.add_argument("--method", default="directshare", choices=sorted(METHODS),
+                   help="how units are chosen: " + "; ".join(f"{k}: {v}" for k, v in sorted(METHOD_HELP.items())))
+    p.add_argument("--metric", default=None, help="match function for weight similarity: q, k, v, qk, qkv")
+    p.add_argument("--seed", type=int, default=None, help="seed for randomised methods")
+    p.add_argument("--calib", default=None, help="calibration text for data-aware methods (default: builtin:calib)")
+    p.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="headshare", description="Head-wise weight sharing for LLM attention.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("fetch", help="download a built-in model and print its local directory")
+    p.add_argument("alias", help="e.g. smollm2-135m")
+    p.add_argument("--force", action="store_true", help="download and convert again")
+    p.set_defaults(fn=cmd_fetch)
+
+    p = sub.add_parser("analyze", help="weight similarity of all attention units and their best earlier matches")
+    p.add_argument("model", help="local model directory, hub id, or alias such as smollm2-135m")
+    p.add_argument("--metric", default="qk", help="q, k, v, qk (default) or qkv")
+    p.add_argument("--out", default=None, help="JSON file (default: stdout)")
+    p.set_defaults(fn=cmd_analyze)
+
+    p = sub.add_parser("plan", help="choose which units to share and write the plan as JSON")
+    p.add_argument("model")
+    _add_plan_args(p)
+    p.add_argument("--out", required=True, help="plan JSON file")
+    p.set_defaults(fn=cmd_plan)
+
+    p = sub.add_parser("share", help="share a model's attention units and save the smaller checkpoint")
+    p.add_argument("model")
+    _add_plan_args(p)
+    p.add_argument("--plan", default=None, help="apply this plan JSON instead of making one")
+    p.add_argument("--out", required=True, help="output directory (refused if it exists, unless --force)")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.add_argument("--eval", action="store_true", help="measure perplexity before and after sharing")
+    p.add_argument("--text", default="builtin", help="evaluation text for --eval (default: builtin corpus, eval part)")
+    p.add_argument("--window", type=int, default=512, help="evaluation window in tokens")
+    p.add_argument("--eval-tokens", type=int, default=None, help="score at most this many tokens")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(fn=cmd_share)
+
+    p = sub.add_parser("info", help="what a shared checkpoint holds and what it saved")
+    p.add_argument("path")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_info)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except USER_ERRORS as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"headshare: error: {msg}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

