@@ -186,6 +186,93 @@ def cmd_info(args) -> None:
         print(_summary_table(s))
 
 
+def cmd_posttrain(args) -> None:
+    from accelerate import PartialState
+
+    from .fetch import resolve_model
+    from .posttrain import RECORD_FILE, PostTrainConfig, posttrain
+    from .share import info
+
+    # a bad value fails here, before the model loads
+    cfg = PostTrainConfig(mode=args.mode, lam=args.lam, constraint=args.constraint, lr=args.lr, steps=args.steps,
+                          block_size=args.block_size, batch_size=args.batch_size,
+                          seed=args.seed if args.seed is not None else 0, save_steps=args.save_steps,
+                          warmup_steps=args.warmup_steps, out=args.out, work_dir=args.work_dir,
+                          resume=args.resume, force=args.force, keep_checkpoints=args.keep_checkpoints)
+    out = Path(args.out)
+    path = resolve_model(args.model)
+    _check_output(out, path, args.force)
+    path, model, tok = _load(args, path)
+    plan = None
+    if args.mode != "tune-only" or args.ratio is not None or args.plan:
+        plan = _make_plan(args, model, tok)  # before training: the pairs are fixed from the start
+    posttrain(model, tok, plan, args.data, cfg)
+    if not PartialState().is_main_process:
+        return
+    record = json.loads((out / RECORD_FILE).read_text())
+    last = record.get("final_lm_loss")
+    d0, d1 = record["mean_pair_distance_fro_before"], record["mean_pair_distance_fro_after"]
+    _log(f"{args.mode}: {record['steps']} steps in {record['train_seconds']:.0f} s on {record['processes']} "
+         f"process(es)" + (f"; mean pair distance {d0:.4f} -> {d1:.4f}" if d0 is not None and d1 is not None else "")
+         + (f"; last lm_loss {last:.4f}" if last is not None else ""))
+    if record["shared"]:
+        s = info(out)
+        s["out"] = str(out.resolve())
+        print(_summary_table(s))
+    else:
+        print(f"tune-only: plain checkpoint (no sharing) in {out.resolve()}")
+
+
+def cmd_eval(args) -> None:
+    from .data import load_text
+    from .evaluate import evaluate, lm_eval_tasks
+    from .fetch import load_model
+
+    _, model, tok = _load(args)
+    if tok is None:
+        raise ValueError(f"{args.model} has no tokenizer; save one beside the weights")
+    reference = load_model(args.reference, dtype=_dtype(args.dtype))[0] if args.reference else None
+    stride = args.stride or args.window
+    result = {"model": args.model, "text": args.text, "window": args.window, "stride": stride}
+    if args.reference:
+        result["reference"] = args.reference
+    result.update(evaluate(model, tok, load_text(args.text, split="eval"), reference=reference, window=args.window,
+                           stride=stride, max_tokens=args.max_tokens, batch_size=args.batch_size))
+    if args.tasks:
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        kw = dict(limit=args.limit, num_fewshot=args.num_fewshot, include_path=args.include_path,
+                  include_defaults=not args.no_default_tasks)
+        result["tasks"] = lm_eval_tasks(model, tok, tasks, **kw)
+        if reference is not None:  # recovery = shared / original, as llm-compressor reports it
+            result["reference_tasks"] = lm_eval_tasks(reference, tok, tasks, **kw)
+            result["recovery"] = {t: {k: v / result["reference_tasks"][t][k] for k, v in m.items()
+                                      if not k.endswith("stderr") and result["reference_tasks"][t].get(k)}
+                                  for t, m in result["tasks"].items() if t in result["reference_tasks"]}
+    if args.json:
+        _write_json(result, None)
+        return
+    print(f"perplexity      {result['perplexity']:.4f} on {result['tokens']:,} tokens of {args.text} "
+          f"(window {args.window}, stride {stride})")
+    if "kl" in result:
+        print(f"KL (ref||model) {result['kl']:.5f} nats/token; top-1 agreement {result['top1_agreement']:.4f}; "
+              f"reference perplexity {result['reference_perplexity']:.4f}")
+    for task, metrics in result.get("tasks", {}).items():
+        print(f"{task:<15} " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if not k.endswith("stderr")))
+
+
+def cmd_bench(args) -> None:
+    from .bench import markdown_table, run_bench
+
+    ratios = [_ratio(r) for r in args.ratios.split(",") if r.strip()]
+    rows = run_bench(args.model, ratios, args.methods, args.json, text=args.text, calib=args.calib,
+                     calib_tokens=args.calib_tokens, max_tokens=args.max_tokens, window=args.window,
+                     seed=args.seed, resume=args.resume, force=args.force, md=args.md, plot=args.plot,
+                     run_probe=not args.no_probe)
+    print(markdown_table(rows), end="")
+    _log(f"{len(rows)} rows in {args.json}" + (f"; table {args.md}" if args.md else "")
+         + (f"; plot {args.plot}" if args.plot else ""))
+
+
 # -- parser ----------------------------------------------------------------------------------------------
 
 def _add_plan_args(p: argparse.ArgumentParser) -> None:
@@ -232,10 +319,72 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(fn=cmd_share)
 
+    p = sub.add_parser("posttrain", help="PostShare: train with the weight-similarity constraint, then share")
+    p.add_argument("model")
+    _add_plan_args(p)
+    p.add_argument("--plan", default=None, help="pairs from this plan JSON instead of making one")
+    p.add_argument("--data", default="builtin:calib",
+                   help="training text: builtin:calib (default), a text file, a saved or hub dataset (calib split)")
+    p.add_argument("--mode", default="postshare", choices=["postshare", "share-then-tune", "tune-only"],
+                   help="postshare (default): constrain, then share; share-then-tune: share, then train the "
+                        "tied model; tune-only: same training without constraint or sharing (the reference)")
+    p.add_argument("--lambda", dest="lam", type=float, default=0.5, help="weight of the constraint (default 0.5)")
+    p.add_argument("--constraint", default="fro", choices=["fro", "mse"],
+                   help="fro (default): Frobenius norms of the q, k, v differences; mse: mean squared differences")
+    p.add_argument("--lr", type=float, default=5e-5, help="peak learning rate, cosine decay (default 5e-5)")
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
+    p.add_argument("--block-size", type=int, default=512, help="tokens per training block (default 512)")
+    p.add_argument("--batch-size", type=int, default=1, help="blocks per step and process (default 1)")
+    p.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps (default 0)")
+    p.add_argument("--save-steps", type=int, default=100, help="checkpoint every N steps (default 100)")
+    p.add_argument("--out", required=True, help="output directory (refused if it exists, unless --force)")
+    p.add_argument("--work-dir", default=None, help="Trainer checkpoints (default: OUT.work)")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the work dir")
+    p.add_argument("--keep-checkpoints", action="store_true", help="keep the work dir's checkpoints at the end")
+    p.add_argument("--force", action="store_true", help="replace the output and start over in a used work dir")
+    p.set_defaults(fn=cmd_posttrain)
+
     p = sub.add_parser("info", help="what a shared checkpoint holds and what it saved")
     p.add_argument("path")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_info)
+
+    p = sub.add_parser("eval", help="perplexity of a model (shared or not), KL against a reference, lm-eval tasks")
+    p.add_argument("model", help="model directory (a shared checkpoint too), hub id or alias")
+    p.add_argument("--text", default="builtin", help="evaluation text: builtin (default), a file, a dataset")
+    p.add_argument("--window", type=int, default=512, help="tokens per window (default 512)")
+    p.add_argument("--stride", type=int, default=None, help="tokens between window starts (default: --window)")
+    p.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens of the text")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--reference", default=None, help="also report KL and top-1 agreement against this model")
+    p.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks, e.g. piqa,arc_easy")
+    p.add_argument("--limit", type=float, default=None, help="at most this many documents per task")
+    p.add_argument("--num-fewshot", type=int, default=0)
+    p.add_argument("--include-path", default=None, help="directory of extra lm-eval task YAML files")
+    p.add_argument("--no-default-tasks", action="store_true",
+                   help="skip indexing lm-eval's built-in tasks (when all --tasks are under --include-path)")
+    p.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("bench", help="every method at every ratio: quality, size, memory and speed")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--ratios", default="0,0.1,0.2,0.3,0.5", help="comma-separated sharing ratios")
+    p.add_argument("--methods", default="directshare,random,layerwise,prune",
+                   help=f"comma-separated methods, or all ({', '.join(METHODS)})")
+    p.add_argument("--json", required=True, help="rows are appended to this JSON list as they finish")
+    p.add_argument("--resume", action="store_true", help="keep the rows already in --json, add the missing ones")
+    p.add_argument("--force", action="store_true", help="start over even if --json exists")
+    p.add_argument("--md", default=None, help="also write the markdown table here")
+    p.add_argument("--plot", default=None, help="also write a PNG of perplexity against parameters removed")
+    p.add_argument("--text", default="builtin", help="evaluation text (default: builtin corpus, eval part)")
+    p.add_argument("--calib", default="builtin:calib", help="calibration text for data-aware methods")
+    p.add_argument("--calib-tokens", type=int, default=None, help="calibration tokens (method default if unset)")
+    p.add_argument("--max-tokens", type=int, default=None, help="evaluate on at most this many tokens")
+    p.add_argument("--window", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0, help="seed for randomised methods")
+    p.add_argument("--no-probe", action="store_true", help="skip the memory and speed probe (faster)")
+    p.set_defaults(fn=cmd_bench)
     return ap
 
 

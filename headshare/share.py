@@ -313,6 +313,7 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None, device: str |
         dtype = getattr(torch, dtype)
     with no_init_weights():
         model = base(config)
+    model.tie_weights()  # tied embeddings are stored once, under the input embedding's key
     plan = SharePlan.from_dict(record)
     _apply_structure(model, plan, layout_of(config))
     model.__class__ = shared_model_class(base)

@@ -197,5 +197,5 @@ def save_analysis(result: dict, path: str | Path) -> None:
 
 def cosine_naive(a: torch.Tensor, b: torch.Tensor) -> float:
     """Plain float64 cosine of two tensors: the pair-by-pair reference the blocked path is tested against."""
-    a, b = a.double().flatten(), b.double().flatten()
+    a, b = a.detach().double().flatten(), b.detach().double().flatten()
     return float(a @ b / math.sqrt(float(a @ a) * float(b @ b)))

@@ -1,0 +1,88 @@
+"""The paper's dynamic selection, plan files, and their validation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from archs import tiny_model
+
+import headshare
+from headshare.arch import layout_of
+from headshare.plan import Assignment, SharePlan, dynamic_selection, new_plan, units_for_ratio
+
+
+def test_unit_count_is_floor_of_ratio_times_all_units():
+    layout = layout_of(tiny_model("llama-gqa").config)  # 3 layers x 2 units
+    assert [units_for_ratio(r, layout) for r in (0, 0.1, 0.17, 0.34, 0.5, 0.66)] == [0, 0, 1, 2, 3, 3]
+    with pytest.raises(ValueError, match="only 4 units"):
+        units_for_ratio(0.9, layout)
+    for bad in (-0.1, 1.0, 1.5, float("nan")):
+        with pytest.raises(ValueError, match=r"ratio must be in \[0, 1\)"):
+            units_for_ratio(bad, layout)
+
+
+def test_paper_ratio_on_smollm2_shape_gives_27_units():
+    from headshare.arch import Layout
+    assert units_for_ratio(0.3, Layout("llama", 30, 9, 3, 64, 576)) == 27
+
+
+def test_dynamic_selection_takes_the_most_similar_proposals():
+    layout = layout_of(tiny_model("llama-gqa").config)
+    sim = torch.zeros(6, 6)
+    sim[5, 0] = sim[0, 5] = 0.9   # (2,1) ~ (0,0)
+    sim[2, 1] = sim[1, 2] = 0.5   # (1,0) ~ (0,1)
+    sim[4, 3] = sim[3, 4] = 0.7   # (2,0) ~ (1,1)
+    chosen = dynamic_selection(sim, layout, 0.34)  # 2 units
+    assert [(a.layer, a.unit, a.source_layer, a.source_unit) for a in chosen] == [(2, 0, 1, 1), (2, 1, 0, 0)]
+    # the number per layer is whatever the ranking gives: here both come from layer 2
+    assert [a.score for a in chosen] == [pytest.approx(0.7), pytest.approx(0.9)]
+
+
+def test_plan_is_deterministic_and_round_trips(tmp_path):
+    model = tiny_model("llama-gqa")
+    p1 = headshare.plan(model, ratio=0.5)
+    p2 = headshare.plan(model, ratio=0.5)
+    assert p1.to_dict() == p2.to_dict()
+    p1.save(tmp_path / "plan.json")
+    d = json.loads((tmp_path / "plan.json").read_text())
+    assert d["version"] == 1 and d["method"] == "directshare" and d["metric"] == "qk"
+    assert SharePlan.load(tmp_path / "plan.json").to_dict() == p1.to_dict()
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d["layout"].update(num_layers=7), "does not fit"),
+    (lambda d: d["assignments"].append(dict(layer=1, unit=0, source_layer=2, source_unit=0)), "earlier layer"),
+    (lambda d: d["assignments"].append(dict(layer=2, unit=5, source_layer=0, source_unit=0)), "outside"),
+    (lambda d: d["assignments"].extend([dict(layer=2, unit=0, source_layer=0, source_unit=0)] * 2), "twice"),
+    (lambda d: d.update(pruned=[[0, 0]]) or d["assignments"].append(
+        dict(layer=1, unit=0, source_layer=0, source_unit=0)), "pruned"),
+])
+def test_plans_that_do_not_fit_are_refused(edit, message):
+    model = tiny_model("llama-gqa")
+    d = new_plan(model, "manual", 0.0).to_dict()
+    edit(d)
+    with pytest.raises(ValueError, match=message):
+        SharePlan.from_dict(d).validate(layout_of(model.config))
+
+
+def test_unreadable_plans_are_refused(tmp_path):
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        SharePlan.load(tmp_path / "bad.json")
+    with pytest.raises(ValueError, match="not a headshare plan"):
+        SharePlan.from_dict({"hello": 1})
+    with pytest.raises(ValueError, match="newer"):
+        SharePlan.from_dict({"layout": {}, "assignments": [], "version": 99})
+
+
+def test_roots_follow_chains():
+    model = tiny_model("llama-gqa")
+    plan = new_plan(model, "manual", 0.0, assignments=[Assignment(2, 0, 1, 1), Assignment(1, 1, 0, 0)])
+    assert plan.roots() == {(2, 0): (0, 0), (1, 1): (0, 0)}
+
+
+def test_unknown_method_is_refused():
+    with pytest.raises(ValueError, match="unknown method"):
+        headshare.plan(tiny_model("llama-gqa"), ratio=0.3, method="nope")

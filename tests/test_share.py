@@ -1,0 +1,192 @@
+"""DirectShare on every supported architecture: exact savings, exact forward, exact save/load."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from archs import TINY, copy_in, outputs, tiny_model
+from transformers import AutoModel, AutoModelForCausalLM
+
+import headshare
+from headshare.arch import blocks, layout_of
+from headshare.plan import Assignment, SharePlan, new_plan
+from headshare.share import SharedProjection
+
+ARCHS = sorted(TINY)
+IDS = torch.randint(0, 99, (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+def _bias_flags(model) -> dict[str, bool]:
+    bl = blocks(model)[0]
+    return {p.path: bl.get_submodule(p.path).bias is not None for p in layout_of(model.config).projections()}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_ratio_zero_is_bit_identical(arch):
+    model = tiny_model(arch)
+    before = outputs(model, IDS)
+    headshare.share(model, headshare.plan(model, ratio=0.0))
+    assert all(isinstance(blocks(model)[0].get_submodule(p.path), SharedProjection)
+               for p in layout_of(model.config).projections())
+    assert torch.equal(outputs(model, IDS), before)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_shared_forward_equals_copied_weights_and_savings_are_exact(arch):
+    model = tiny_model(arch)
+    reference = copy.deepcopy(model)
+    plan = headshare.plan(model, ratio=0.5)
+    layout = layout_of(model.config)
+    assert plan.units_shared == int(0.5 * layout.units_total)
+    p0, b0 = headshare.unique_parameters(model)
+    headshare.share(model, plan)
+    p1, b1 = headshare.unique_parameters(model)
+    per_unit = layout.unit_params(_bias_flags(reference))
+    assert p0 - p1 == plan.units_shared * per_unit
+    assert b0 - b1 == plan.units_shared * per_unit * 4  # float32
+    copy_in(reference, plan)
+    torch.testing.assert_close(outputs(model, IDS), outputs(reference, IDS), rtol=1e-5, atol=1e-6)
+
+
+def test_chains_read_the_root():
+    model = tiny_model("llama-gqa")
+    layout = layout_of(model.config)
+    plan = new_plan(model, "manual", 0.0, assignments=[Assignment(1, 0, 0, 1), Assignment(2, 1, 1, 0)])
+    assert plan.roots() == {(1, 0): (0, 1), (2, 1): (0, 1)}
+    reference = copy.deepcopy(model)
+    headshare.share(model, plan)
+    q2 = blocks(model)[2].self_attn.q_proj
+    owner = [seg[0] for seg in q2._segments]
+    assert blocks(model)[0].self_attn.q_proj in owner
+    copy_in(reference, plan)
+    torch.testing.assert_close(outputs(model, IDS), outputs(reference, IDS), rtol=1e-5, atol=1e-6)
+    assert layout.units_per_layer == 2
+
+
+def test_scaled_and_pruned_units_match_reference():
+    model = tiny_model("qwen2-bias")
+    reference = copy.deepcopy(model)
+    plan = new_plan(model, "manual", 0.0, assignments=[Assignment(1, 0, 0, 1, scale=0.5),
+                                                       Assignment(2, 1, 1, 0, scale=-2.0)],
+                    pruned=[(1, 1), (2, 0)])
+    headshare.share(model, plan)
+    copy_in(reference, plan)
+    torch.testing.assert_close(outputs(model, IDS), outputs(reference, IDS), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["llama-gqa", "gpt2", "qwen3-norm"])
+def test_planted_duplicate_is_found_shared_and_free(arch):
+    model = tiny_model(arch)
+    layout = layout_of(model.config)
+    # make unit 1 of the last layer an exact copy of unit 0 of layer 0
+    last = layout.num_layers - 1
+    copy_in(model, new_plan(model, "manual", 0.0, assignments=[Assignment(last, 1, 0, 0)]))
+    before = outputs(model, IDS)
+    ratio = 1 / layout.units_total + 1e-9  # exactly one unit
+    plan = headshare.plan(model, ratio=ratio)
+    assert [(a.layer, a.unit, a.source_layer, a.source_unit) for a in plan.assignments] == [(last, 1, 0, 0)]
+    assert plan.assignments[0].score == pytest.approx(1.0, abs=1e-6)
+    headshare.share(model, plan)
+    torch.testing.assert_close(outputs(model, IDS), before, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_save_load_round_trip_is_bit_identical(arch, tmp_path):
+    model = tiny_model(arch)
+    headshare.share(model, headshare.plan(model, ratio=0.5))
+    expected = outputs(model, IDS)
+    out = tmp_path / "shared"
+    model.save_pretrained(out)
+    assert (out / "headshare_modeling.py").is_file()
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["headshare"]["method"] == "directshare"
+    assert torch.equal(outputs(headshare.load(out), IDS), expected)
+    auto = AutoModelForCausalLM if arch not in ("bert",) else AutoModel
+    remote = auto.from_pretrained(out, trust_remote_code=True)
+    assert torch.equal(outputs(remote, IDS), expected)
+    # the checkpoint stores exactly the unique parameters: nothing duplicated
+    info = headshare.info(out)
+    params, _ = headshare.unique_parameters(model)
+    assert info["params_shared"] == params
+    assert info["units_shared"] == len(cfg["headshare"]["assignments"])
+
+
+def test_checkpoint_bytes_drop_by_shared_weights(tmp_path):
+    model = tiny_model("llama-gqa")
+    plain = tmp_path / "plain"
+    model.save_pretrained(plain)
+    layout = layout_of(model.config)
+    plan = headshare.plan(model, ratio=0.5)
+    headshare.share(model, plan)
+    model.save_pretrained(tmp_path / "shared")
+    info = headshare.info(tmp_path / "shared")
+    from safetensors import safe_open
+    with safe_open(plain / "model.safetensors", framework="pt") as f:
+        plain_bytes = sum(f.get_tensor(k).numel() * 4 for k in f.keys())
+    assert info["bytes_original"] == plain_bytes
+    assert plain_bytes - info["bytes_shared"] == plan.units_shared * layout.unit_params() * 4
+
+
+def test_shared_weights_stay_tied_through_training():
+    model = tiny_model("llama-gqa").train()
+    plan = new_plan(model, "manual", 0.0, assignments=[Assignment(2, 0, 0, 1)])
+    headshare.share(model, plan)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(3):
+        loss = model(IDS, labels=IDS).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    q0 = blocks(model)[0].self_attn.q_proj
+    q2 = blocks(model)[2].self_attn.q_proj
+    (owner, a, b, _), = [s for s in q2._segments if s[0] is not q2]
+    assert owner is q0
+    # the borrowed rows are still a view of layer 0's parameter, and layer 2 holds no copy of them
+    assert q2.weight.shape[0] == q0.weight.shape[0] // 2
+    ref = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        before = outputs(ref, IDS)
+        q0.weight[a:b] += 1.0  # changing the root changes the borrower too
+        assert not torch.equal(outputs(model.eval(), IDS), before)
+
+
+def test_generate_after_reload(tmp_path):
+    model = tiny_model("llama-gqa")
+    headshare.share(model, headshare.plan(model, ratio=0.3))
+    model.save_pretrained(tmp_path / "s")
+    loaded = headshare.load(tmp_path / "s")
+    out = loaded.generate(IDS[:1, :4], max_new_tokens=6, do_sample=False)
+    assert out.shape == (1, 10)
+    assert torch.equal(out, model.generate(IDS[:1, :4], max_new_tokens=6, do_sample=False))
+
+
+def test_sharing_twice_is_refused():
+    model = tiny_model("llama-gqa")
+    headshare.share(model, headshare.plan(model, ratio=0.3))
+    with pytest.raises(ValueError, match="already shared"):
+        headshare.share(model, SharePlan.from_dict(model.config.headshare))
+
+
+def test_plan_for_another_model_is_refused():
+    small = tiny_model("llama-gqa")
+    plan = headshare.plan(small, ratio=0.3)
+    other = tiny_model("llama-mha")
+    with pytest.raises(ValueError, match="does not fit"):
+        headshare.share(other, plan)
+
+
+def test_existing_output_is_refused_and_kept(tmp_path):
+    model = tiny_model("llama-gqa")
+    headshare.share(model, headshare.plan(model, ratio=0.3))
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError):
+        model.save_pretrained(out)
+    assert (out / "keep.txt").read_text() == "mine"
+    model.save_pretrained(out, force=True)
+    assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["o"]  # no temporary directories left behind

