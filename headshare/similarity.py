@@ -49,8 +49,8 @@ class WeightSource:
     def projection_weight(self, layer: int, path: str) -> torch.Tensor:
         raise NotImplementedError
 
-    def unit_vectors(self, layer: int, metric: str = "qk") -> torch.Tensor:
-        """(units_per_layer, dim) float32 vectors of one layer, not normalised."""
+    def unit_vectors(self, layer: int, metric: str = "qk", out: torch.Tensor | None = None) -> torch.Tensor:
+        """(units_per_layer, dim) float32 vectors of one layer, not normalised; written into `out` if given."""
         parts = _check_metric(metric, self.layout)
         U = self.layout.units_per_layer
         pieces: dict[str, torch.Tensor] = {}
@@ -58,8 +58,16 @@ class WeightSource:
             if proj.role != "out" or not any(n in parts for n, _, _ in proj.parts):
                 continue
             for name, t in unit_slices(self.projection_weight(layer, proj.path), proj, U).items():
-                pieces[name] = t
-        return torch.cat([pieces[p].reshape(U, -1).float() for p in parts], dim=1)
+                pieces[name] = t.reshape(U, -1)
+        dim = sum(pieces[p].shape[1] for p in parts)
+        if out is None:
+            out = torch.empty(U, dim)
+        col = 0
+        for p in parts:  # one conversion copy per part, straight into place (checkpoints are often fp16)
+            n = pieces[p].shape[1]
+            out[:, col:col + n].copy_(pieces[p])
+            col += n
+        return out
 
 
 class ModelWeights(WeightSource):
@@ -118,12 +126,15 @@ def _layer_blocks(layout: Layout, dim: int, block_bytes: int) -> list[range]:
     return [range(s, min(s + n, layout.num_layers)) for s in range(0, layout.num_layers, n)]
 
 
-def _normalised_block(src: WeightSource, layers: range, metric: str) -> torch.Tensor:
-    v = torch.cat([src.unit_vectors(layer, metric) for layer in layers])
-    return v / v.norm(dim=1, keepdim=True).clamp_min(1e-30)
+def _normalised_block(src: WeightSource, layers: range, metric: str, dim: int) -> torch.Tensor:
+    U = src.layout.units_per_layer
+    v = torch.empty(len(layers) * U, dim)  # filled in place: no second copy of the block
+    for i, layer in enumerate(layers):
+        src.unit_vectors(layer, metric, out=v[i * U:(i + 1) * U])
+    return v.div_(v.norm(dim=1, keepdim=True).clamp_min(1e-30))
 
 
-def similarity_matrix(model_or_path, metric: str = "qk", block_bytes: int = 1 << 30,
+def similarity_matrix(model_or_path, metric: str = "qk", block_bytes: int = 2 << 30,
                       progress: bool = True) -> torch.Tensor:
     """Cosine similarity of every pair of units, an (N, N) float32 matrix with N = layers x units.
 
@@ -135,18 +146,20 @@ def similarity_matrix(model_or_path, metric: str = "qk", block_bytes: int = 1 <<
     """
     src = weight_source(model_or_path)
     layout = src.layout
-    dim = src.unit_vectors(0, metric).shape[1]
+    parts = _check_metric(metric, layout)
+    widths = {name: w for p in layout.projections() if p.role == "out" for name, _, w in p.parts}
+    dim = sum(widths[p] for p in parts) * layout.hidden_size
     groups = _layer_blocks(layout, dim, block_bytes)
     U, N = layout.units_per_layer, layout.units_total
     sim = torch.empty(N, N)
     pairs = [(i, j) for i in range(len(groups)) for j in range(i + 1)]
     bar = tqdm(total=len(pairs), desc=f"similarity ({metric})", disable=not progress, unit="block")
     for i, gi in enumerate(groups):
-        vi = _normalised_block(src, gi, metric)
+        vi = _normalised_block(src, gi, metric, dim)
         si = slice(gi.start * U, gi.stop * U)
         for j in range(i + 1):
             gj = groups[j]
-            vj = vi if j == i else _normalised_block(src, gj, metric)
+            vj = vi if j == i else _normalised_block(src, gj, metric, dim)
             sj = slice(gj.start * U, gj.stop * U)
             block = vi @ vj.T
             sim[si, sj] = block
