@@ -127,12 +127,27 @@ def _project_weight(proj: ProjSpec, module: nn.Module, own: list[int]) -> tuple[
     return weight, bias
 
 
+def _empty_weight(proj: ProjSpec, module: nn.Module, own: list[int]) -> tuple[torch.Tensor | None, ...]:
+    """Uninitialised tensors of the shapes `_project_weight` would give, for a model about to be loaded."""
+    w, b = module.weight, module.bias
+    weight = None
+    if own:
+        shape = list(w.shape)
+        shape[proj.weight_dim()] = proj.unit_width * len(own)
+        weight = torch.empty(shape, dtype=w.dtype, device=w.device)
+    if b is not None and (own or proj.role == "in"):
+        b = torch.empty(b.shape[0] if proj.role == "in" else proj.unit_width * len(own), dtype=b.dtype)
+    else:
+        b = None
+    return weight, b
+
+
 def _features(proj: ProjSpec, module: nn.Module) -> tuple[int, int]:
     w = module.weight
     return (w.shape[1], w.shape[0]) if proj.conv1d else (w.shape[0], w.shape[1])
 
 
-def _apply_structure(model: nn.Module, plan: SharePlan, layout: Layout) -> None:
+def _apply_structure(model: nn.Module, plan: SharePlan, layout: Layout, copy_weights: bool = True) -> None:
     roots = plan.roots()
     scales = {(a.layer, a.unit): a.scale for a in plan.assignments}
     pruned = {tuple(p) for p in plan.pruned}
@@ -145,7 +160,7 @@ def _apply_structure(model: nn.Module, plan: SharePlan, layout: Layout) -> None:
             old = block.get_submodule(proj.path)
             if isinstance(old, SharedProjection):
                 raise ValueError("this model is already shared; load the original model to apply another plan")
-            weight, bias = _project_weight(proj, old, own)
+            weight, bias = _project_weight(proj, old, own) if copy_weights else _empty_weight(proj, old, own)
             out_f, in_f = _features(proj, old)
             new[(layer, proj.path)] = SharedProjection(proj, U, own, weight, bias, out_f, in_f)
     for (layer, path), mod in new.items():
@@ -311,22 +326,25 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None, device: str |
     dtype = dtype or getattr(config, "dtype", None) or torch.float32
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
+    # no_init_weights leaves parameters as untouched torch.empty pages, and assign=True below swaps in
+    # the loaded tensors instead of copying: the full-size model is never resident, only the checkpoint
     with no_init_weights():
         model = base(config)
-    model.tie_weights()  # tied embeddings are stored once, under the input embedding's key
     plan = SharePlan.from_dict(record)
-    _apply_structure(model, plan, layout_of(config))
+    _apply_structure(model, plan, layout_of(config), copy_weights=False)
     model.__class__ = shared_model_class(base)
-    model.to(dtype)
     state = {}
     for f in _state_dict_files(path):
         state.update(load_file(f))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    del state
+    model.tie_weights()  # tied embeddings are stored once, under the input embedding's key
     tied = _tied_keys(model)
     missing = [k for k in missing if k not in tied]
     if missing or unexpected:
         raise ValueError(f"{path}: weights do not match the shared structure (missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]})")
+    model.to(dtype)
     if (path / "generation_config.json").is_file():
         model.generation_config = transformers.GenerationConfig.from_pretrained(path)
     model.eval()
