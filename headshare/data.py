@@ -23,6 +23,7 @@ import importlib
 import inspect
 import json
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -59,7 +60,8 @@ def _normalise(doc: str) -> str:
 def _own_docs(module) -> list[str]:
     """The module's docstring, then those of its public classes, their methods, and its functions.
 
-    Only objects defined in the module itself count (re-exports would repeat other modules),
+    Only objects defined in the module itself count (re-exports would repeat other modules, and
+    members patched in by other libraries would make the corpus depend on what else is imported),
     and only their own `__doc__` (inherited docstrings would repeat the base class).
     """
     docs = [module.__doc__]
@@ -73,6 +75,11 @@ def _own_docs(module) -> list[str]:
                     continue
                 if isinstance(member, (classmethod, staticmethod)):
                     member = member.__func__
+                # other libraries patch stdlib classes (transformers adds Logger.warning_once):
+                # skip members defined elsewhere so the corpus does not depend on what is imported
+                code = member.fget if isinstance(member, property) else member
+                if getattr(code, "__module__", module.__name__) != module.__name__:
+                    continue
                 if inspect.isroutine(member) or isinstance(member, property):
                     docs.append(member.__doc__)
         elif inspect.isfunction(obj) or inspect.isbuiltin(obj):
@@ -85,11 +92,15 @@ def builtin_docstrings() -> tuple[str, ...]:
     """All distinct docstrings of `BUILTIN_MODULES` with at least `MIN_WORDS` words, in a fixed order."""
     seen: dict[str, None] = {}  # an ordered set
     for name in BUILTIN_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except Exception:  # a stripped-down Python: use what is there
-            continue
-        for doc in _own_docs(module):
+        # deprecated members (typing.io, ...) warn when touched; reading their docs is harmless
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                module = importlib.import_module(name)
+            except Exception:  # a stripped-down Python: use what is there
+                continue
+            docs = _own_docs(module)
+        for doc in docs:
             doc = _normalise(doc)
             if len(doc.split()) >= MIN_WORDS:
                 seen.setdefault(doc, None)

