@@ -263,7 +263,14 @@ def cmd_eval(args) -> None:
 def cmd_bench(args) -> None:
     from .bench import markdown_table, run_bench
 
-    ratios = [_ratio(r) for r in args.ratios.split(",") if r.strip()]
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        ratios = [_ratio(r) for r in args.ratios.split(",") if r.strip()]
+    except argparse.ArgumentTypeError as e:
+        raise ValueError(f"--ratios: {e}") from None
     rows = run_bench(args.model, ratios, args.methods, args.json, text=args.text, calib=args.calib,
                      calib_tokens=args.calib_tokens, max_tokens=args.max_tokens, window=args.window,
                      seed=args.seed, resume=args.resume, force=args.force, md=args.md, plot=args.plot,
@@ -272,6 +279,39 @@ def cmd_bench(args) -> None:
     _log(f"{len(rows)} rows in {args.json}" + (f"; table {args.md}" if args.md else "")
          + (f"; plot {args.plot}" if args.plot else ""))
 
+
+
+def _head(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        layer, head = (int(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"--head must be LAYER,HEAD (two integers), got {text!r}") from None
+    return layer, head
+
+
+def cmd_report(args) -> None:
+    from .fetch import resolve_model
+    from .report import report
+
+    out = Path(args.out)
+    path = resolve_model(args.model)
+    _check_output(out, path, args.force)
+    head = _head(args.head)  # a bad value fails before the model loads
+    path, model, tok = _load(args, path)
+    if tok is None:
+        raise ValueError(f"{path} has no tokenizer; the report runs the model on text and needs one")
+    kw = _method_kwargs(args)
+    kw.pop("progress")
+    r = report(model, tok, out, text=args.text, windows=args.windows, window=args.window, head=head,
+               top=args.top, ratio=args.ratio, method=args.method, plan_kwargs=kw, name=args.model)
+    s, p = r.data["summary"], r.data["plan"]
+    rho = ", ".join(f"{m} {v['spearman']:+.3f}" for m, v in r.data["weight_vs_attention"].items() if "spearman" in v)
+    _log(f"best-match attention-map similarity: layers {s['layer_best_mean']:.3f}, heads {s['head_best_mean']:.3f} "
+         f"(means); Spearman weight vs map: {rho}; {p['method']} at {p['ratio']}: {p['units_shared']} units shared, "
+         f"{p['params_saved']:,} parameters saved; {r.data['timings']['total_s']:.0f} s")
+    print(out.resolve() / "index.html")
 
 # -- parser ----------------------------------------------------------------------------------------------
 
@@ -384,7 +424,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--seed", type=int, default=0, help="seed for randomised methods")
     p.add_argument("--no-probe", action="store_true", help="skip the memory and speed probe (faster)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads, also for the probe (default: torch's)")
     p.set_defaults(fn=cmd_bench)
+
+    p = sub.add_parser("report", help="the paper's similarity analysis as a page: layers vs heads, weights vs "
+                                      "attention maps, the sharing plan")
+    p.add_argument("model", help="local model directory, hub id, or alias such as smollm2-135m")
+    _add_plan_args(p)
+    p.set_defaults(ratio=0.3)
+    p.add_argument("--text", default="builtin:calib",
+                   help="text for the attention maps (and for data-aware methods unless --calib): "
+                        "builtin:calib (default), a file, a dataset")
+    p.add_argument("--windows", type=int, default=8, help="number of text windows (default 8)")
+    p.add_argument("--window", type=int, default=256, help="tokens per window (default 256)")
+    p.add_argument("--head", default=None, help="LAYER,HEAD: the query head of the head-wise panel "
+                                               "(default: head 0 of the last layer)")
+    p.add_argument("--top", type=int, default=None, help="most similar heads to mark (default: heads per layer)")
+    p.add_argument("--out", required=True, help="output directory: index.html, PNGs, report.json")
+    p.add_argument("--force", action="store_true", help="write into an existing non-empty directory")
+    p.set_defaults(fn=cmd_report)
     return ap
 
 
