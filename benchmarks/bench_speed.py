@@ -39,12 +39,12 @@ def _decode_steps(model, ids, steps: int) -> list[float]:
     times = []
     with torch.inference_mode():
         out = model(ids, use_cache=True)
-        cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        cache, nxt = out.cache, out.logits[:, -1:].argmax(-1)
         for _ in range(steps):
             t = time.perf_counter()
-            out = model(nxt, past_key_values=cache, use_cache=True)
+            out = model(nxt, cache=cache, use_cache=True)
             times.append(time.perf_counter() - t)
-            cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            cache, nxt = out.cache, out.logits[:, -1:].argmax(-1)
     return times
 
 
