@@ -7,7 +7,7 @@
 >>> model = headshare.load("smollm2-shared")         # doctest: +SKIP
 """
 
-from . import methods  # noqa: F401  (registers the baseline methods: random, layerwise, prune)
+from . import calibrated, methods  # noqa: F401  (register random, layerwise, prune; actshare, fitshare, fitprune)
 from .arch import ARCHITECTURES, Layout, UnsupportedModelError, layout_of
 from .plan import METHODS, Assignment, SharePlan, make_plan, register_method
 from .share import SharedProjection, info, load, share, unique_parameters

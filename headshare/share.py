@@ -195,6 +195,10 @@ def share(model: nn.Module, plan: SharePlan) -> nn.Module:
     """
     layout = layout_of(model.config)
     plan.validate(layout)
+    if plan.notes.get("requires_weights"):  # fitted together with weights (headshare.calibrated)
+        from .calibrated import verify_fitted_weights
+
+        verify_fitted_weights(model, plan)
     params0, bytes0 = unique_parameters(model)
     _apply_structure(model, plan, layout)
     params1, bytes1 = unique_parameters(model)

@@ -1,0 +1,425 @@
+"""The quality benchmark: every plan method at the same number of removed attention units.
+
+For each (method, ratio) a fresh copy of the model gets the method's plan and is shared; then
+
+- quality: perplexity on the evaluation text, and KL divergence and top-1 agreement of the
+  next-token distributions against the original model (`headshare.evaluate.compare`);
+- size: attention and total parameters removed, unique weight bytes in memory, and the bytes of
+  the checkpoint `save_pretrained` writes (all files, no tokenizer);
+- cost: in a fresh Python process that loads that checkpoint (`python -m headshare.bench probe DIR`),
+  the median time of three 512-token forwards (`prefill_s`), the median time of one decoded token
+  with the KV cache after a 128-token prompt (`decode_s`), the resident memory after loading
+  (`rss_after_load_bytes`; memory-mapped weights count only once touched) and its peak while
+  running them (`peak_rss_bytes`: python, torch, the weights, activations and cache).
+  A fresh process because a process's peak RSS only ever grows: measured in the benchmark's own
+  process it would report the largest model seen so far. The peak is reset after loading
+  (/proc/self/clear_refs), so loader transients do not count; `peak_excludes_load` says whether
+  the reset worked.
+
+Ratio 0 is the unchanged model, measured once and reused for every method. Rows are appended to
+the JSON file as they finish, so a crash keeps them and `resume=True` carries on.
+
+    >>> rows = run_bench("smollm2-135m", [0, 0.3], ["directshare", "prune"], "out.json")   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import ctypes
+import gc
+import hashlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .arch import blocks, layout_of
+
+DEFAULT_RATIOS = (0.0, 0.1, 0.2, 0.3, 0.5)
+DEFAULT_METHODS = ("directshare", "random", "layerwise", "prune")
+# a row is reused by --resume only if it was made with the same settings
+SETTING_KEYS = ("model", "text", "calib", "calib_tokens", "max_tokens", "window", "seed")
+PROBE_KEYS = ("rss_after_load_bytes", "peak_rss_bytes", "peak_excludes_load", "prefill_s", "decode_s",
+              "prefill_tokens", "decode_tokens", "decode_prompt_tokens")
+
+
+def resolve_methods(names) -> list[str]:
+    """Method names with "all" expanded to every registered method, in registration order."""
+    from .plan import METHODS
+
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    out: list[str] = []
+    for name in names:
+        for m in (list(METHODS) if name == "all" else [name]):
+            if m not in METHODS:
+                raise ValueError(f"unknown method {m!r}; registered: {', '.join(METHODS)}")
+            if m not in out:
+                out.append(m)
+    if not out:
+        raise ValueError("no methods given")
+    return out
+
+
+def _ratio_key(r: float) -> float:
+    return round(float(r), 6)
+
+
+class CachedReference(nn.Module):
+    """The reference model, run once per distinct input: later calls replay its logits.
+
+    On the first call with some input_ids the wrapped model runs and the input of its output
+    embedding (the final hidden states, tokens x hidden floats) is kept; a repeated call applies only
+    the output embedding to them, which gives the very same logits at a small fraction of the cost.
+    Models that transform logits after the head (final_logit_softcapping) are always run in full.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.head = model.get_output_embeddings()
+        self.cacheable = self.head is not None and getattr(model.config, "final_logit_softcapping", None) is None
+        self._hidden: dict[tuple, torch.Tensor] = {}
+        self.full_calls = 0
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def forward(self, input_ids: torch.Tensor, **kw):
+        from transformers.modeling_outputs import CausalLMOutput
+
+        key = (tuple(input_ids.shape), hashlib.sha1(input_ids.cpu().numpy().tobytes()).hexdigest())
+        if self.cacheable and not kw and key in self._hidden:
+            return CausalLMOutput(logits=self.head(self._hidden[key]))
+        seen = {}
+        handle = self.head.register_forward_pre_hook(lambda _m, a: seen.__setitem__("h", a[0].detach())) \
+            if self.cacheable else None
+        try:
+            out = self.model(input_ids=input_ids, **kw)
+        finally:
+            if handle is not None:
+                handle.remove()
+        self.full_calls += 1
+        h = seen.get("h")
+        if self.cacheable and not kw and h is not None and h.shape[:2] == input_ids.shape:
+            self._hidden[key] = h
+        return out
+
+
+def attention_params(model: nn.Module) -> int:
+    """Parameters stored by the attention projections (each tensor once)."""
+    layout = layout_of(model.config)
+    seen: dict[int, int] = {}
+    for block in blocks(model):
+        for proj in layout.projections():
+            for p in block.get_submodule(proj.path).parameters(recurse=False):
+                seen[id(p)] = p.numel()
+    return sum(seen.values())
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+# -- the probe: memory and speed in a fresh process ------------------------------------------------
+
+def _status_bytes(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024  # reported in kB
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak() -> bool:
+    """Reset this process's peak RSS (VmHWM) to its current RSS; False where Linux does not allow it."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _release_freed_memory() -> None:
+    """Give freed heap pages back to the OS, so RSS counts live memory, not the loader's leftovers."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+@torch.inference_mode()
+def probe_checkpoint(path: str | Path, prefill_tokens: int = 512, decode_tokens: int = 32,
+                     repeats: int = 3, prompt_tokens: int = 128) -> dict:
+    """Load a checkpoint in this process and measure memory and speed (meant for a fresh process).
+
+    prefill_s: median of `repeats` forwards of `prefill_tokens` tokens without cache. decode_s: median
+    time of `decode_tokens` one-token steps with the KV cache, after a `prompt_tokens` prompt.
+    """
+    from .fetch import load_model
+
+    model, _ = load_model(str(path))
+    cfg = model.config
+    max_pos = getattr(cfg, "max_position_embeddings", None)
+    n = min(prefill_tokens, max_pos - decode_tokens - 1) if max_pos else prefill_tokens
+    ids = torch.randint(0, cfg.vocab_size, (1, n), generator=torch.Generator().manual_seed(0))
+    _release_freed_memory()
+    rss = _status_bytes("VmRSS")
+    reset = _reset_peak()
+    model(input_ids=ids[:, :16])  # warm-up: first calls pay for lazy initialisation
+    prefill = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        model(input_ids=ids, use_cache=False)
+        prefill.append(time.perf_counter() - t0)
+    out = model(input_ids=ids[:, :prompt_tokens], use_cache=True)
+    past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    steps = []
+    for _ in range(decode_tokens):
+        t0 = time.perf_counter()
+        out = model(input_ids=nxt, past_key_values=past, use_cache=True)
+        steps.append(time.perf_counter() - t0)
+        past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    return {"rss_after_load_bytes": rss, "peak_rss_bytes": _status_bytes("VmHWM"), "peak_excludes_load": reset,
+            "prefill_s": statistics.median(prefill), "decode_s": statistics.median(steps),
+            "prefill_tokens": n, "decode_tokens": decode_tokens, "decode_prompt_tokens": min(prompt_tokens, n)}
+
+
+def probe(path: str | Path, threads: int | None = None, timeout: float = 900, **kw) -> dict:
+    """`probe_checkpoint` run in a fresh Python process with `threads` torch threads."""
+    cmd = [sys.executable, "-m", "headshare.bench", "probe", str(path),
+           "--threads", str(threads or torch.get_num_threads())]
+    for k, v in kw.items():
+        cmd += [f"--{k.replace('_', '-')}", str(v)]
+    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        raise RuntimeError(f"probe of {path} failed (exit {proc.returncode}): {' | '.join(tail)}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# -- one row ---------------------------------------------------------------------------------------
+
+def measure(method: str, ratio: float, original: nn.Module, reference: nn.Module, tokenizer, text: str,
+            settings: dict, run_probe: bool = True, progress: bool = True) -> dict:
+    """Plan, share and measure one (method, ratio) on a copy of `original`; returns the row."""
+    from .evaluate import compare
+    from .plan import make_plan
+    from .share import share, unique_parameters
+
+    layout = layout_of(original.config)
+    params0, _ = unique_parameters(original)
+    attn0 = attention_params(original)
+    t0 = time.perf_counter()
+    if ratio == 0:
+        model, plan = original, None  # nothing to share: measure the model as it is
+    else:
+        model = copy.deepcopy(original)
+        kw = {"tokenizer": tokenizer, "calib": settings["calib"], "seed": settings["seed"], "progress": progress}
+        if settings.get("calib_tokens"):
+            kw["calib_tokens"] = settings["calib_tokens"]
+        plan = make_plan(model, ratio, method, **kw)
+        share(model, plan)
+    plan_s = time.perf_counter() - t0
+    params, nbytes = unique_parameters(model)
+    attn = attention_params(model)
+    # ratio 0 compares the original with itself: its windows then run once, the second pass is replayed
+    ev = compare(reference if model is original else model, reference, tokenizer, text, window=settings["window"], stride=settings["window"],
+                 max_tokens=settings["max_tokens"], progress=progress)
+    with tempfile.TemporaryDirectory(prefix="headshare-bench-") as tmp:
+        ckpt = Path(tmp) / "model"
+        model.save_pretrained(ckpt)
+        ckpt_bytes = _dir_bytes(ckpt)
+        speed = probe(ckpt) if run_probe else dict.fromkeys(PROBE_KEYS)
+    if model is not original:
+        del model
+        gc.collect()
+    return {
+        "method": method, "ratio": ratio,
+        "units_total": layout.units_total, "units_removed": plan.units_removed if plan else 0,
+        "perplexity": ev["perplexity"], "nll": ev["nll"], "tokens": ev["tokens"],
+        "kl": ev["kl"], "top1_agreement": ev["top1_agreement"], "reference_perplexity": ev["reference_perplexity"],
+        "attn_params_total": attn0, "attn_params_removed": attn0 - attn,
+        "params_total": params0, "params_removed": params0 - params,
+        "weight_bytes": nbytes, "checkpoint_bytes": ckpt_bytes,
+        **{k: speed.get(k) for k in PROBE_KEYS},
+        "plan_s": plan_s, "eval_s": ev["seconds"], "torch_threads": torch.get_num_threads(),
+        **settings,
+    }
+
+
+# -- the JSON file ------------------------------------------------------------------------------------
+
+def _read_rows(out: Path, settings: dict, resume: bool, force: bool) -> list[dict]:
+    if not out.exists() or force:
+        return []
+    if not resume:
+        raise FileExistsError(f"{out} exists; use --resume to continue it or --force to start over")
+    try:
+        rows = json.loads(out.read_text() or "[]")
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{out}: not valid JSON ({e}); cannot resume") from None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and "method" in r and "ratio" in r for r in rows):
+        raise ValueError(f"{out} is not a benchmark file (expected a list of rows with method and ratio)")
+    for r in rows:
+        for k in SETTING_KEYS:
+            if r.get(k) != settings[k]:
+                raise ValueError(f"{out} holds rows made with {k}={r.get(k)!r}, this run has {k}={settings[k]!r}; "
+                                 "use another --json file or --force")
+    return rows
+
+
+def _write_rows(out: Path, rows: list[dict]) -> None:
+    """Atomic: a crash while writing leaves the previous file intact."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(rows, indent=1) + "\n")
+    os.replace(tmp, out)
+
+
+# -- reports ------------------------------------------------------------------------------------------------
+
+def _mb(x) -> str:
+    return "" if x is None else f"{x / 1e6:.1f}"
+
+
+def _ms(x) -> str:
+    return "" if x is None else f"{x * 1e3:.1f}"
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The rows as a markdown table (sizes in MB = 1e6 bytes, times in ms)."""
+    head = ["method", "ratio", "units removed", "attn params removed", "params removed", "perplexity",
+            "ppl / orig", "KL", "top-1", "weights MB", "checkpoint MB", "peak RSS MB", "prefill ms", "decode ms"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        attn_pct = 100 * r["attn_params_removed"] / r["attn_params_total"] if r["attn_params_total"] else 0.0
+        cells = [r["method"], f"{r['ratio']:g}", f"{r['units_removed']}/{r['units_total']}",
+                 f"{r['attn_params_removed']:,} ({attn_pct:.1f} %)", f"{r['params_removed']:,}",
+                 f"{r['perplexity']:.3f}", f"{r['perplexity'] / r['reference_perplexity']:.3f}",
+                 f"{r['kl']:.4f}", f"{r['top1_agreement']:.3f}", _mb(r["weight_bytes"]), _mb(r["checkpoint_bytes"]),
+                 _mb(r.get("peak_rss_bytes")), _ms(r.get("prefill_s")), _ms(r.get("decode_s"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_rows(rows: list[dict], path: str | Path, title: str | None = None) -> None:
+    """PNG of perplexity (log scale) against parameters removed, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        pts = sorted((r["params_removed"] / 1e6, r["perplexity"]) for r in rows if r["method"] == method)
+        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=method)
+    ax.set_yscale("log")
+    ax.set_xlabel("parameters removed (millions)")
+    ax.set_ylabel("perplexity (log scale)")
+    if rows:
+        r = rows[0]
+        ax.set_title(title or f"{r['model']}: perplexity on {r['tokens']:,} tokens of {r['text']}", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# -- the whole run -------------------------------------------------------------------------------------
+
+def run_bench(model: str = "smollm2-135m", ratios=DEFAULT_RATIOS, methods=DEFAULT_METHODS,
+              out: str | Path = "bench.json", *, text: str = "builtin", calib: str = "builtin:calib",
+              calib_tokens: int | None = None, max_tokens: int | None = None, window: int = 512, seed: int = 0,
+              resume: bool = False, force: bool = False, md: str | Path | None = None,
+              plot: str | Path | None = None, run_probe: bool = True, progress: bool = True) -> list[dict]:
+    """Measure every (method, ratio) and append the rows to the JSON list `out`; returns all rows.
+
+    Args:
+        model: alias, local directory or hub id of the original model.
+        text / calib: evaluation and calibration text sources (see `headshare.data.load_text`).
+        max_tokens: evaluate on at most this many tokens of `text`.
+        resume: keep the rows already in `out` (made with the same settings) and only add missing ones.
+        force: start over even if `out` exists.
+        md / plot: also write the markdown table / the PNG plot there.
+        run_probe: measure memory and speed in a fresh process per row (else those keys are None).
+    """
+    from tqdm.auto import tqdm
+
+    from .data import load_text
+    from .fetch import load_model
+
+    methods = resolve_methods(methods)
+    ratios = list(dict.fromkeys(_ratio_key(r) for r in ratios))
+    for r in ratios:
+        if not 0 <= r < 1:
+            raise ValueError(f"ratio must be in [0, 1), got {r}")
+    settings = {"model": model, "text": text, "calib": calib, "calib_tokens": calib_tokens,
+                "max_tokens": max_tokens, "window": window, "seed": seed}
+    out = Path(out)
+    rows = _read_rows(out, settings, resume, force)
+    done = {(r["method"], _ratio_key(r["ratio"])) for r in rows}
+    todo = [(m, r) for m in methods for r in ratios if (m, r) not in done]
+    if todo:
+        original, tok = load_model(model)
+        if tok is None:
+            raise ValueError(f"{model} has no tokenizer; save one beside the weights")
+        eval_text = load_text(text, split="eval")
+        reference = CachedReference(original)
+        baseline = next((r for r in rows if _ratio_key(r["ratio"]) == 0), None)
+        bar = tqdm(todo, desc="bench", unit="row", disable=not progress)
+        for method, ratio in bar:
+            bar.set_postfix_str(f"{method} {ratio:g}")
+            if ratio == 0 and baseline is not None:
+                row = {**baseline, "method": method}  # the unchanged model: same numbers for every method
+            else:
+                row = measure(method, ratio, original, reference, tok, eval_text, settings,
+                              run_probe=run_probe, progress=progress)
+                if ratio == 0:
+                    baseline = row
+            rows.append(row)
+            _write_rows(out, rows)
+    order = {m: i for i, m in enumerate(methods)}
+    rows.sort(key=lambda r: (order.get(r["method"], len(order)), r["method"], r["ratio"]))
+    _write_rows(out, rows)
+    if md is not None:
+        Path(md).write_text(markdown_table(rows))
+    if plot is not None:
+        plot_rows(rows, plot)
+    return rows
+
+
+def _main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="python -m headshare.bench", description="benchmark helpers")
+    sub = ap.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("probe", help="load a checkpoint and print its memory and speed as JSON")
+    p.add_argument("path")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--prefill-tokens", type=int, default=512)
+    p.add_argument("--decode-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = probe_checkpoint(args.path, args.prefill_tokens, args.decode_tokens, args.repeats, args.prompt_tokens)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

@@ -1,0 +1,228 @@
+"""Baseline plan methods: the honest comparisons a sharing method has to beat.
+
+Each method removes exactly as many attention units as DirectShare at the same ratio
+(`units_for_ratio`: floor(ratio x all units)), so every method frees the same number of attention
+parameters and only the choice of units differs:
+
+- `random`: random units of layers >= 1, each borrowing a random unit of a random earlier layer.
+- `layerwise`: whole attention blocks borrow the block of the most similar earlier layer, unit u
+  from unit u (ALBERT/LaCo-style coarse sharing, what the paper argues against).
+- `prune`: the units whose output changes the residual stream least on calibration text are
+  removed outright.
+
+    >>> plan = headshare.plan(model, ratio=0.3, method="prune", tokenizer=tok)   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random as _random
+
+import torch
+
+from .arch import blocks, layout_of, unit_slices
+from .plan import Assignment, SharePlan, new_plan, register_method, units_for_ratio
+
+
+@register_method("random", "baseline: random units borrow a random unit of a random earlier layer (seeded)")
+def random_plan(model, ratio: float, seed: int | None = 0, **_) -> SharePlan:
+    """Random sharing: which units borrow, and from where, drawn with `random.Random(seed)`."""
+    seed = 0 if seed is None else seed
+    layout = layout_of(model.config)
+    n = units_for_ratio(ratio, layout)
+    U = layout.units_per_layer
+    rng = _random.Random(seed)
+    candidates = [(layer, u) for layer in range(1, layout.num_layers) for u in range(U)]
+    chosen = sorted(rng.sample(candidates, n))
+    # sources are drawn in sorted order, so the plan depends on the seed alone
+    assignments = [Assignment(layer, u, rng.randrange(layer), rng.randrange(U)) for layer, u in chosen]
+    return new_plan(model, "random", ratio, assignments=assignments, notes={"seed": seed})
+
+
+def layer_similarity(sim: torch.Tensor, num_layers: int, units_per_layer: int) -> torch.Tensor:
+    """(L, L) layer similarity: mean over u of the unit cosine between unit u of each layer.
+
+    Aligned units (u with u) because that is the mapping whole-layer sharing applies; the
+    similarity of a layer pair is then the mean match score of the units it would share.
+    """
+    s = sim.view(num_layers, units_per_layer, num_layers, units_per_layer)
+    return torch.diagonal(s, dim1=1, dim2=3).mean(-1)  # (L, L, U) -> (L, L)
+
+
+@register_method("layerwise", "baseline: whole attention blocks borrow the most similar earlier layer")
+def layerwise(model, ratio: float, metric: str | None = "qk", progress: bool = False, **_) -> SharePlan:
+    """Whole-layer sharing with the dynamic strategy applied to layers instead of units.
+
+    Every layer l >= 1 picks the earlier layer with the highest `layer_similarity` (mean aligned
+    `metric` cosine); layers are taken whole, best score first, until floor(ratio x units) units are
+    reached. When that count is not a multiple of the units per layer, the last layer taken is
+    partial: only its units with the highest aligned cosine to the chosen layer borrow.
+    """
+    from .similarity import similarity_matrix
+
+    metric = metric or "qk"
+    layout = layout_of(model.config)
+    n = units_for_ratio(ratio, layout)
+    L, U = layout.num_layers, layout.units_per_layer
+    sim = similarity_matrix(model, metric, progress=progress)
+    lsim = layer_similarity(sim, L, U)
+    proposals = []  # (score, layer, source_layer); ties go to the earliest source layer
+    for layer in range(1, L):
+        src = max(range(layer), key=lambda j: (float(lsim[layer, j]), -j))
+        proposals.append((float(lsim[layer, src]), layer, src))
+    proposals.sort(key=lambda t: (-t[0], t[1]))
+    assignments: list[Assignment] = []
+    partial = None
+    for _, layer, src in proposals:
+        left = n - len(assignments)
+        if left <= 0:
+            break
+        units = sorted(range(U), key=lambda u: (-float(sim[layer * U + u, src * U + u]), u))[:left]
+        if len(units) < U:
+            partial = layer
+        assignments += [Assignment(layer, u, src, u, score=round(float(sim[layer * U + u, src * U + u]), 6))
+                        for u in units]
+    assignments.sort(key=lambda a: (a.layer, a.unit))
+    notes = {"layer_scores": {str(layer): [src, round(s, 6)] for s, layer, src in proposals},
+             "partial_layer": partial}
+    return new_plan(model, "layerwise", ratio, metric=metric, assignments=assignments, notes=notes)
+
+
+def _calibration_ids(model, tokenizer, calib: str, calib_tokens: int, block_size: int) -> torch.Tensor:
+    """(n, block) token ids of the calibration text, at most `calib_tokens` tokens in all."""
+    from .data import load_text, tokenize
+
+    if tokenizer is None:
+        raise ValueError("this method needs a tokenizer for its calibration text (pass tokenizer=...)")
+    max_pos = getattr(model.config, "max_position_embeddings", None) or block_size
+    block = max(2, min(block_size, max_pos, calib_tokens))
+    ids = tokenize(tokenizer, load_text(calib, split="calib"), bos=False)[:calib_tokens]
+    if len(ids) < 2:
+        raise ValueError(f"calibration text {calib!r} has fewer than 2 tokens")
+    if len(ids) < block:  # a short text still calibrates, as one shorter block
+        return ids[None]
+    n = len(ids) // block
+    return ids[: n * block].view(n, block)
+
+
+# output_energy results by (weights, calibration ids) fingerprint: a benchmark plans several ratios on
+# fresh copies of one model, and the calibration pass is the slow part. Memory only, a few entries.
+_ENERGY_CACHE: dict[tuple[str, str, bool], torch.Tensor] = {}
+_ENERGY_CACHE_SIZE = 4
+
+
+def _fingerprint(tensors) -> str:
+    h = hashlib.sha1()
+    for name, t in tensors:
+        t = t.detach().contiguous().cpu()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().data if t.numel() else b"")
+    return h.hexdigest()
+
+
+@torch.inference_mode()
+def output_energy(model, tokenizer, calib: str = "builtin:calib", calib_tokens: int = 8192,
+                  block_size: int = 512, relative: bool = True, progress: bool = False) -> torch.Tensor:
+    """(L, U) importance of every unit from what it writes into the residual stream on calibration text.
+
+    y_u(t) = x_u(t) W_o,u^T is unit u's share of the o projection's output at token t (x_u: its heads'
+    attention output, W_o,u: its columns of o). The score is the mean over tokens of
+
+    - relative=True (default): ||y_u(t)||^2 / ||h(t)||^2, h(t) being the residual stream entering the
+      block: how much the unit changes the stream, relative to its size;
+    - relative=False: ||y_u(t)||^2, the raw output energy.
+
+    Why relative: the residual stream grows with depth (by about 5 orders of magnitude over SmolLM2's
+    30 layers, and by far the most on a few "massive activation" tokens), so raw energy ranks whole
+    early layers as least important; on SmolLM2 it prunes all of layer 0 first (BENCHMARKS.md).
+
+    Both are computed from a weighted Gram matrix of each layer's o input, G = sum_t w_t x(t)^T x(t),
+    with w_t = 1 / ||h(t)||^2 or 1: score_u = <W_u^T W_u, G_uu> / tokens. The result is memoised in
+    memory for the same weights, calibration tokens and `relative`.
+    """
+    from .share import SharedProjection
+
+    layout = layout_of(model.config)
+    o = layout.projections()[-1]
+    assert o.role == "in", o
+    mods = [block.get_submodule(o.path) for block in blocks(model)]
+    if any(isinstance(m, SharedProjection) for m in mods):
+        raise ValueError("this model is already shared; compute importance on the original model")
+    ids = _calibration_ids(model, tokenizer, calib, calib_tokens, block_size)
+    key = (_fingerprint(model.state_dict().items()), _fingerprint([("ids", ids)]), relative)
+    if key not in _ENERGY_CACHE:
+        if len(_ENERGY_CACHE) >= _ENERGY_CACHE_SIZE:
+            _ENERGY_CACHE.pop(next(iter(_ENERGY_CACHE)))
+        _ENERGY_CACHE[key] = _output_energy(model, mods, ids, relative, progress)
+    return _ENERGY_CACHE[key].clone()
+
+
+def _output_energy(model, mods, ids: torch.Tensor, relative: bool, progress: bool) -> torch.Tensor:
+    from tqdm.auto import tqdm
+
+    layout = layout_of(model.config)
+    o = layout.projections()[-1]
+    U = layout.units_per_layer
+    grams: list[torch.Tensor | None] = [None] * layout.num_layers
+    stream: dict[int, torch.Tensor] = {}  # layer -> ||h(t)||^2 of the block's input, this forward
+
+    def block_hook(layer):
+        def fn(_module, args, kwargs):
+            h = args[0] if args else kwargs["hidden_states"]
+            stream[layer] = h.reshape(-1, h.shape[-1]).float().pow(2).sum(-1).clamp_min(1e-12)  # (tokens,)
+        return fn
+
+    def o_hook(layer):
+        def fn(_module, args):
+            x = args[0].reshape(-1, args[0].shape[-1]).float()  # (tokens, in)
+            if relative:
+                x = x / stream[layer].sqrt()[:, None]
+            g = (x.T @ x).double()
+            grams[layer] = g if grams[layer] is None else grams[layer] + g
+        return fn
+
+    handles = [m.register_forward_pre_hook(o_hook(i)) for i, m in enumerate(mods)]
+    if relative:
+        handles += [b.register_forward_pre_hook(block_hook(i), with_kwargs=True) for i, b in enumerate(blocks(model))]
+    device = next(model.parameters()).device
+    try:
+        for row in tqdm(ids, desc="calibration", disable=not progress, unit="block"):
+            model(input_ids=row[None].to(device))
+    finally:
+        for h in handles:
+            h.remove()
+    tokens = ids.numel()
+    energy = torch.empty(layout.num_layers, U, dtype=torch.float64)
+    for layer, mod in enumerate(mods):
+        w = unit_slices(mod.weight.detach(), o, U)["o"].double()  # (U, out, width)
+        for u in range(U):
+            idx = o.unit_index(u)
+            g = grams[layer][idx][:, idx]  # (width, width)
+            energy[layer, u] = (w[u].T @ w[u] * g).sum() / tokens
+    return energy
+
+
+@register_method("prune", "baseline: remove the units that change the residual stream least on calibration text")
+def prune(model, ratio: float, tokenizer=None, calib: str | None = "builtin:calib",
+          calib_tokens: int | None = 8192, relative: bool = True, progress: bool = False, **_) -> SharePlan:
+    """Head pruning by output energy relative to the residual stream (see `output_energy`), lowest first.
+
+    Units of every layer, layer 0 included, are candidates: a pruned unit needs no source, and
+    restricting pruning to layers >= 1 would weaken the baseline. Ties go to the earlier unit.
+    `relative=False` ranks by raw output energy instead (a weaker score, kept for comparison).
+    """
+    calib = calib or "builtin:calib"
+    calib_tokens = calib_tokens or 8192
+    layout = layout_of(model.config)
+    n = units_for_ratio(ratio, layout)
+    score = "||unit's o output||^2 / ||residual stream||^2" if relative else "||unit's o output||^2"
+    notes = {"importance": f"mean over calibration tokens of {score}", "calib": calib,
+             "calib_tokens": calib_tokens, "relative": relative}
+    if n == 0:
+        return new_plan(model, "prune", ratio, notes=notes)
+    energy = output_energy(model, tokenizer, calib, calib_tokens, relative=relative, progress=progress)
+    order = sorted((float(energy[layer, u]), layer, u)
+                   for layer in range(layout.num_layers) for u in range(layout.units_per_layer))
+    pruned = sorted((layer, u) for _, layer, u in order[:n])
+    notes["scores"] = [[layer, u, float(f"{e:.6g}")] for e, layer, u in order[:n]]
+    return new_plan(model, "prune", ratio, pruned=pruned, notes=notes)

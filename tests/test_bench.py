@@ -1,0 +1,173 @@
+"""The benchmark: rows with every key, ratio 0 measured once, resume without recomputing, table and plot."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import TINY_CORPUS, build_tiny_llama, build_tiny_tokenizer
+
+import headshare
+import headshare.bench as bench
+from headshare.arch import layout_of
+from headshare.cli import main
+from headshare.evaluate import compare
+
+REQUIRED = {"method", "ratio", "perplexity", "kl", "top1_agreement", "attn_params_removed", "params_removed",
+            "weight_bytes", "checkpoint_bytes", "peak_rss_bytes", "prefill_s", "decode_s"}
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny Llama (4 layers x 2 units) saved with its tokenizer, and a text file."""
+    d = tmp_path_factory.mktemp("bench")
+    model = build_tiny_llama(num_hidden_layers=4)
+    model.save_pretrained(d / "model")
+    build_tiny_tokenizer().save_pretrained(d / "model")
+    (d / "text.txt").write_text("\n".join(TINY_CORPUS * 12))
+    return d
+
+
+def _run(tiny_dir, out, methods, **kw):
+    text = str(tiny_dir / "text.txt")
+    kw.setdefault("run_probe", False)
+    return bench.run_bench(str(tiny_dir / "model"), [0, 0.5], methods, out, text=text, calib=text,
+                           calib_tokens=256, progress=False, **kw)
+
+
+@pytest.fixture
+def count_measure(monkeypatch):
+    calls = []
+    real = bench.measure
+
+    def counting(method, ratio, *a, **kw):
+        calls.append((method, ratio))
+        return real(method, ratio, *a, **kw)
+
+    monkeypatch.setattr(bench, "measure", counting)
+    return calls
+
+
+def test_rows_table_and_plot(tiny_dir, tmp_path, count_measure):
+    out, md, png = tmp_path / "out.json", tmp_path / "t.md", tmp_path / "p.png"
+    rows = _run(tiny_dir, out, ["directshare", "prune"], md=md, plot=png, run_probe=True)
+    assert count_measure == [("directshare", 0.0), ("directshare", 0.5), ("prune", 0.5)]  # ratio 0 once
+    saved = json.loads(out.read_text())
+    assert saved == json.loads(json.dumps(rows))
+    assert [(r["method"], r["ratio"]) for r in saved] == [("directshare", 0), ("directshare", 0.5),
+                                                          ("prune", 0), ("prune", 0.5)]
+    for r in saved:
+        assert REQUIRED <= set(r), REQUIRED - set(r)
+        # python + torch alone hold more than 50 MB; the tiny model allows 256 positions: 256 - 32 decoded - 1
+        assert r["peak_rss_bytes"] >= r["rss_after_load_bytes"] > 50e6 and r["peak_excludes_load"]
+        assert 0 < r["prefill_s"] < 30 and 0 < r["decode_s"] < 30
+        assert r["prefill_tokens"] == 223 and r["decode_tokens"] == 32
+    base, shared, pruned = saved[0], saved[1], saved[3]
+    assert {k: v for k, v in saved[2].items() if k != "method"} == {k: v for k, v in base.items() if k != "method"}
+    assert base["kl"] == pytest.approx(0, abs=1e-12) and base["top1_agreement"] == 1.0
+    assert base["params_removed"] == 0 and base["perplexity"] == pytest.approx(base["reference_perplexity"])
+
+    layout = layout_of(build_tiny_llama(num_hidden_layers=4).config)
+    per_unit = layout.unit_params()
+    for r in (shared, pruned):
+        assert r["units_removed"] == 4
+        assert r["params_removed"] == r["attn_params_removed"] == 4 * per_unit
+        assert r["attn_params_removed"] / r["attn_params_total"] == pytest.approx(0.5)
+        assert r["weight_bytes"] == base["weight_bytes"] - 4 * 4 * per_unit
+        # the checkpoint shrinks by the removed float32 weights, give or take a few header bytes
+        assert abs((base["checkpoint_bytes"] - r["checkpoint_bytes"]) - 4 * 4 * per_unit) < 4096
+        assert r["kl"] > 0 and r["tokens"] == base["tokens"]
+
+    table = md.read_text().splitlines()
+    assert len(table) == 2 + 4 and table[0].startswith("| method | ratio")
+    assert "| prune | 0.5 | 4/8 |" in md.read_text()
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_resume_computes_only_missing_rows(tiny_dir, tmp_path, count_measure):
+    out = tmp_path / "out.json"
+    first = _run(tiny_dir, out, ["random", "prune"])
+    assert len(count_measure) == 3
+    with pytest.raises(FileExistsError, match="--resume"):
+        _run(tiny_dir, out, ["random", "prune"])
+
+    count_measure.clear()
+    assert _run(tiny_dir, out, ["random", "prune"], resume=True) == first
+    assert count_measure == []
+
+    # drop one finished row (as if the run had crashed before it) and add a method
+    out.write_text(json.dumps([r for r in first if (r["method"], r["ratio"]) != ("prune", 0.5)]))
+    rows = _run(tiny_dir, out, ["random", "prune", "layerwise"], resume=True)
+    assert count_measure == [("prune", 0.5), ("layerwise", 0.5)]  # layerwise at 0 reuses the measured ratio 0
+    assert len(rows) == 6 and rows[:3] == first[:3]
+    stable = ("perplexity", "kl", "top1_agreement", "params_removed", "weight_bytes")  # not the timings
+    assert {k: rows[3][k] for k in stable} == {k: first[3][k] for k in stable}
+
+    with pytest.raises(ValueError, match="seed"):
+        _run(tiny_dir, out, ["random"], resume=True, seed=1)
+    assert len(_run(tiny_dir, out, ["random"], force=True, seed=1)) == 2
+
+
+def test_a_crash_keeps_finished_rows(tiny_dir, tmp_path, monkeypatch):
+    out = tmp_path / "out.json"
+    real = bench.measure
+
+    def crash_on_prune(method, ratio, *a, **kw):
+        if method == "prune":
+            raise RuntimeError("boom")
+        return real(method, ratio, *a, **kw)
+
+    monkeypatch.setattr(bench, "measure", crash_on_prune)
+    with pytest.raises(RuntimeError, match="boom"):
+        _run(tiny_dir, out, ["random", "prune"])
+    assert [(r["method"], r["ratio"]) for r in json.loads(out.read_text())] == [("random", 0), ("random", 0.5),
+                                                                                ("prune", 0)]
+
+
+def test_cached_reference_gives_the_same_comparison(tiny_tokenizer):
+    original = build_tiny_llama(num_hidden_layers=3)
+    shared = build_tiny_llama(num_hidden_layers=3)
+    headshare.share(shared, headshare.plan(shared, ratio=0.5))
+    text = "\n".join(TINY_CORPUS * 6)
+    cached = bench.CachedReference(original)
+    want = compare(shared, original, tiny_tokenizer, text, window=32, stride=32, progress=False)
+    first = compare(shared, cached, tiny_tokenizer, text, window=32, stride=32, progress=False)
+    calls = cached.full_calls
+    again = compare(shared, cached, tiny_tokenizer, text, window=32, stride=32, progress=False)
+    assert calls == want["windows"] and cached.full_calls == calls  # the second pass replays every window
+    for key in ("kl", "top1_agreement", "perplexity", "reference_perplexity"):
+        assert first[key] == pytest.approx(want[key], rel=1e-12, abs=1e-15)
+        assert again[key] == pytest.approx(want[key], rel=1e-12, abs=1e-15)
+
+
+def test_methods_all_follows_the_registry(monkeypatch):
+    from headshare.plan import METHODS
+
+    monkeypatch.setitem(METHODS, "newer", lambda model, ratio, **_: None)
+    got = bench.resolve_methods("all")
+    assert got == list(METHODS) and got[0] == "directshare" and got[-1] == "newer"
+    assert {"random", "layerwise", "prune"} <= set(got)
+    assert bench.resolve_methods("prune,all")[0] == "prune" and len(bench.resolve_methods("prune,all")) == len(METHODS)
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        bench.resolve_methods(["nope"])
+
+
+def test_cli_bench(tiny_dir, tmp_path, capsys):
+    out, md = tmp_path / "o.json", tmp_path / "t.md"
+    text = str(tiny_dir / "text.txt")
+    argv = ["bench", "--model", str(tiny_dir / "model"), "--ratios", "0,0.25", "--methods", "random,layerwise",
+            "--json", str(out), "--text", text, "--calib", text, "--no-probe", "--md", str(md), "--max-tokens", "200"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert printed == md.read_text()
+    rows = json.loads(out.read_text())
+    assert len(rows) == 4 and all(r["tokens"] == 199 and r["max_tokens"] == 200 for r in rows)
+    assert all(r["peak_rss_bytes"] is None for r in rows)  # --no-probe
+    assert main(argv) == 2  # exists, no --resume: one line, exit 2
+    assert "--resume" in capsys.readouterr().err
+    assert main(argv + ["--resume"]) == 0
+
+
+def test_cli_bench_rejects_a_bad_ratio(tmp_path, capsys):
+    assert main(["bench", "--json", str(tmp_path / "o.json"), "--ratios", "0,1.5"]) == 2
+    assert "1.5" in capsys.readouterr().err and not (tmp_path / "o.json").exists()

@@ -1,0 +1,91 @@
+"""`headshare eval`: perplexity, KL against a reference, lm-eval tasks, on plain and shared checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import TINY_CORPUS, build_tiny_llama, build_tiny_tokenizer
+
+import headshare
+from headshare.cli import main
+from headshare.evaluate import perplexity
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    """An original tiny Llama, its DirectShare-shared copy (both with the tokenizer) and a text file."""
+    d = tmp_path_factory.mktemp("eval")
+    tok = build_tiny_tokenizer()
+    model = build_tiny_llama(num_hidden_layers=3)
+    model.save_pretrained(d / "orig")
+    tok.save_pretrained(d / "orig")
+    shared = build_tiny_llama(num_hidden_layers=3)
+    headshare.share(shared, headshare.plan(shared, ratio=0.5))
+    shared.save_pretrained(d / "shared", tokenizer=tok)
+    (d / "text.txt").write_text("\n".join(TINY_CORPUS * 5))
+    return d
+
+
+def _eval(capsys, *argv) -> dict:
+    assert main(["eval", *map(str, argv), "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_perplexity_json_matches_the_python_api(dirs, capsys):
+    got = _eval(capsys, dirs / "orig", "--text", dirs / "text.txt", "--window", 16, "--stride", 8, "--max-tokens", 100)
+    assert {"perplexity", "tokens", "nll"} <= set(got) and "kl" not in got
+    want = perplexity(build_tiny_llama(num_hidden_layers=3), build_tiny_tokenizer(), (dirs / "text.txt").read_text(),
+                      window=16, stride=8, max_tokens=100, progress=False)
+    assert got["tokens"] == want["tokens"] == 99
+    assert got["perplexity"] == pytest.approx(want["perplexity"], rel=1e-6)
+    assert (got["window"], got["stride"]) == (16, 8)
+
+
+def test_shared_checkpoint_against_reference(dirs, capsys):
+    text = dirs / "text.txt"
+    same = _eval(capsys, dirs / "orig", "--text", text, "--window", 32, "--reference", dirs / "orig")
+    assert same["kl"] == pytest.approx(0.0, abs=1e-12) and same["top1_agreement"] == 1.0
+    got = _eval(capsys, dirs / "shared", "--text", text, "--window", 32, "--reference", dirs / "orig")
+    assert {"perplexity", "tokens", "kl", "top1_agreement"} <= set(got)
+    assert got["kl"] > 1e-6 and 0.0 <= got["top1_agreement"] < 1.0
+    assert got["reference_perplexity"] == pytest.approx(same["perplexity"], rel=1e-9)
+    assert got["perplexity"] != pytest.approx(same["perplexity"], rel=1e-6)
+
+
+def test_lm_eval_tasks_with_recovery(dirs, tmp_path, capsys):
+    (tmp_path / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+        {"question": "what color is the sky ?", "choices": ["blue", "green"], "gold": 0},
+        {"question": "which animal says meow ?", "choices": ["dog", "cat"], "gold": 1},
+        {"question": "is fire hot or cold ?", "choices": ["cold", "hot"], "gold": 1},
+    ]))
+    (tmp_path / "mc.yaml").write_text(f"""\
+task: tiny_cli_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {tmp_path / "mc.jsonl"}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "question : {{{{question}}}} answer :"
+doc_to_choice: choices
+doc_to_target: gold
+metric_list:
+  - metric: acc
+""")
+    got = _eval(capsys, dirs / "shared", "--text", dirs / "text.txt", "--window", 32, "--reference", dirs / "orig",
+                "--tasks", "tiny_cli_mc", "--include-path", tmp_path, "--no-default-tasks", "--limit", 2)
+    acc, ref = got["tasks"]["tiny_cli_mc"]["acc"], got["reference_tasks"]["tiny_cli_mc"]["acc"]
+    assert acc in (0.0, 0.5, 1.0) and ref in (0.0, 0.5, 1.0)  # --limit 2: two questions scored
+    if ref:
+        assert got["recovery"]["tiny_cli_mc"]["acc"] == pytest.approx(acc / ref)
+
+
+def test_human_output_and_errors(dirs, tmp_path, capsys):
+    assert main(["eval", str(dirs / "orig"), "--text", str(dirs / "text.txt"), "--window", "32"]) == 0
+    assert capsys.readouterr().out.startswith("perplexity ")
+    assert main(["eval", str(tmp_path / "missing"), "--json"]) == 2
+    assert "missing" in capsys.readouterr().err
+    build_tiny_llama().save_pretrained(tmp_path / "no-tok")
+    assert main(["eval", str(tmp_path / "no-tok"), "--json"]) == 2
+    assert "tokenizer" in capsys.readouterr().err
