@@ -50,8 +50,8 @@ def _decode_steps(model, ids, steps: int) -> list[float]:
 
 def _rss_after_load(path: str) -> int:
     """VmRSS of a fresh process that has loaded `path` (bytes)."""
-    code = ("import headshare.fetch as f, gc; m, _ = f.load_model(%r); gc.collect();"
-            "print([l for l in open('/proc/self/status') if l.startswith('VmRSS')][0].split()[1])") % path
+    code = (f"import headshare.fetch as f, gc; m, _ = f.load_model({path!r}); gc.collect();"
+            "print([l for l in open('/proc/self/status') if l.startswith('VmRSS')][0].split()[1])")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     return int(out.strip().splitlines()[-1]) * 1024
 
