@@ -309,49 +309,81 @@ class RidgeResidual:
         return float(val)
 
 
-@dataclass
-class Factored:
-    """A unit's output y = z @ wt without forming it: (N, width) heads' outputs times (width, D) o columns,
-    with the refit's projections of y cached (inner products then cost width^2, not N x D)."""
+class LayerGram:
+    """Inner products of unit outputs y = z W^T on one layer's calibration tokens, without forming them.
 
-    z: torch.Tensor
-    wt: torch.Tensor
-    zw: torch.Tensor  # z * token weights
-    p: torch.Tensor | None = None  # Z'W y
-    s: torch.Tensor | None = None  # (Z'WZ + lam)^-1 Z'W y
-    norm: float | None = None  # <y, y>_S, once computed
+    Features are heads' outputs (N, width) under a key: ("own", u) for the layer's units, a (layer, unit)
+    source for borrowed ones, each with its o columns W (D, width). With a kept set K whose o columns are
+    refitted, <a, b>_S = sum((W_a'W_b) * (G_ab - X_a'X_b)), G_ab = z_a'W z_b (W the token weights) and
+    X = L^-1 G_K. for L the Cholesky factor of G_KK + lam: width x width work per pair once the Gram
+    blocks exist (computed lazily in float32, accumulated per block, kept in float64).
+    """
 
+    def __init__(self, feats: dict, o_cols: dict, w: torch.Tensor):
+        self.z = {k: z.float() for k, z in feats.items()}
+        self.zw = {k: z * w.float() for k, z in self.z.items()}
+        self.o = o_cols
+        self.n = next(iter(feats.values())).shape[0]
+        self._g: dict = {}
+        self._ww: dict = {}
+        self._x: dict = {}
+        self.kept: list = []
+        self.chol = None
 
-def factored(fit: RidgeResidual, z: torch.Tensor, w_o: torch.Tensor) -> Factored:
-    """`Factored` for y = z @ w_o.T under `fit` (w_o: (D, width) o columns)."""
-    f = Factored(z, w_o.T, z * fit.w)
-    if fit.z is not None:
-        f.p = (fit.z.T @ f.zw) @ f.wt
-        f.s = torch.cholesky_solve(f.p, fit.chol)
-    return f
+    def g(self, a, b) -> torch.Tensor:
+        if (a, b) not in self._g:
+            self._g[(a, b)] = (self.z[a].T @ self.zw[b]).double()
+            self._g[(b, a)] = self._g[(a, b)].T
+        return self._g[(a, b)]
 
+    def ww(self, a, b) -> torch.Tensor:
+        if (a, b) not in self._ww:
+            self._ww[(a, b)] = self.o[a].T @ self.o[b]
+            self._ww[(b, a)] = self._ww[(a, b)].T
+        return self._ww[(a, b)]
 
-def factored_inner(fit: RidgeResidual, a: Factored, b: Factored) -> float:
-    """fit.inner(a.z @ a.wt, b.z @ b.wt) from width x width products."""
-    if a is b and a.norm is not None:
-        return a.norm
-    val = ((a.wt @ b.wt.T) * (a.z.T @ b.zw)).sum()
-    if a.p is not None:
-        val = val - (a.p * b.s).sum()
-    if a is b:
-        a.norm = float(val)
-    return float(val)
+    def set_kept(self, kept: list, rho: float) -> None:
+        """Refit the o columns of these keys from now on (an empty list: plain weighted inner products)."""
+        self.kept, self._x, self.chol = list(kept), {}, None
+        if kept:
+            gk = torch.cat([torch.cat([self.g(a, b) for b in kept], 1) for a in kept], 0)
+            lam = rho * gk.diagonal().mean().clamp_min(1e-30)
+            self.chol = torch.linalg.cholesky(gk + lam * torch.eye(gk.shape[0], dtype=gk.dtype))
 
+    def _xk(self, a) -> torch.Tensor:
+        if a not in self._x:
+            gka = torch.cat([self.g(k, a) for k in self.kept], 0)
+            self._x[a] = torch.linalg.solve_triangular(self.chol, gka, upper=False)
+        return self._x[a]
 
-def best_source(fit: RidgeResidual, unit: Factored, cands: dict) -> list[tuple[float, tuple, float]]:
-    """[(share of <y, y>_S removed, source, scale)] for every candidate {source: Factored}, best first."""
-    yy = factored_inner(fit, unit, unit)
-    out = []
-    for s, c in cands.items():
-        cc, cy = factored_inner(fit, c, c), factored_inner(fit, c, unit)
-        a = cy / cc if cc > 0 else 0.0
-        out.append((a * cy / yy if yy > 0 else 0.0, s, a))
-    return sorted(out, key=lambda t: (-t[0], t[1]))
+    def inner(self, a, b) -> float:
+        g = self.g(a, b)
+        if self.kept:
+            g = g - self._xk(a).T @ self._xk(b)
+        return float((self.ww(a, b) * g).sum())
+
+    def gains(self, unit, sources) -> list[tuple[float, tuple, float]]:
+        """[(share of <y, y>_S a fitted scale on the source removes, source, scale)], best first."""
+        yy = self.inner(unit, unit)
+        out = []
+        for s in sources:
+            cc, cy = self.inner(s, s), self.inner(s, unit)
+            a = cy / cc if cc > 0 else 0.0
+            out.append((a * cy / yy if yy > 0 else 0.0, s, a))
+        return sorted(out, key=lambda t: (-t[0], t[1]))
+
+    def cost(self, removed: list, lent: dict) -> float:
+        """Error per token left when `removed` own units go, the kept ones are refitted and the units in
+        `lent` ({unit: source}) borrow with scales fitted jointly."""
+        ys = [("own", u) for u in removed]
+        vv = sum(self.inner(a, b) for a in ys for b in ys)
+        if lent:
+            cs = list(lent.values())
+            m = torch.tensor([[self.inner(a, b) for b in cs] for a in cs], dtype=torch.float64)
+            r = torch.tensor([sum(self.inner(a, y) for y in ys) for a in cs], dtype=torch.float64)
+            m = m + 1e-12 * m.diagonal().abs().max().clamp_min(1e-30) * torch.eye(len(cs), dtype=torch.float64)
+            vv = vv - float(r @ torch.linalg.solve(m, r))
+        return max(vv, 0.0) / self.n
 
 
 def fit_scales(fit: RidgeResidual, v: torch.Tensor, ys: list[torch.Tensor]) -> torch.Tensor:
@@ -364,30 +396,18 @@ def fit_scales(fit: RidgeResidual, v: torch.Tensor, ys: list[torch.Tensor]) -> t
     return torch.linalg.solve(m, r)
 
 
-def subset_costs(data: LayerData, o_cols: list[torch.Tensor], layout: Layout, rho: float) -> dict:
-    """{frozenset(removed units): cost} for one layer: the weighted error per token that remains after
-    the other units' o columns are refitted (ridge) to give the layer's output without them."""
-    U = layout.units_per_layer
-    z = torch.cat([_unit_z(data.z, layout, u) for u in range(U)], 1)
-    gram = z.T @ (z * data.w)
-    width = z.shape[1] // U
-    wt = torch.cat([w.T for w in o_cols], 0)  # (U * width, D)
-    cols = [torch.arange(u * width, (u + 1) * width) for u in range(U)]
-    n = z.shape[0]
+def layer_options(gram: LayerGram, units: int, sources: list, rho: float, min_gain: float) -> dict:
+    """{frozenset(removed units): (cost, {unit: ranked sources})} for one layer: for every subset of its units,
+    the error per token left after the other units' o columns are refitted and every removed unit whose best
+    source removes >= `min_gain` of its own leftover borrows it (scale fitted); the ranked (gain, source)
+    lists let a later step fall back when a source turns out to be removed itself."""
     out = {}
-    for k in range(1, U + 1):
-        for removed in itertools.combinations(range(U), k):
-            kept = [u for u in range(U) if u not in removed]
-            ir = torch.cat([cols[u] for u in removed])
-            wr = wt[ir]
-            cost = (wr * (gram[ir][:, ir] @ wr)).sum()
-            if kept:
-                ik = torch.cat([cols[u] for u in kept])
-                gk = gram[ik][:, ik]
-                gk = gk + rho * gk.diagonal().mean() * torch.eye(len(ik), dtype=gk.dtype)
-                b = gram[ik][:, ir] @ wr
-                cost = cost - (b * torch.linalg.solve(gk, b)).sum()
-            out[frozenset(removed)] = float(cost) / n
+    for k in range(1, units + 1):
+        for removed in itertools.combinations(range(units), k):
+            gram.set_kept([("own", u) for u in range(units) if u not in removed], rho)
+            ranked = {u: [(g, s) for g, s, _ in gram.gains(("own", u), sources)] for u in removed}
+            lent = {u: r[0][1] for u, r in ranked.items() if r and r[0][0] >= min_gain}
+            out[frozenset(removed)] = (gram.cost(list(removed), lent), ranked)
     return out
 
 
@@ -508,6 +528,16 @@ def _setup(model, ratio, tokenizer, calib, calib_tokens, progress):
     return layout, n, calib, calib_tokens, ids
 
 
+def _layer_gram(model, data: list[LayerData], layout: Layout, layer: int, sources: list) -> LayerGram:
+    """The layer's own units and the given sources (run on this layer's input) as a `LayerGram`."""
+    bl, d = blocks(model), data[layer]
+    feats = {("own", u): _unit_z(d.z, layout, u) for u in range(layout.units_per_layer)}
+    cols = {("own", u): _o_matrix(bl[layer], layout, u) for u in range(layout.units_per_layer)}
+    for s, z in (borrowed_z(model, data, layer, sources) if sources else {}).items():
+        feats[s], cols[s] = z, _o_matrix(bl[s[0]], layout, s[1])
+    return LayerGram(feats, cols, d.w)
+
+
 def _sources(layer: int, U: int, window: int | None, removed) -> list[tuple[int, int]]:
     lo = 0 if window is None else max(0, layer - window)
     return [(sl, su) for sl in range(lo, layer) for su in range(U) if (sl, su) not in removed]
@@ -532,36 +562,41 @@ def actshare(model, ratio: float, tokenizer=None, calib: str | None = None, cali
     options: dict[tuple[int, int], list] = {}  # unit -> [(cost, source, scale)] best first, and prune cost
     prune_cost: dict[tuple[int, int], float] = {}
     for layer in tqdm(range(1, layout.num_layers), desc="actshare", disable=not progress, unit="layer"):
-        d = data[layer]
-        fit = RidgeResidual(None, d.w, 0.0)
-        cands = {s: factored(fit, z, _o_matrix(bl[s[0]], layout, s[1]))
-                 for s, z in borrowed_z(model, data, layer, _sources(layer, U, window, ())).items()}
+        gram = _layer_gram(model, data, layout, layer, _sources(layer, U, window, ()))
+        gram.set_kept([], 0.0)
+        sources = [k for k in gram.z if k[0] != "own"]
         for u in range(U):
-            y = factored(fit, _unit_z(d.z, layout, u), _o_matrix(bl[layer], layout, u))
-            p = factored_inner(fit, y, y) / d.z.shape[0]
+            p = gram.inner(("own", u), ("own", u)) / gram.n
             prune_cost[(layer, u)] = p
-            options[(layer, u)] = [(p * (1 - g), s, a) for g, s, a in best_source(fit, y, cands)]
-    removed: set = set()
-    assignments = []
-    sources_used: set = set()
-    queue = sorted(options, key=lambda u: (options[u][0][0], u))
-    for unit in queue:
-        if len(assignments) == n:
+            options[(layer, u)] = [(p * (1 - g), s, a) for g, s, a in gram.gains(("own", u), sources)]
+    chosen: dict[tuple[int, int], tuple] = {}  # borrowing unit -> (cost, source, scale)
+    for unit in sorted(options, key=lambda u: (options[u][0][0] if options[u] else math.inf, u)):
+        if len(chosen) == n:
             break
-        if unit in sources_used:
-            continue  # something already borrows it: it stays
-        choice = next((o for o in options[unit] if o[1] not in removed), None)
-        if choice is None:
+        gone = set(chosen) | {unit}
+        # units that borrow from this one move to their next best source, or this one stays
+        moved = {v: next((o for o in options[v] if o[1] not in gone), None) for v, c in chosen.items() if c[1] == unit}
+        own = next((o for o in options[unit] if o[1] not in gone), None)
+        if own is None or any(o is None for o in moved.values()):
             continue
-        cost, src, scale = choice
-        removed.add(unit)
-        sources_used.add(src)
-        rel = cost / prune_cost[unit] if prune_cost[unit] > 0 else 1.0
-        assignments.append(Assignment(unit[0], unit[1], src[0], src[1], score=round(rel, 6), scale=scale))
-    if len(assignments) < n:
-        raise ValueError(f"actshare found only {len(assignments)} of {n} units with a source; lower the ratio "
+        chosen.update(moved)
+        chosen[unit] = own
+    if len(chosen) < n:
+        raise ValueError(f"actshare found only {len(chosen)} of {n} units with a source; lower the ratio "
                          "or widen the window")
+    assignments = [Assignment(u[0], u[1], src[0], src[1], score=round(cost / prune_cost[u], 6) if prune_cost[u] > 0
+                              else 1.0, scale=scale) for u, (cost, src, scale) in chosen.items()]
     assignments.sort(key=lambda a: (a.layer, a.unit))
+    # scales fitted jointly per layer: then the layer's error is never above pruning the same units (a = 0)
+    for layer in sorted({a.layer for a in assignments}):
+        mine = [a for a in assignments if a.layer == layer]
+        d, fit = data[layer], RidgeResidual(None, data[layer].w, 0.0)
+        zb = borrowed_z(model, data, layer, [(a.source_layer, a.source_unit) for a in mine])
+        v = sum(_unit_z(d.z, layout, a.unit) @ _o_matrix(bl[layer], layout, a.unit).T for a in mine)
+        ys = [zb[(a.source_layer, a.source_unit)] @ _o_matrix(bl[a.source_layer], layout, a.source_unit).T
+              for a in mine]
+        for a, scale in zip(mine, fit_scales(fit, v, ys).tolist(), strict=True):
+            a.scale = scale
     notes["seconds"] = round(time.perf_counter() - t0, 1)
     return new_plan(model, "actshare", ratio, assignments=assignments, notes=notes)
 
@@ -577,27 +612,26 @@ def _fit_plan(model, method: str, ratio: float, tokenizer, calib, calib_tokens, 
     if n == 0:
         return new_plan(model, method, ratio, notes=notes)
     data = capture(model, ids)
-    U, bl = layout.units_per_layer, blocks(model)
-    costs = [subset_costs(data[layer], [_o_matrix(bl[layer], layout, u) for u in range(U)], layout, rho)
-             for layer in tqdm(range(layout.num_layers), desc="costs", disable=not progress, unit="layer")]
+    U, share = layout.units_per_layer, math.isfinite(min_gain)
+    options = []
+    for layer in tqdm(range(layout.num_layers), desc="costs", disable=not progress, unit="layer"):
+        sources = _sources(layer, U, window, ()) if share else []
+        gram = _layer_gram(model, data, layout, layer, sources)
+        options.append(layer_options(gram, U, sources, rho, min_gain))
+    costs = [{subset: opt[0] for subset, opt in layer.items()} for layer in options]
     removed = set(knapsack(costs, n))
     borrow: dict = {}
     gains: dict = {}
-    if math.isfinite(min_gain):
-        for layer in tqdm(range(1, layout.num_layers), desc="sources", disable=not progress, unit="layer"):
-            gone = [u for u in range(U) if (layer, u) in removed]
-            if not gone:
-                continue
-            d = data[layer]
-            kept = [u for u in range(U) if u not in gone]
-            fit = RidgeResidual(torch.cat([_unit_z(d.z, layout, u) for u in kept], 1) if kept else None, d.w, rho)
-            cands = {s: factored(fit, z, _o_matrix(bl[s[0]], layout, s[1]))
-                     for s, z in borrowed_z(model, data, layer, _sources(layer, U, window, removed)).items()}
-            for u in gone:
-                y = factored(fit, _unit_z(d.z, layout, u), _o_matrix(bl[layer], layout, u))
-                ranked = best_source(fit, y, cands)
-                if ranked and ranked[0][0] >= min_gain:
-                    borrow[(layer, u)], gains[(layer, u)] = ranked[0][1], ranked[0][0]
+    for layer in range(layout.num_layers):
+        gone = frozenset(u for u in range(U) if (layer, u) in removed)
+        if not gone:
+            continue
+        ranked = options[layer][gone][1]
+        for u in sorted(gone):
+            # the knapsack assumed sources stay; one that was removed after all gives way to the next best
+            pick = next(((g, s) for g, s in ranked.get(u, []) if s not in removed), None)
+            if pick is not None and pick[0] >= min_gain:
+                borrow[(layer, u)], gains[(layer, u)] = pick[1], pick[0]
     t1 = time.perf_counter()
     scales = refit(model, data, removed, borrow, rho, progress)
     assignments = [Assignment(layer, u, *borrow[(layer, u)], score=round(gains[(layer, u)], 6),
@@ -607,7 +641,7 @@ def _fit_plan(model, method: str, ratio: float, tokenizer, calib, calib_tokens, 
                  fitted="o-projection columns of the units that stay in layers with removed units",
                  score="share of the refit's leftover error that borrowing removes",
                  cost=round(sum(costs[layer][frozenset(u for lay, u in removed if lay == layer)]
-                                for layer in {lay for lay, _ in removed}), 6),
+                                for layer in {lay for lay, _ in removed}), 9),
                  select_seconds=round(t1 - t0, 1), refit_seconds=round(time.perf_counter() - t1, 1))
     return new_plan(model, method, ratio, assignments=assignments, pruned=pruned, notes=notes)
 

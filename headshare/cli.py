@@ -120,6 +120,10 @@ def cmd_plan(args) -> None:
     plan.save(args.out)
     _log(f"{plan.method}: {plan.units_shared} units shared, {len(plan.pruned)} pruned of "
          f"{plan.layout['num_layers'] * plan.layout['units_per_layer']}; wrote {args.out}")
+    if plan.notes.get("requires_weights"):
+        _log(f"note: this plan was fitted together with new weights that a plan file cannot carry; `share --plan` "
+             f"refuses it. Fit and share in one go: headshare share {args.model} --method {plan.method} "
+             f"--ratio {plan.ratio} --out DIR")
 
 
 def cmd_share(args) -> None:
