@@ -37,6 +37,7 @@ from headshare.posttrain import PostTrainConfig, posttrain
 ROOT = Path(__file__).resolve().parent.parent
 MODES = ("original", "directshare", "postshare", "share-then-tune", "tune-only")
 TRAINED = ("postshare", "share-then-tune", "tune-only")
+RECIPE = ("steps", "batch_size", "block_size", "lr", "warmup_steps", "device")  # what makes two runs comparable
 
 
 def run_mode(mode: str, args) -> dict:
@@ -51,12 +52,12 @@ def run_mode(mode: str, args) -> dict:
         out = Path(args.work) / (mode + (f"-{args.tag}" if args.tag else ""))
         cfg = PostTrainConfig(mode=mode, lam=args.lam, lr=args.lr, steps=args.steps, block_size=args.block_size,
                               batch_size=args.batch_size, seed=args.seed, save_steps=args.steps, out=str(out),
-                              warmup_steps=args.warmup_steps, constraint=args.constraint,
+                              warmup_steps=args.warmup_steps, constraint=args.constraint, parts=args.parts,
                               force=True, progress=False)
         model = posttrain(model, tok, plan, "builtin:calib", cfg)
         rec = json.loads((out / "posttrain.json").read_text())
         row.update(steps=rec["steps"], block_size=args.block_size, batch_size=args.batch_size, lr=args.lr,
-                   warmup_steps=args.warmup_steps,
+                   warmup_steps=args.warmup_steps, parts=args.parts if mode == "postshare" else None,
                    lam=rec["effective_lambda"], train_seconds=rec["train_seconds"], out=str(out),
                    final_lm_loss=rec["final_lm_loss"], pair_distance_before=rec["mean_pair_distance_fro_before"],
                    pair_distance_after=rec["mean_pair_distance_fro_after"], device=rec["device"])
@@ -77,9 +78,13 @@ def report(results: dict, plot: Path) -> str:
              "|---|---|---|---|---|---|---|"]
     for key, r in sorted(rows.items(), key=lambda kv: (MODES.index(kv[1]["mode"]), kv[1].get("tag") or "")):
         mode, tag = r["mode"], r.get("tag") or ""
-        # the reference is the tune-only run with the same recipe (same tag)
-        ref = rows.get(f"tune-only ({tag})" if tag else "tune-only", {}).get("perplexity")
-        train = (f"{r['steps']} x {r['batch_size']} x {r['block_size']}, lr {r['lr']:g}, lambda {r['lam']:g}, "
+        # the reference is the tune-only run with the same recipe (untrained rows: the one with the same tag)
+        ref = next((t["perplexity"] for t in rows.values() if t["mode"] == "tune-only" and "steps" in r
+                    and all(t.get(k) == r.get(k) for k in RECIPE)), None)
+        if ref is None and "steps" not in r:
+            ref = rows.get(f"tune-only ({tag})" if tag else "tune-only", {}).get("perplexity")
+        parts = f", L_w on {r['parts']}" if r.get("parts") else ""
+        train = (f"{r['steps']} x {r['batch_size']} x {r['block_size']}, lr {r['lr']:g}, lambda {r['lam']:g}{parts}, "
                  f"{r['train_seconds'] / 60:.1f} min" if "steps" in r else "-")
         dist = (f"{r['pair_distance_before']:.3f} -> {r['pair_distance_after']:.3f}"
                 if r.get("pair_distance_after") is not None else "-")
@@ -129,6 +134,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--lambda", dest="lam", type=float, default=0.5)
     ap.add_argument("--constraint", default="fro", choices=["fro", "mse"])
+    ap.add_argument("--parts", default="qkv", choices=["qkv", "qkvo"], help="what L_w pulls together (postshare)")
     ap.add_argument("--warmup-steps", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-tokens", type=int, default=16384)

@@ -198,8 +198,8 @@ def cmd_posttrain(args) -> None:
     from .share import info
 
     # a bad value fails here, before the model loads
-    cfg = PostTrainConfig(mode=args.mode, lam=args.lam, constraint=args.constraint, lr=args.lr, steps=args.steps,
-                          block_size=args.block_size, batch_size=args.batch_size,
+    cfg = PostTrainConfig(mode=args.mode, lam=args.lam, constraint=args.constraint, parts=args.parts, lr=args.lr,
+                          steps=args.steps, block_size=args.block_size, batch_size=args.batch_size,
                           seed=args.seed if args.seed is not None else 0, save_steps=args.save_steps,
                           warmup_steps=args.warmup_steps, out=args.out, work_dir=args.work_dir,
                           resume=args.resume, force=args.force, keep_checkpoints=args.keep_checkpoints)
@@ -326,6 +326,8 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metric", default=None, help="match function for weight similarity: q, k, v, qk, qkv")
     p.add_argument("--seed", type=int, default=None, help="seed for randomised methods")
     p.add_argument("--calib", default=None, help="calibration text for data-aware methods (default: builtin:calib)")
+    p.add_argument("--calib-tokens", type=int, default=None,
+                   help="calibration tokens for data-aware methods (default: the method's own)")
     p.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
 
 
@@ -375,6 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lambda", dest="lam", type=float, default=0.5, help="weight of the constraint (default 0.5)")
     p.add_argument("--constraint", default="fro", choices=["fro", "mse"],
                    help="fro (default): Frobenius norms of the q, k, v differences; mse: mean squared differences")
+    p.add_argument("--parts", default="qkv", choices=["qkv", "qkvo"],
+                   help="what the constraint pulls together: the paper's W_q, W_k, W_v (default) or the o "
+                        "columns too (qkvo; all that sharing ties)")
     p.add_argument("--lr", type=float, default=5e-5, help="peak learning rate, cosine decay (default 5e-5)")
     p.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
     p.add_argument("--block-size", type=int, default=512, help="tokens per training block (default 512)")

@@ -8,7 +8,9 @@ training runs on plain text with
 
 (or the mean squared difference with `constraint="mse"`), and afterwards `headshare.share` ties the
 pulled-together pairs exactly as DirectShare does. W_o and biases are not in L_w (as in the paper);
-they are shared all the same. With chains (A borrows B, B borrows C) every borrowing unit is pulled
+they are shared all the same, so the borrowing unit ends up reading its source's o columns, which
+training never brought near its own. `parts="qkvo"` (beyond the paper) puts the o columns into L_w
+as well, so that every tensor the sharing ties has been pulled together first. With chains (A borrows B, B borrows C) every borrowing unit is pulled
 towards its *root* (`plan.roots()`): that is the tensor it will read once shared.
 
 Training is a `transformers.Trainer` subclass, so `accelerate launch` runs the same code on one
@@ -37,7 +39,7 @@ import math
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -49,6 +51,7 @@ from .plan import SharePlan
 
 MODES = ("postshare", "share-then-tune", "tune-only")
 CONSTRAINTS = ("fro", "mse")
+PARTS = ("qkv", "qkvo")  # what L_w pulls together: the paper's q/k/v, or the o columns too
 CONFIG_VERSION = 1
 RECORD_FILE = "posttrain.json"
 PLOT_FILE = "loss_curves.png"
@@ -62,6 +65,7 @@ class PostTrainConfig:
     mode: str = "postshare"
     lam: float = 0.5  # weight of L_w; the LM loss gets 1 - lam
     constraint: str = "fro"
+    parts: str = "qkv"  # "qkvo": the o columns in L_w too (beyond the paper)
     lr: float = 5e-5
     steps: int = 200
     block_size: int = 512
@@ -88,6 +92,8 @@ class PostTrainConfig:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.constraint not in CONSTRAINTS:
             raise ValueError(f"constraint must be one of {', '.join(CONSTRAINTS)}, got {self.constraint!r}")
+        if self.parts not in PARTS:
+            raise ValueError(f"parts must be one of {', '.join(PARTS)}, got {self.parts!r}")
         if not (_number(self.lam) and 0 <= self.lam <= 1):
             raise ValueError(f"lambda must be in [0, 1], got {self.lam!r}")
         if not (_number(self.lr) and self.lr > 0):
@@ -131,26 +137,30 @@ def constraint_pairs(plan: SharePlan) -> list[tuple[tuple[int, int], tuple[int, 
     return sorted(plan.roots().items())
 
 
-def _unit_weights(block: nn.Module, layout: Layout) -> dict[str, torch.Tensor]:
-    """{part: (units, width, in)} views of the live q/k/v weights of one block (differentiable)."""
+def _unit_weights(block: nn.Module, layout: Layout, parts: str = "qkv") -> dict[str, torch.Tensor]:
+    """{part: (units, width, in) or (units, out, width)} views of the live q/k/v (and o) weights of one
+    block (differentiable)."""
     out: dict[str, torch.Tensor] = {}
     for proj in layout.projections():
-        if proj.role == "out":
+        if proj.role == "out" or "o" in parts:
             out.update(unit_slices(block.get_submodule(proj.path).weight, proj, layout.units_per_layer))
     return out
 
 
-def pair_distances(model: nn.Module, pairs, kind: str = "fro") -> torch.Tensor:
-    """Per-pair distance (n_pairs,), summed over the q, k and v parts present in a unit.
+def pair_distances(model: nn.Module, pairs, kind: str = "fro", parts: str = "qkv") -> torch.Tensor:
+    """Per-pair distance (n_pairs,), summed over the q, k and v parts present in a unit (and the o
+    columns with parts="qkvo").
 
     kind "fro": ||W - W'||_F per part; "mse": mean of (W - W')^2 per part. Gradients flow to the weights.
     """
     if kind not in CONSTRAINTS:
         raise ValueError(f"constraint must be one of {', '.join(CONSTRAINTS)}, got {kind!r}")
+    if parts not in PARTS:
+        raise ValueError(f"parts must be one of {', '.join(PARTS)}, got {parts!r}")
     layout = layout_of(model.config)
     layer_list = blocks(model)
     layers = sorted({u[0] for pair in pairs for u in pair})
-    w = {lay: _unit_weights(layer_list[lay], layout) for lay in layers}
+    w = {lay: _unit_weights(layer_list[lay], layout, parts) for lay in layers}
     total = None
     for part in w[layers[0]] if layers else ():
         a = torch.stack([w[lay][part][u] for (lay, u), _ in pairs])  # (P, width, in)
@@ -164,9 +174,9 @@ def pair_distances(model: nn.Module, pairs, kind: str = "fro") -> torch.Tensor:
     return total
 
 
-def constraint_loss(model: nn.Module, pairs, kind: str = "fro") -> torch.Tensor:
+def constraint_loss(model: nn.Module, pairs, kind: str = "fro", parts: str = "qkv") -> torch.Tensor:
     """L_w: the mean of `pair_distances` over the pairs (0 without pairs)."""
-    d = pair_distances(model, pairs, kind)
+    d = pair_distances(model, pairs, kind, parts)
     return d.mean() if d.numel() else d.sum()
 
 
@@ -192,9 +202,9 @@ class PostShareTrainer(Trainer):
     gradient) even at lam 0, so tune-only logs how far the pairs drift without it.
     """
 
-    def __init__(self, *args, pairs=(), lam: float = 0.5, constraint: str = "fro", **kwargs):
+    def __init__(self, *args, pairs=(), lam: float = 0.5, constraint: str = "fro", parts: str = "qkv", **kwargs):
         super().__init__(*args, **kwargs)
-        self.pairs, self.lam, self.constraint = list(pairs), lam, constraint
+        self.pairs, self.lam, self.constraint, self.parts = list(pairs), lam, constraint, parts
         # our loss is a per-batch mean, so the Trainer must divide it by the accumulation steps itself
         self.loss_is_scaled_for_ga = False
         self._sums = torch.zeros(2, dtype=torch.float64)
@@ -210,11 +220,11 @@ class PostShareTrainer(Trainer):
             # the live parameters, not DDP's wrapper: autograd sums both terms before DDP's reducer hook
             raw = self.accelerator.unwrap_model(model)
             if self.lam > 0:
-                cw = constraint_loss(raw, self.pairs, self.constraint)
+                cw = constraint_loss(raw, self.pairs, self.constraint, self.parts)
                 loss = (1 - self.lam) * lm + self.lam * cw
             else:
                 with torch.no_grad():
-                    cw = constraint_loss(raw, self.pairs, self.constraint)
+                    cw = constraint_loss(raw, self.pairs, self.constraint, self.parts)
         if model.training:
             self._sums[0] += lm.detach().double().cpu()
             self._sums[1] += (cw.detach().double().cpu() if cw is not None else 0.0)
@@ -354,13 +364,14 @@ def _run(model, tokenizer, plan, blocks_: torch.Tensor, cfg: PostTrainConfig, ou
     set_seed(cfg.seed)
     pairs = constraint_pairs(plan) if plan is not None else []
     with torch.no_grad():
-        before = pair_distances(model, pairs).tolist() if pairs else []
+        before = pair_distances(model, pairs, parts=cfg.parts).tolist() if pairs else []
     if cfg.mode == "share-then-tune":
         share(model, plan)
 
     trainer = PostShareTrainer(
         model=model, args=args, train_dataset=BlockDataset(blocks_), callbacks=callbacks,
         pairs=pairs if cfg.mode != "share-then-tune" else (), lam=cfg.effective_lambda, constraint=cfg.constraint,
+        parts=cfg.parts,
     )
     t0 = time.time()
     trainer.train(resume_from_checkpoint=str(found[-1]) if cfg.resume else None)
@@ -368,9 +379,11 @@ def _run(model, tokenizer, plan, blocks_: torch.Tensor, cfg: PostTrainConfig, ou
     model = trainer.model
     model.eval()
     with torch.no_grad():
-        after = pair_distances(model, pairs).tolist() if pairs and cfg.mode != "share-then-tune" else []
+        after = pair_distances(model, pairs, parts=cfg.parts).tolist() if pairs and cfg.mode != "share-then-tune" else []
     if cfg.mode == "postshare":
-        share(model, plan)
+        # a method's fitted output scales were fitted to the untrained weights; the constraint has made
+        # the pairs equal instead, so they share as the paper does, at scale 1
+        share(model, replace(plan, assignments=[replace(a, scale=1.0) for a in plan.assignments]))
 
     if out is not None and state.is_main_process:
         logged = [r for r in trainer.state.log_history if "lm_loss" in r]

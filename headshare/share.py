@@ -29,6 +29,9 @@ from .arch import Layout, ProjSpec, blocks, layout_of
 from .plan import SharePlan
 
 _MODELING_FILE = "headshare_modeling.py"
+# from this many tokens in a call, a shared projection gathers its weight and runs one product; below it
+# (decoding), a product per run reads the weights once without the copy
+GATHER_MIN_TOKENS = 16
 
 
 class SharedProjection(nn.Module):
@@ -81,8 +84,32 @@ class SharedProjection(nn.Module):
             return y + b if b is not None else y
         return F.linear(x, w, b)
 
+    def _gathered(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The layer's full weight (and bias) assembled from the runs: a temporary copy."""
+        dim, ws, bs = self.proj.weight_dim(), [], []
+        owners = [o for o, *_ in self._segments if o is not None]
+        ref = owners[0].weight
+        out_bias = self.proj.role == "out" and any(o.bias is not None for o in owners)
+        for owner, a, b, scale in self._segments:
+            if owner is None:
+                shape = list(ref.shape)
+                shape[dim] = b - a
+                ws.append(ref.new_zeros(shape))
+            else:
+                w = self._w(owner, a, b)
+                ws.append(w * scale if scale != 1.0 else w)
+            if out_bias:
+                bs.append(owner.bias[a:b] if owner is not None else ref.new_zeros(b - a))
+        bias = torch.cat(bs) if out_bias else (self.bias if self.proj.role == "in" else None)
+        return torch.cat(ws, dim=dim), bias
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         segs = self._segments
+        if len(segs) > 1 and x.numel() >= GATHER_MIN_TOKENS * x.shape[-1] and any(o is not None for o, *_ in segs):
+            # many tokens: one matrix product over a gathered weight beats a product per run (and, for
+            # o, partial sums over strided input slices); the copy is freed right after
+            w, b = self._gathered()
+            return self._project(x, w, b)
         if self.proj.role == "out":
             outs = []
             for owner, a, b, _ in segs:
@@ -348,11 +375,23 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None, device: str |
     if missing or unexpected:
         raise ValueError(f"{path}: weights do not match the shared structure (missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]})")
-    model.to(dtype)
+    _cast(model, dtype)
     if (path / "generation_config.json").is_file():
         model.generation_config = transformers.GenerationConfig.from_pretrained(path)
     model.eval()
     return model.to(device) if device is not None else model
+
+
+def _cast(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast parameters and saved buffers, as from_pretrained does; buffers that are not saved (RoPE's
+    inv_freq) keep the dtype the model built them in: in bf16 they would round the rotary angles."""
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            if p.is_floating_point() and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+        for name, b in module.named_buffers(recurse=False):
+            if b.is_floating_point() and name not in module._non_persistent_buffers_set:
+                module._buffers[name] = b.to(dtype)
 
 
 def _tied_keys(model: nn.Module) -> set[str]:

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import TINY_CORPUS, build_tiny_llama
+from transformers import TrainerCallback
 
 import headshare
 from headshare.arch import blocks, layout_of
@@ -59,7 +60,7 @@ def logits(model, ids):
 @pytest.mark.parametrize("field,value", [
     ("mode", "sharethentune"), ("constraint", "l1"), ("lam", 1.5), ("lam", -0.1), ("lam", float("nan")),
     ("lr", 0.0), ("lr", -1e-4), ("steps", 0), ("block_size", 1), ("batch_size", 0), ("save_steps", 0),
-    ("seed", -1), ("steps", 2.5), ("weight_decay", -0.1), ("adam_betas", (0.9, 1.0)),
+    ("seed", -1), ("steps", 2.5), ("weight_decay", -0.1), ("adam_betas", (0.9, 1.0)), ("parts", "qk"),
 ])
 def test_bad_config_values_name_the_value(field, value):
     with pytest.raises(ValueError) as e:
@@ -106,6 +107,16 @@ def test_constraint_matches_hand_computed_distance():
     assert pair_distances(model, pairs).tolist() == pytest.approx(expect_fro, rel=1e-5)
     assert pair_distances(model, pairs, "mse").tolist() == pytest.approx(expect_mse, rel=1e-5)
     assert constraint_loss(model, pairs).item() == pytest.approx(sum(expect_fro) / 2, rel=1e-5)
+    # parts="qkvo": the o columns of each unit join the sum
+    with_o = []
+    for ((l1, u1), (l2, u2)), fro in zip(pairs, expect_fro, strict=True):
+        w = gq * d
+        o1 = blocks(model)[l1].self_attn.o_proj.weight[:, u1 * w:(u1 + 1) * w]
+        o2 = blocks(model)[l2].self_attn.o_proj.weight[:, u2 * w:(u2 + 1) * w]
+        with_o.append(fro + (o1 - o2).norm().item())
+    assert pair_distances(model, pairs, parts="qkvo").tolist() == pytest.approx(with_o, rel=1e-5)
+    with pytest.raises(ValueError, match="parts must be one of"):
+        pair_distances(model, pairs, parts="qk")
 
 
 @pytest.mark.parametrize("constraint", ["fro", "mse"])
@@ -126,6 +137,30 @@ def test_constraint_drives_pair_distances_down(tiny_tokenizer, blocks16, constra
     after_free = pair_distances(free, pairs)
     assert (after < 0.6 * before).all(), (before, after)
     assert (after < 0.6 * after_free).all(), (after, after_free)
+
+
+def test_qkvo_constraint_also_pulls_the_o_columns(tiny_tokenizer, blocks16):
+    """With parts="qkvo" the o columns (which sharing ties too) close in; the paper's q/k/v L_w leaves them."""
+    plan = headshare.plan(tiny(), ratio=RATIO)
+    pairs = constraint_pairs(plan)
+
+    def o_distance(model):
+        return pair_distances(model, pairs, parts="qkvo") - pair_distances(model, pairs)
+
+    class AtEnd(TrainerCallback):  # the distances after training, before posttrain shares the pairs
+        def on_train_end(self, args, state, control, model=None, **kw):
+            with torch.no_grad():
+                self.seen = o_distance(model)
+
+    before = o_distance(tiny()).detach()
+    after = {}
+    for parts in ("qkv", "qkvo"):
+        probe = AtEnd()
+        posttrain(tiny(), tiny_tokenizer, plan, blocks16,
+                  cfg(steps=6, mode="postshare", lam=0.5, lr=1e-2, parts=parts), callbacks=[probe])
+        after[parts] = probe.seen
+    assert (after["qkvo"] < 0.6 * before).all(), (before, after["qkvo"])
+    assert (after["qkvo"] < 0.6 * after["qkv"]).all(), after
 
 
 def _unshared_state(shared, plan, like):

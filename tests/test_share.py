@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 
 import pytest
 import torch
@@ -17,6 +18,14 @@ from headshare.share import SharedProjection
 
 ARCHS = sorted(TINY)
 IDS = torch.randint(0, 99, (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(params=["gathered", "per-run"])
+def product(request, monkeypatch):
+    """Both forward strategies of a shared projection: one product over a gathered weight, or one per run."""
+    module = sys.modules[SharedProjection.__module__]  # headshare.share the module, not the function
+    monkeypatch.setattr(module, "GATHER_MIN_TOKENS", 0 if request.param == "gathered" else 10**9)
+    return request.param
 
 
 def _bias_flags(model) -> dict[str, bool]:
@@ -35,7 +44,7 @@ def test_ratio_zero_is_bit_identical(arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_shared_forward_equals_copied_weights_and_savings_are_exact(arch):
+def test_shared_forward_equals_copied_weights_and_savings_are_exact(arch, product):
     model = tiny_model(arch)
     reference = copy.deepcopy(model)
     plan = headshare.plan(model, ratio=0.5)
@@ -51,7 +60,7 @@ def test_shared_forward_equals_copied_weights_and_savings_are_exact(arch):
     torch.testing.assert_close(outputs(model, IDS), outputs(reference, IDS), rtol=1e-5, atol=1e-6)
 
 
-def test_chains_read_the_root():
+def test_chains_read_the_root(product):
     model = tiny_model("llama-gqa")
     layout = layout_of(model.config)
     plan = new_plan(model, "manual", 0.0, assignments=[Assignment(1, 0, 0, 1), Assignment(2, 1, 1, 0)])
@@ -66,7 +75,7 @@ def test_chains_read_the_root():
     assert layout.units_per_layer == 2
 
 
-def test_scaled_and_pruned_units_match_reference():
+def test_scaled_and_pruned_units_match_reference(product):
     model = tiny_model("qwen2-bias")
     reference = copy.deepcopy(model)
     plan = new_plan(model, "manual", 0.0, assignments=[Assignment(1, 0, 0, 1, scale=0.5),
@@ -190,3 +199,19 @@ def test_existing_output_is_refused_and_kept(tmp_path):
     model.save_pretrained(out, force=True)
     assert not (out / "keep.txt").exists() and (out / "config.json").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["o"]  # no temporary directories left behind
+
+
+def test_bf16_save_load_is_bit_identical_and_keeps_rope_in_float32(tmp_path):
+    # a model loaded in bf16 keeps RoPE's inv_freq (not saved) in float32; a reload must do the same,
+    # or the rotary angles round differently and the logits drift
+    tiny_model("llama-gqa").save_pretrained(tmp_path / "base")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.bfloat16)
+    headshare.share(model, headshare.plan(model, ratio=0.5))
+    expected = outputs(model, IDS)
+    model.save_pretrained(tmp_path / "shared")
+    back = headshare.load(tmp_path / "shared")
+    assert back.model.rotary_emb.inv_freq.dtype == torch.float32
+    assert {p.dtype for p in back.parameters()} == {torch.bfloat16}
+    assert torch.equal(outputs(back, IDS), expected)
+    remote = AutoModelForCausalLM.from_pretrained(tmp_path / "shared", trust_remote_code=True, dtype=torch.bfloat16)
+    assert torch.equal(outputs(remote, IDS), expected)

@@ -1,0 +1,226 @@
+"""Beyond the paper: calibration-based sharing against DirectShare and the baselines, on SmolLM2-135M.
+
+For every (method, ratio) a fresh copy of the model gets the method's plan (timed: for the data-aware
+methods that is the calibration), is shared with `headshare.share`, and is measured:
+
+- perplexity on the held-out "eval" half of the built-in corpus (never seen by any calibration, which
+  reads the "calib" half), 512-token windows, stride 512, the first `--max-tokens` tokens for every row;
+- parameters removed, from `unique_parameters` (every method removes the same number of units, and none
+  adds parameters, so all rows of a ratio remove the same number of parameters; the table shows it).
+
+One control is not a registered method: `actshare-as-prune` prunes exactly the units that `actshare`
+shares, which isolates what the fitted scale and the borrowed weights add. `fitprune` is the same kind of
+control for `fitshare`. Rows are appended to the JSON file as they finish; `--resume` keeps them.
+
+    python benchmarks/bench_beyond.py --json benchmarks/results/beyond.json --md benchmarks/results/beyond.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+METHODS = ("directshare", "random", "prune", "actshare", "fitshare", "fitprune")
+CONTROL = "actshare-as-prune"
+SETTINGS = ("model", "text", "calib", "max_tokens", "window", "seed")
+
+
+def _row(method, ratio, model, plan, plan_s, params0, tok, text, args, t0) -> dict:
+    from headshare.evaluate import perplexity
+    from headshare.share import unique_parameters
+
+    params, _ = unique_parameters(model)
+    ev = perplexity(model, tok, text, window=args.window, stride=args.window, max_tokens=args.max_tokens,
+                    progress=False)
+    return {
+        "method": method, "ratio": ratio,
+        "units_removed": plan.units_removed if plan else 0,
+        "units_shared": plan.units_shared if plan else 0,
+        "units_pruned": len(plan.pruned) if plan else 0,
+        "params_removed": params0 - params,
+        "perplexity": ev["perplexity"], "tokens": ev["tokens"],
+        "plan_s": round(plan_s, 1), "eval_s": round(ev["seconds"], 1), "row_s": round(time.perf_counter() - t0, 1),
+        "calib_tokens": (plan.notes.get("calib_tokens") if plan else None),
+        "loadavg_1min": round(os.getloadavg()[0], 2), "torch_threads": torch.get_num_threads(),
+        **{k: getattr(args, k) for k in SETTINGS},
+    }
+
+
+def run(args) -> list[dict]:
+    import headshare
+    from headshare.bench import resolve_methods
+    from headshare.data import load_text
+    from headshare.fetch import load_model
+    from headshare.plan import SharePlan, make_plan
+    from headshare.share import unique_parameters
+
+    methods = resolve_methods(args.methods)
+    ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
+    out = Path(args.json)
+    settings = {k: getattr(args, k) for k in SETTINGS}
+    rows = []
+    if out.exists() and args.resume:
+        rows = [r for r in json.loads(out.read_text()) if all(r.get(k) == v for k, v in settings.items())]
+    done = {(r["method"], r["ratio"]) for r in rows}
+    original, tok = load_model(args.model)
+    text = load_text(args.text, split="eval")
+    params0, _ = unique_parameters(original)
+
+    def save(row):
+        rows.append(row)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(rows, indent=1) + "\n")
+        print(f"{row['method']:>18} {row['ratio']:.2f}  ppl {row['perplexity']:9.3f}  plan {row['plan_s']:6.1f}s  "
+              f"params removed {row['params_removed']:,}", file=sys.stderr, flush=True)
+
+    if ("original", 0.0) not in done:
+        save(_row("original", 0.0, original, None, 0.0, params0, tok, text, args, time.perf_counter()))
+    for ratio in ratios:
+        for method in methods:
+            if (method, ratio) in done and (method != "actshare" or (CONTROL, ratio) in done):
+                continue
+            t0 = time.perf_counter()
+            model = copy.deepcopy(original)
+            plan = make_plan(model, ratio, method, tokenizer=tok, calib=args.calib, seed=args.seed)
+            plan_s = time.perf_counter() - t0
+            headshare.share(model, plan)
+            if (method, ratio) not in done:
+                save(_row(method, ratio, model, plan, plan_s, params0, tok, text, args, t0))
+            del model
+            if method == "actshare" and (CONTROL, ratio) not in done:
+                t0 = time.perf_counter()
+                control = SharePlan.from_dict({**plan.to_dict(), "method": CONTROL, "assignments": [],
+                                               "pruned": [[a.layer, a.unit] for a in plan.assignments]})
+                model = copy.deepcopy(original)
+                headshare.share(model, control)
+                save(_row(CONTROL, ratio, model, control, 0.0, params0, tok, text, args, t0))
+                del model
+    return rows
+
+
+def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    ra, rb = a.argsort().argsort().double(), b.argsort().argsort().double()
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
+
+
+def pair_analysis(args) -> dict:
+    """Do weight similarities rank (unit, source) pairs the way their effect on calibration text does?
+
+    Over every unit of layers >= 1 and every unit of the `WINDOW` layers before it: the activation-aware
+    gain (share of the unit's weighted output that the source's weights, run on the unit's layer input,
+    reproduce after a fitted scale), against the paper's qk cosine and the symmetry-aligned similarity.
+    """
+    from headshare import calibrated as C
+    from headshare.fetch import load_model
+    from headshare.similarity import similarity_matrix
+
+    model, tok = load_model(args.model)
+    layout = C.layout_of(model.config)
+    U = layout.units_per_layer
+    t0 = time.perf_counter()
+    data = C.capture(model, C.calibration_ids(model, tok, args.calib, C.CALIB_TOKENS))
+    gains, pairs = [], []
+    for layer in range(1, layout.num_layers):
+        sources = C._sources(layer, U, C.WINDOW, ())
+        gram = C._layer_gram(model, data, layout, layer, sources)
+        gram.set_kept([], 0.0)
+        for u in range(U):
+            for g, s, _ in gram.gains(("own", u), sources):
+                gains.append(g)
+                pairs.append((layer * U + u, s[0] * U + s[1]))
+    act_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    aligned = C.aligned_similarity(model)
+    aligned_s = time.perf_counter() - t0
+    raw = similarity_matrix(model, "qk")
+    gains_t = torch.tensor(gains, dtype=torch.float64)
+    idx = torch.tensor(pairs)
+    out = {"pairs": len(pairs), "window": C.WINDOW, "calib_tokens": C.CALIB_TOKENS,
+           "activation_seconds": round(act_s, 1), "aligned_seconds": round(aligned_s, 1),
+           "gain_mean": float(gains_t.mean()), "gain_max": float(gains_t.max())}
+    best = {}
+    for (u, s), g in zip(pairs, gains, strict=True):
+        if u not in best or g > best[u][1]:
+            best[u] = (s, g)
+    for name, sim in (("qk_cosine", raw), ("aligned", aligned)):
+        vals = sim[idx[:, 0], idx[:, 1]].double()
+        top = {}
+        for (u, s), v in zip(pairs, vals.tolist(), strict=True):
+            if u not in top or v > top[u][1]:
+                top[u] = (s, v)
+        out[name] = {"spearman_vs_gain": _spearman(vals, gains_t),
+                     "spearman_abs_vs_gain": _spearman(vals.abs(), gains_t),
+                     "same_best_source": sum(top[u][0] == best[u][0] for u in best) / len(best)}
+    return out
+
+
+def markdown(rows: list[dict]) -> str:
+    """Perplexity by ratio (columns: methods), with x original, then parameters removed and plan seconds."""
+    base = next(r for r in rows if r["method"] == "original")
+    methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "original"))
+    ratios = sorted({r["ratio"] for r in rows if r["method"] != "original"})
+    cell = {(r["method"], r["ratio"]): r for r in rows}
+    head = "| units removed | params removed | " + " | ".join(methods) + " |"
+    lines = [head, "|" + "---|" * (len(methods) + 2)]
+    lines.append("| 0% | 0 | " + " | ".join(f"{base['perplexity']:.2f}" for _ in methods) + " |")
+    for ratio in ratios:
+        got = [cell.get((m, ratio)) for m in methods]
+        removed = {r["params_removed"] for r in got if r}
+        units = next(r["units_removed"] for r in got if r)
+        prm = ", ".join(f"{p:,}" for p in sorted(removed))
+        vals = [f"{r['perplexity']:.2f} (x{r['perplexity'] / base['perplexity']:.2f})" if r else "" for r in got]
+        lines.append(f"| {ratio:.0%} ({units}) | {prm} | " + " | ".join(vals) + " |")
+    lines += ["", "Plan (calibration) seconds:", "", "| ratio | " + " | ".join(methods) + " |",
+              "|" + "---|" * (len(methods) + 1)]
+    for ratio in ratios:
+        got = [cell.get((m, ratio)) for m in methods]
+        lines.append(f"| {ratio:.0%} | " + " | ".join(f"{r['plan_s']:.0f}" if r else "" for r in got) + " |")
+    tok = base["tokens"]
+    loads = [r["loadavg_1min"] for r in rows]
+    lines += ["", f"Perplexity on {tok:,} scored tokens of `{base['text']}` (eval half), window {base['window']}; "
+                  f"1-minute load average during the rows {min(loads):.1f}-{max(loads):.1f} on 2 cores."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--ratios", default="0.1,0.2,0.3,0.5")
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma list, or 'all' (every registered method)")
+    ap.add_argument("--text", default="builtin", help="evaluation text (its eval split)")
+    ap.add_argument("--calib", default="builtin:calib", help="calibration text for data-aware methods")
+    ap.add_argument("--max-tokens", type=int, default=8192, help="evaluate on the first N tokens (all rows)")
+    ap.add_argument("--window", type=int, default=512)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", default="benchmarks/results/beyond.json")
+    ap.add_argument("--md", default=None, help="also write the markdown table here")
+    ap.add_argument("--resume", action="store_true", help="keep rows already in --json made with the same settings")
+    ap.add_argument("--pairs", default=None, metavar="JSON",
+                    help="only run the pair analysis (weight similarities vs activation-aware gain) into this file")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.pairs:
+        result = pair_analysis(args)
+        Path(args.pairs).write_text(json.dumps(result, indent=1) + "\n")
+        print(json.dumps(result, indent=1))
+        return 0
+    rows = run(args)
+    table = markdown(rows)
+    if args.md:
+        Path(args.md).write_text(table)
+    print(table)
+    return 0 if all(math.isfinite(r["perplexity"]) for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
