@@ -42,9 +42,10 @@ import torch
 from torch import nn
 
 from .arch import Layout, ProjSpec, UnsupportedModelError, arch_spec, blocks, layout_of
+from .methods import calibration_ids
 from .plan import Assignment, SharePlan, new_plan, register_method, units_for_ratio
 
-CALIB_TOKENS = 2048  # 4 windows of 512: the fits below generalise from this (see BENCHMARKS.md)
+CALIB_TOKENS = 4096  # 8 windows of 512: 2048 gave 1.21x the original perplexity at 30 %, 4096 1.18x (BENCHMARKS.md)
 BLOCK_SIZE = 512
 RHO = 1.0  # ridge, relative to the mean diagonal of the Gram matrix: best held-out error (1e-2 overfitted)
 WINDOW = 6  # sources are searched in this many preceding layers (the best ones were 1-5 layers back)
@@ -174,23 +175,6 @@ def _run(module: nn.Module, call: tuple, x: torch.Tensor) -> torch.Tensor:
     args, kwargs = _replace_hidden(call, x)
     out = module(*args, **kwargs)
     return out[0] if isinstance(out, tuple) else out
-
-
-def calibration_ids(model, tokenizer, calib: str, calib_tokens: int, block_size: int = BLOCK_SIZE) -> torch.Tensor:
-    """(n, block) token ids: the first `calib_tokens` tokens of the calibration text."""
-    from .data import load_text, tokenize
-
-    if tokenizer is None:
-        raise ValueError("this method needs a tokenizer for its calibration text (pass tokenizer=...)")
-    max_pos = getattr(model.config, "max_position_embeddings", None) or block_size
-    block = max(2, min(block_size, max_pos, calib_tokens))
-    ids = tokenize(tokenizer, load_text(calib, split="calib"), bos=False)[:calib_tokens]
-    if len(ids) < 2:
-        raise ValueError(f"calibration text {calib!r} has fewer than 2 tokens")
-    if len(ids) < block:
-        return ids[None]
-    n = len(ids) // block
-    return ids[: n * block].view(n, block)
 
 
 @torch.no_grad()
@@ -483,13 +467,14 @@ def knapsack(costs: list[dict], n: int) -> list[tuple[int, int]]:
 
 @torch.no_grad()
 def refit(model: nn.Module, data: list[LayerData], removed: set, borrow: dict, rho: float = RHO,
-          progress: bool = False) -> dict:
+          progress: bool = False, heldout: bool = True) -> dict:
     """Edit `model` in place: in every layer with removed units, the o columns of the units that stay are
     refitted so that the layer's attention output matches the original model's, and borrowed units get a
     fitted scale. Layers run in order on the *modified* model's own inputs, so each refit also absorbs
     what earlier layers changed. Borrowed units read their root's weights as `share` will (the root's own
     layer, earlier, was refitted first). Removed units' slices are restored at the end: only the o columns
-    of units that stay differ from the original. Returns {(layer, unit): scale} for borrowed units.
+    of units that stay differ from the original. Returns {(layer, unit): scale} for the units that borrow:
+    a candidate whose borrowing does not lower the cross-fitted error (`heldout_lenders`) is pruned instead.
     """
     from tqdm.auto import tqdm
 
@@ -512,7 +497,7 @@ def refit(model: nn.Module, data: list[LayerData], removed: set, borrow: dict, r
                         sl, su = borrow[(layer, u)]
                         _set_slices(block, layout, u, _get_slices(bl[sl], layout, su))
                 handle = block.get_submodule(o.path).register_forward_pre_hook(
-                    _refit_hook(block, layout, layer, data[layer], gone, borrow, bl, rho, scales))
+                    _refit_hook(block, layout, layer, data[layer], gone, borrow, bl, rho, scales, heldout))
             try:
                 h = _run(block, data[layer].block_call, h)
             finally:
@@ -524,7 +509,32 @@ def refit(model: nn.Module, data: list[LayerData], removed: set, borrow: dict, r
     return scales
 
 
-def _refit_hook(block, layout, layer, data, gone, borrow, bl, rho, scales) -> Callable:
+def heldout_lenders(kz: torch.Tensor | None, v: torch.Tensor, w: torch.Tensor, ys: dict, rho: float,
+                    split: int) -> list:
+    """The subset of candidate borrowers (keys of `ys`, each with its borrowed output) whose fitted scales,
+    fitted with the kept units' o refit (features `kz`) to the target `v` on one half of the tokens, leave
+    the least error on the other half, both ways round. Ties go to fewer borrowers."""
+    n = v.shape[0]
+    folds = (slice(0, split), slice(split, n))
+    best, best_err = [], math.inf
+    cands = sorted(ys)
+    for k in range(len(cands) + 1):
+        for subset in itertools.combinations(cands, k):
+            err = 0.0
+            for fa, fb in (folds, folds[::-1]):
+                fit = RidgeResidual(kz[fa] if kz is not None else None, w[fa], rho)
+                a = fit_scales(fit, v[fa], [ys[u][fa] for u in subset]).tolist()
+                rest = v[fa] - sum((s * ys[u][fa] for u, s in zip(subset, a, strict=True)), torch.zeros_like(v[fa]))
+                res = v[fb] - sum((s * ys[u][fb] for u, s in zip(subset, a, strict=True)), torch.zeros_like(v[fb]))
+                if kz is not None:
+                    res = res - kz[fb] @ fit.solve(rest)
+                err += float(((res ** 2) * w[fb]).sum())
+            if err < best_err * (1 - 1e-9):
+                best, best_err = list(subset), err
+    return best
+
+
+def _refit_hook(block, layout, layer, data, gone, borrow, bl, rho, scales, heldout=True) -> Callable:
     """A pre-hook on the o projection: sees this layer's heads' outputs on the modified model's input,
     fits, and writes the o columns before the projection runs (so the block's output already uses them)."""
     U = layout.units_per_layer
@@ -542,7 +552,15 @@ def _refit_hook(block, layout, layer, data, gone, borrow, bl, rho, scales) -> Ca
         fit = RidgeResidual(torch.cat([zs[u] for u in kept], 1) if kept else None, w, rho)
         lent = [u for u in gone if (layer, u) in borrow]
         roots = {u: _o_matrix(bl[borrow[(layer, u)][0]], layout, borrow[(layer, u)][1]) for u in lent}
-        ys = [zs[u] @ roots[u].T for u in lent]
+        ys = {u: zs[u] @ roots[u].T for u in lent}
+        # a candidate borrows only if that lowers the cross-fitted error: an in-sample gain of a few
+        # scalars is not enough (on SmolLM2 in-sample sharing made held-out perplexity worse than pruning)
+        split = (args[0].shape[0] // 2) * args[0].shape[1] if args[0].dim() == 3 and args[0].shape[0] > 1 \
+            else z.shape[0] // 2
+        kz = torch.cat([zs[u] for u in kept], 1) if kept else None
+        if heldout:
+            lent = heldout_lenders(kz, v, w, {u: ys[u] for u in lent}, rho, split)
+        ys = [ys[u] for u in lent]
         a = fit_scales(fit, v, ys)
         for u, y, s in zip(lent, ys, a.tolist(), strict=True):
             v = v - s * y
@@ -729,13 +747,14 @@ def actshare(model, ratio: float, tokenizer=None, calib: str | None = None, cali
 
 
 def _fit_plan(model, method: str, ratio: float, tokenizer, calib, calib_tokens, rho: float, window: int | None,
-              min_gain: float, progress: bool) -> SharePlan:
+              min_gain: float, progress: bool, heldout: bool = True, select: str = "pruning") -> SharePlan:
     """fitshare / fitprune: knapsack selection, source choice, sequential refit (edits `model`)."""
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
     layout, n, calib, calib_tokens, ids = _setup(model, ratio, tokenizer, calib, calib_tokens, progress)
-    notes = {"calib": calib, "calib_tokens": calib_tokens, "rho": rho, "window": window, "min_gain": min_gain}
+    notes = {"calib": calib, "calib_tokens": calib_tokens, "rho": rho, "window": window, "min_gain": min_gain,
+             "heldout_lenders": heldout, "select": select}
     if n == 0:
         return new_plan(model, method, ratio, notes=notes)
     data = capture(model, ids)
@@ -747,7 +766,10 @@ def _fit_plan(model, method: str, ratio: float, tokenizer, calib, calib_tokens, 
         options.append(layer_options(gram, U, sources, rho, min_gain))
         held = heldout_costs(data[layer], [gram.o[("own", u)] for u in range(U)], layout, rho, len(ids))
         # sharing's in-sample gain (a few scalars, little to overfit) applied to the held-out pruning cost
-        costs.append({r: held[r] * (c / p if p > 0 else 1.0) for r, (c, p, _) in options[-1].items()})
+        # select="sharing": the in-sample gain of sharing scales the held-out pruning cost (it moves the choice
+        # towards units with a good source: better at 50 % on SmolLM2, worse at 10-30 %, see BENCHMARKS.md)
+        costs.append({r: held[r] * (c / p if p > 0 and select == "sharing" else 1.0)
+                      for r, (c, p, _) in options[-1].items()})
     removed = set(knapsack(costs, n))
     borrow: dict = {}
     gains: dict = {}
@@ -762,7 +784,8 @@ def _fit_plan(model, method: str, ratio: float, tokenizer, calib, calib_tokens, 
             if pick is not None and pick[0] >= min_gain:
                 borrow[(layer, u)], gains[(layer, u)] = pick[1], pick[0]
     t1 = time.perf_counter()
-    scales = refit(model, data, removed, borrow, rho, progress)
+    scales = refit(model, data, removed, borrow, rho, progress, heldout)
+    borrow = {u: src for u, src in borrow.items() if u in scales}  # the others did not pay off held out
     assignments = [Assignment(layer, u, *borrow[(layer, u)], score=round(gains[(layer, u)], 6),
                               scale=scales[(layer, u)]) for layer, u in sorted(borrow)]
     pruned = sorted(u for u in removed if u not in borrow)
@@ -779,12 +802,17 @@ def _fit_plan(model, method: str, ratio: float, tokenizer, calib, calib_tokens, 
                              "(calibration text; edits the model's weights)")
 def fitshare(model, ratio: float, tokenizer=None, calib: str | None = None, calib_tokens: int | None = None,
              rho: float = RHO, window: int | None = WINDOW, min_gain: float = MIN_GAIN, progress: bool = False,
-             **_) -> SharePlan:
-    """Units chosen per layer subset with a knapsack over layers on the error left after refitting the units
-    that stay; a removed unit borrows its best earlier source when that removes >= `min_gain` of the
-    remaining error, else it is pruned; then the sequential refit (`refit`). Edits `model` in place: apply
-    the plan to this same model."""
-    return _fit_plan(model, "fitshare", ratio, tokenizer, calib, calib_tokens, rho, window, min_gain, progress)
+             heldout: bool = True, select: str = "pruning", **_) -> SharePlan:
+    """Units chosen per layer subset with a knapsack over layers on the cross-fitted error left after
+    refitting the units that stay (`select="sharing"`: that error scaled by what sharing would remove); a
+    removed unit is a candidate to borrow its best earlier source when that removes >= `min_gain` of the
+    remaining error; then the sequential refit (`refit`), where a candidate keeps its source only if that
+    lowers the cross-fitted error (`heldout=False`: always), else it is pruned. Edits `model` in place:
+    apply the plan to this same model."""
+    if select not in ("pruning", "sharing"):
+        raise ValueError(f"select must be 'pruning' or 'sharing', got {select!r}")
+    return _fit_plan(model, "fitshare", ratio, tokenizer, calib, calib_tokens, rho, window, min_gain, progress,
+                     heldout, select)
 
 
 @register_method("fitprune", "fitshare without sharing: prune per layer subset, refit the o columns that stay "

@@ -88,7 +88,7 @@ def layerwise(model, ratio: float, metric: str | None = "qk", progress: bool = F
     return new_plan(model, "layerwise", ratio, metric=metric, assignments=assignments, notes=notes)
 
 
-def _calibration_ids(model, tokenizer, calib: str, calib_tokens: int, block_size: int) -> torch.Tensor:
+def calibration_ids(model, tokenizer, calib: str, calib_tokens: int, block_size: int = 512) -> torch.Tensor:
     """(n, block) token ids of the calibration text, at most `calib_tokens` tokens in all."""
     from .data import load_text, tokenize
 
@@ -148,7 +148,7 @@ def output_energy(model, tokenizer, calib: str = "builtin:calib", calib_tokens: 
     mods = [block.get_submodule(o.path) for block in blocks(model)]
     if any(isinstance(m, SharedProjection) for m in mods):
         raise ValueError("this model is already shared; compute importance on the original model")
-    ids = _calibration_ids(model, tokenizer, calib, calib_tokens, block_size)
+    ids = calibration_ids(model, tokenizer, calib, calib_tokens, block_size)
     key = (_fingerprint(model.state_dict().items()), _fingerprint([("ids", ids)]), relative)
     if key not in _ENERGY_CACHE:
         if len(_ENERGY_CACHE) >= _ENERGY_CACHE_SIZE:

@@ -59,3 +59,11 @@ def smollm2_dir():
     from headshare.fetch import fetch
 
     return fetch("smollm2-135m")
+
+
+@pytest.fixture
+def calib_file(tmp_path):
+    """A small calibration text file for the data-aware methods."""
+    path = tmp_path / "calib.txt"
+    path.write_text("\n".join(TINY_CORPUS * 8))
+    return str(path)

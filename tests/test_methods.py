@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 from archs import TINY, tiny_model
-from conftest import TINY_CORPUS
 
 import headshare
 from headshare.arch import blocks, layout_of, unit_slices
@@ -13,13 +12,6 @@ from headshare.methods import layer_similarity, output_energy
 from headshare.plan import METHODS, units_for_ratio
 
 BASELINES = ("random", "layerwise", "prune")
-
-
-@pytest.fixture
-def calib_file(tmp_path):
-    path = tmp_path / "calib.txt"
-    path.write_text("\n".join(TINY_CORPUS * 4))
-    return str(path)
 
 
 def _plan(model, ratio, method, tok, calib, **kw):

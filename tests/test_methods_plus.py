@@ -25,19 +25,13 @@ from headshare.calibrated import (
     capture,
     fit_scales,
     heldout_costs,
+    heldout_lenders,
     knapsack,
     layer_options,
 )
 from headshare.plan import METHODS, SharePlan, units_for_ratio
 
 PLUS = ("actshare", "fitshare", "fitprune", "alignshare")
-
-
-@pytest.fixture
-def calib_file(tmp_path):
-    path = tmp_path / "calib.txt"
-    path.write_text("\n".join(TINY_CORPUS * 8))
-    return str(path)
 
 
 def _plan(model, ratio, method, tok, calib, **kw):
@@ -273,6 +267,20 @@ def test_aligned_similarity_sees_through_the_exact_symmetries():
     assert abs(float(similarity_matrix(model, "qk")[pair])) < 0.5  # the paper's cosine no longer sees it
 
 
+def test_heldout_lenders_keep_a_real_source_and_drop_noise():
+    """A borrowed output that explains the target is kept; one that only fits noise in-sample is not."""
+    g = torch.Generator().manual_seed(0)
+    n, d = 400, 6
+    w = torch.ones(n, 1, dtype=torch.float64)
+    kz = torch.randn(n, 3, generator=g, dtype=torch.float64)
+    useful = torch.randn(n, d, generator=g, dtype=torch.float64)
+    noise = torch.randn(n, d, generator=g, dtype=torch.float64)
+    v = 0.7 * useful + kz @ torch.randn(3, d, generator=g, dtype=torch.float64) \
+        + 0.1 * torch.randn(n, d, generator=g, dtype=torch.float64)
+    assert heldout_lenders(kz, v, w, {"useful": useful, "noise": noise}, 1e-6, n // 2) == ["useful"]
+    assert heldout_lenders(None, v, w, {"noise": noise}, 1e-6, n // 2) == []
+
+
 def test_knapsack_is_optimal_and_exact():
     gen = torch.Generator().manual_seed(0)
     costs = []
@@ -316,7 +324,8 @@ def test_fitted_weights_are_required_and_checked(tiny_tokenizer, calib_file, tmp
 
 def test_save_load_round_trip_is_bit_exact(tiny_tokenizer, calib_file, tmp_path):
     model = tiny_model("llama-gqa")
-    plan = _plan(model, 0.5, "fitshare", tiny_tokenizer, calib_file, min_gain=0.0)
+    # on a random tiny model no borrowing pays off held out; heldout=False keeps the scaled borrowers
+    plan = _plan(model, 0.5, "fitshare", tiny_tokenizer, calib_file, min_gain=0.0, heldout=False)
     assert plan.assignments and any(a.scale != 1.0 for a in plan.assignments)
     headshare.share(model, plan)
     ids = _ids(tiny_tokenizer)
@@ -346,6 +355,8 @@ def test_cli_fits_and_shares_in_one_go_and_refuses_the_plan_alone(tmp_path, tiny
 
 @pytest.mark.slow
 def test_smollm2_fitshare_beats_pruning_within_1_3x(smollm2_dir):
+    """Issue 4's goal at 30 %, on 4,096 held-out tokens with the methods' default calibration (the bench
+    measured 1.18x against pruning's 1.38x on 8,192)."""
     from headshare.data import load_text
     from headshare.evaluate import perplexity
     from headshare.fetch import load_model
@@ -354,15 +365,18 @@ def test_smollm2_fitshare_beats_pruning_within_1_3x(smollm2_dir):
     text = load_text("builtin", split="eval")
 
     def ppl(m):
-        return perplexity(m, tok, text, max_tokens=1024, progress=False)["perplexity"]
+        return perplexity(m, tok, text, max_tokens=4096, progress=False)["perplexity"]
 
     base = ppl(original)
     pruned = copy.deepcopy(original)
-    headshare.share(pruned, headshare.plan(pruned, ratio=0.3, method="prune", tokenizer=tok, calib_tokens=1024))
+    headshare.share(pruned, headshare.plan(pruned, ratio=0.3, method="prune", tokenizer=tok))
     fitted = copy.deepcopy(original)
-    headshare.share(fitted, headshare.plan(fitted, ratio=0.3, method="fitshare", tokenizer=tok, calib_tokens=1024))
+    plan = headshare.plan(fitted, ratio=0.3, method="fitshare", tokenizer=tok)
+    headshare.share(fitted, plan)
+    assert plan.units_removed == 27 and plan.units_shared > 0
     got = ppl(fitted)
-    assert got < 1.3 * base and got < ppl(pruned)
+    assert got < 1.3 * base, (got, base)
+    assert got < ppl(pruned)
 
 
 assert set(TINY) >= {"llama-gqa", "llama-mha", "llama-mqa", "qwen2-bias", "gpt2"}
