@@ -52,6 +52,7 @@ WINDOW = 6  # sources are searched in this many preceding layers (the best ones 
 SHORTLIST = 4  # fitshare ranks this many sources per unit under every refit (chosen from all by plain gain)
 MIN_GAIN = 0.01  # fitshare shares a unit only if borrowing removes >= 1 % of what the refit leaves
 FITTED = "method-fitted"
+SELECT = ("heldout", "pruning", "sharing")  # fitshare's subset costs: see heldout_share_costs and _fit_plan
 
 
 # -- model access ---------------------------------------------------------------------------------------
@@ -514,6 +515,12 @@ def heldout_lenders(kz: torch.Tensor | None, v: torch.Tensor, w: torch.Tensor, y
     """The subset of candidate borrowers (keys of `ys`, each with its borrowed output) whose fitted scales,
     fitted with the kept units' o refit (features `kz`) to the target `v` on one half of the tokens, leave
     the least error on the other half, both ways round. Ties go to fewer borrowers."""
+    return heldout_lending(kz, v, w, ys, rho, split)[0]
+
+
+def heldout_lending(kz: torch.Tensor | None, v: torch.Tensor, w: torch.Tensor, ys: dict, rho: float,
+                    split: int) -> tuple[list, float]:
+    """`heldout_lenders` and the cross-fitted error it leaves (summed over both halves)."""
     n = v.shape[0]
     folds = (slice(0, split), slice(split, n))
     best, best_err = [], math.inf
@@ -531,7 +538,28 @@ def heldout_lenders(kz: torch.Tensor | None, v: torch.Tensor, w: torch.Tensor, y
                 err += float(((res ** 2) * w[fb]).sum())
             if err < best_err * (1 - 1e-9):
                 best, best_err = list(subset), err
-    return best
+    return best, best_err
+
+
+def heldout_share_costs(gram: LayerGram, options: dict, data: LayerData, layout: Layout, rho: float,
+                        rows: int, min_gain: float) -> dict:
+    """{frozenset(removed units): error per token} with the kept units' refit *and* the removed units'
+    borrowing cross-fitted: for each subset, its candidates (best source with an in-sample gain >=
+    `min_gain`) are weighed by `heldout_lending`, which also drops those that do not pay off held out."""
+    U = layout.units_per_layer
+    z = {u: gram.z[("own", u)].double() for u in range(U)}
+    y = {u: z[u] @ gram.o[("own", u)].T for u in range(U)}
+    n = data.w.shape[0]
+    split = (rows // 2) * (n // rows) if rows > 1 else n // 2
+    out = {}
+    for removed, (_, _, ranked) in options.items():
+        kept = [u for u in range(U) if u not in removed]
+        kz = torch.cat([z[u] for u in kept], 1) if kept else None
+        v = sum(y[u] for u in removed)
+        ys = {u: gram.z[r[0][1]].double() @ gram.o[r[0][1]].T for u, r in ranked.items()
+              if r and r[0][0] >= min_gain}
+        out[removed] = heldout_lending(kz, v, data.w, ys, rho, split)[1] / n
+    return out
 
 
 def _refit_hook(block, layout, layer, data, gone, borrow, bl, rho, scales, heldout=True) -> Callable:
@@ -747,7 +775,7 @@ def actshare(model, ratio: float, tokenizer=None, calib: str | None = None, cali
 
 
 def _fit_plan(model, method: str, ratio: float, tokenizer, calib, calib_tokens, rho: float, window: int | None,
-              min_gain: float, progress: bool, heldout: bool = True, select: str = "pruning") -> SharePlan:
+              min_gain: float, progress: bool, heldout: bool = True, select: str = "heldout") -> SharePlan:
     """fitshare / fitprune: knapsack selection, source choice, sequential refit (edits `model`)."""
     from tqdm.auto import tqdm
 
@@ -764,10 +792,13 @@ def _fit_plan(model, method: str, ratio: float, tokenizer, calib, calib_tokens, 
         sources = _sources(layer, U, window, ()) if share else []
         gram = _layer_gram(model, data, layout, layer, sources)
         options.append(layer_options(gram, U, sources, rho, min_gain))
+        if share and select == "heldout":
+            costs.append(heldout_share_costs(gram, options[-1], data[layer], layout, rho, len(ids), min_gain))
+            continue
         held = heldout_costs(data[layer], [gram.o[("own", u)] for u in range(U)], layout, rho, len(ids))
-        # sharing's in-sample gain (a few scalars, little to overfit) applied to the held-out pruning cost
         # select="sharing": the in-sample gain of sharing scales the held-out pruning cost (it moves the choice
-        # towards units with a good source: better at 50 % on SmolLM2, worse at 10-30 %, see BENCHMARKS.md)
+        # towards units with a good source: better at 50 % on SmolLM2, worse at 10-30 %, see BENCHMARKS.md);
+        # "pruning": the held-out pruning cost alone
         costs.append({r: held[r] * (c / p if p > 0 and select == "sharing" else 1.0)
                       for r, (c, p, _) in options[-1].items()})
     removed = set(knapsack(costs, n))
@@ -802,15 +833,15 @@ def _fit_plan(model, method: str, ratio: float, tokenizer, calib, calib_tokens, 
                              "(calibration text; edits the model's weights)")
 def fitshare(model, ratio: float, tokenizer=None, calib: str | None = None, calib_tokens: int | None = None,
              rho: float = RHO, window: int | None = WINDOW, min_gain: float = MIN_GAIN, progress: bool = False,
-             heldout: bool = True, select: str = "pruning", **_) -> SharePlan:
+             heldout: bool = True, select: str = "heldout", **_) -> SharePlan:
     """Units chosen per layer subset with a knapsack over layers on the cross-fitted error left after
     refitting the units that stay (`select="sharing"`: that error scaled by what sharing would remove); a
     removed unit is a candidate to borrow its best earlier source when that removes >= `min_gain` of the
     remaining error; then the sequential refit (`refit`), where a candidate keeps its source only if that
     lowers the cross-fitted error (`heldout=False`: always), else it is pruned. Edits `model` in place:
     apply the plan to this same model."""
-    if select not in ("pruning", "sharing"):
-        raise ValueError(f"select must be 'pruning' or 'sharing', got {select!r}")
+    if select not in SELECT:
+        raise ValueError(f"select must be one of {', '.join(SELECT)}, got {select!r}")
     return _fit_plan(model, "fitshare", ratio, tokenizer, calib, calib_tokens, rho, window, min_gain, progress,
                      heldout, select)
 

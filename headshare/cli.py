@@ -166,6 +166,7 @@ def _summary_table(s: dict) -> str:
     rows = [
         ("method", s["method"]),
         ("units shared", f"{s['units_shared']} / {s['units_total']} ({s['unit']})"),
+        *([("units pruned", f"{s['units_pruned']} / {s['units_total']}")] if s.get("units_pruned") else []),
         ("parameters", f"{s['params_original']:,} -> {s['params_shared']:,} (-{saved_p:,}, "
                        f"-{100 * saved_p / s['params_original']:.2f} %)"),
         ("weight bytes", f"{s['bytes_original']:,} -> {s['bytes_shared']:,} (-{saved_b:,})"),
