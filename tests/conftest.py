@@ -1,5 +1,7 @@
 """Shared test fixtures: tiny random models and a tokenizer built in code, and the real SmolLM2."""
 
+import json
+
 import pytest
 import torch
 
@@ -67,3 +69,40 @@ def calib_file(tmp_path):
     path = tmp_path / "calib.txt"
     path.write_text("\n".join(TINY_CORPUS * 8))
     return str(path)
+
+
+# A multiple-choice lm-eval task over tiny-corpus words: (question, choices, index of the answer)
+QUESTIONS = [
+    ("what color is the sky ?", ["blue", "green", "red"], 0),
+    ("what color is the grass ?", ["yellow", "green"], 1),
+    ("which animal says meow ?", ["dog", "bird", "cat", "fish"], 2),
+    ("which animal says woof ?", ["dog", "cat"], 0),
+    ("is fire hot or cold ?", ["cold", "hot", "maybe"], 1),
+    ("one plus one is two , two plus two is", ["three", "four", "five"], 1),
+]
+
+
+def write_task(tmp_path) -> str:
+    """Write the `tiny_mc` lm-eval task (data and YAML) into tmp_path; returns the include path."""
+    data = tmp_path / "tiny_mc.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "choices": c, "gold": g}) + "\n" for q, c, g in QUESTIONS))
+    (tmp_path / "tiny_mc.yaml").write_text(f"""\
+task: tiny_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "question : {{{{question}}}} answer :"
+doc_to_choice: choices
+doc_to_target: gold
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
+""")
+    return str(tmp_path)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import TINY_CORPUS, build_tiny_llama, build_tiny_tokenizer
+from conftest import TINY_CORPUS, build_tiny_llama, build_tiny_tokenizer, write_task
 
 import headshare
 from headshare.cli import main
@@ -54,31 +54,12 @@ def test_shared_checkpoint_against_reference(dirs, capsys):
 
 
 def test_lm_eval_tasks_with_recovery(dirs, tmp_path, capsys):
-    (tmp_path / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
-        {"question": "what color is the sky ?", "choices": ["blue", "green"], "gold": 0},
-        {"question": "which animal says meow ?", "choices": ["dog", "cat"], "gold": 1},
-        {"question": "is fire hot or cold ?", "choices": ["cold", "hot"], "gold": 1},
-    ]))
-    (tmp_path / "mc.yaml").write_text(f"""\
-task: tiny_cli_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {tmp_path / "mc.jsonl"}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "question : {{{{question}}}} answer :"
-doc_to_choice: choices
-doc_to_target: gold
-metric_list:
-  - metric: acc
-""")
     got = _eval(capsys, dirs / "shared", "--text", dirs / "text.txt", "--window", 32, "--reference", dirs / "orig",
-                "--tasks", "tiny_cli_mc", "--include-path", tmp_path, "--no-default-tasks", "--limit", 2)
-    acc, ref = got["tasks"]["tiny_cli_mc"]["acc"], got["reference_tasks"]["tiny_cli_mc"]["acc"]
+                "--tasks", "tiny_mc", "--include-path", write_task(tmp_path), "--no-default-tasks", "--limit", 2)
+    acc, ref = got["tasks"]["tiny_mc"]["acc"], got["reference_tasks"]["tiny_mc"]["acc"]
     assert acc in (0.0, 0.5, 1.0) and ref in (0.0, 0.5, 1.0)  # --limit 2: two questions scored
     if ref:
-        assert got["recovery"]["tiny_cli_mc"]["acc"] == pytest.approx(acc / ref)
+        assert got["recovery"]["tiny_mc"]["acc"] == pytest.approx(acc / ref)
 
 
 def test_human_output_and_errors(dirs, tmp_path, capsys):

@@ -1,11 +1,11 @@
 """Perplexity, model comparison and lm-eval wiring, checked against computations done by hand."""
 
-import json
 import math
 import random
 
 import pytest
 import torch
+from conftest import QUESTIONS, write_task
 
 from headshare.data import tokenize
 from headshare.evaluate import compare, evaluate, lm_eval_tasks, perplexity, windows
@@ -115,39 +115,6 @@ def test_compare_with_perturbed_model(tiny_llama, tiny_tokenizer):
     assert set(evaluate(model, tiny_tokenizer, text, window=32, progress=False)) >= {"perplexity", "nll", "tokens"}
 
 
-QUESTIONS = [
-    ("what color is the sky ?", ["blue", "green", "red"], 0),
-    ("what color is the grass ?", ["yellow", "green"], 1),
-    ("which animal says meow ?", ["dog", "bird", "cat", "fish"], 2),
-    ("which animal says woof ?", ["dog", "cat"], 0),
-    ("is fire hot or cold ?", ["cold", "hot", "maybe"], 1),
-    ("one plus one is two , two plus two is", ["three", "four", "five"], 1),
-]
-
-
-def write_task(tmp_path) -> str:
-    data = tmp_path / "tiny_mc.jsonl"
-    data.write_text("".join(json.dumps({"question": q, "choices": c, "gold": g}) + "\n" for q, c, g in QUESTIONS))
-    (tmp_path / "tiny_mc.yaml").write_text(f"""\
-task: tiny_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "question : {{{{question}}}} answer :"
-doc_to_choice: choices
-doc_to_target: gold
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-  - metric: acc_norm
-    aggregation: mean
-    higher_is_better: true
-""")
-    return str(tmp_path)
 
 
 def hand_scored_accuracy(model, tokenizer) -> tuple[float, float]:
