@@ -31,7 +31,6 @@ captured inputs with swapped unit slices), so what is measured is exactly what `
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import math
 import time
@@ -42,7 +41,7 @@ import torch
 from torch import nn
 
 from .arch import Layout, ProjSpec, UnsupportedModelError, arch_spec, blocks, layout_of
-from .methods import calibration_ids
+from .methods import calibration_ids, fingerprint
 from .plan import Assignment, SharePlan, new_plan, register_method, units_for_ratio
 
 CALIB_TOKENS = 4096  # 8 windows of 512: 2048 gave 1.21x the original perplexity at 30 %, 4096 1.18x (BENCHMARKS.md)
@@ -124,16 +123,9 @@ def _set_o_matrix(block: nn.Module, layout: Layout, unit: int, w: torch.Tensor) 
 def weights_fingerprint(model: nn.Module) -> str:
     """SHA-1 of every attention projection's weight and bias (dtype included)."""
     layout = layout_of(model.config)
-    h = hashlib.sha1()
-    for block in blocks(model):
-        for p in layout.projections():
-            mod = block.get_submodule(p.path)
-            for t in (mod.weight, mod.bias):
-                if t is not None:
-                    t = t.detach().contiguous().cpu()
-                    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-                    h.update(t.view(-1).view(torch.uint8).numpy().data)
-    return h.hexdigest()
+    return fingerprint((f"{i}.{p.path}.{name}", t) for i, block in enumerate(blocks(model))
+                       for p in layout.projections()
+                       for name, t in block.get_submodule(p.path).named_parameters(recurse=False))
 
 
 def verify_fitted_weights(model: nn.Module, plan: SharePlan) -> None:
@@ -401,6 +393,12 @@ def layer_options(gram: LayerGram, units: int, sources: list, rho: float, min_ga
     return out
 
 
+def _half(n: int, rows: int) -> int:
+    """Where the first cross-fitting fold ends: after half of the `rows` calibration sequences (of n
+    tokens in all), or half the tokens if there is one sequence."""
+    return (rows // 2) * (n // rows) if rows > 1 else n // 2
+
+
 def heldout_costs(data: LayerData, o_cols: list[torch.Tensor], layout: Layout, rho: float, rows: int) -> dict:
     """{frozenset(removed units): error per token} with the refit cross-fitted: fitted on one half of the
     calibration sequences and measured on the other, both ways round.
@@ -411,7 +409,7 @@ def heldout_costs(data: LayerData, o_cols: list[torch.Tensor], layout: Layout, r
     U = layout.units_per_layer
     z = torch.cat([_unit_z(data.z, layout, u) for u in range(U)], 1)
     n = z.shape[0]
-    half = (rows // 2) * (n // rows) if rows > 1 else n // 2
+    half = _half(n, rows)
     folds = [slice(0, half), slice(half, n)]
     grams = [z[f].T @ (z[f] * data.w[f]) for f in folds]
     width = z.shape[1] // U
@@ -550,7 +548,7 @@ def heldout_share_costs(gram: LayerGram, options: dict, data: LayerData, layout:
     z = {u: gram.z[("own", u)].double() for u in range(U)}
     y = {u: z[u] @ gram.o[("own", u)].T for u in range(U)}
     n = data.w.shape[0]
-    split = (rows // 2) * (n // rows) if rows > 1 else n // 2
+    split = _half(n, rows)
     out = {}
     for removed, (_, _, ranked) in options.items():
         kept = [u for u in range(U) if u not in removed]
@@ -577,15 +575,14 @@ def _refit_hook(block, layout, layer, data, gone, borrow, bl, rho, scales, heldo
         zs = {u: _unit_z(z, layout, u) for u in range(U)}
         wk = {u: _o_matrix(block, layout, u) for u in kept}
         v = target - sum((zs[u] @ wk[u].T for u in kept), torch.zeros_like(target))
-        fit = RidgeResidual(torch.cat([zs[u] for u in kept], 1) if kept else None, w, rho)
+        kz = torch.cat([zs[u] for u in kept], 1) if kept else None
+        fit = RidgeResidual(kz, w, rho)
         lent = [u for u in gone if (layer, u) in borrow]
         roots = {u: _o_matrix(bl[borrow[(layer, u)][0]], layout, borrow[(layer, u)][1]) for u in lent}
         ys = {u: zs[u] @ roots[u].T for u in lent}
         # a candidate borrows only if that lowers the cross-fitted error: an in-sample gain of a few
         # scalars is not enough (on SmolLM2 in-sample sharing made held-out perplexity worse than pruning)
-        split = (args[0].shape[0] // 2) * args[0].shape[1] if args[0].dim() == 3 and args[0].shape[0] > 1 \
-            else z.shape[0] // 2
-        kz = torch.cat([zs[u] for u in kept], 1) if kept else None
+        split = _half(z.shape[0], args[0].shape[0] if args[0].dim() == 3 else 1)
         if heldout:
             lent = heldout_lenders(kz, v, w, {u: ys[u] for u in lent}, rho, split)
         ys = [ys[u] for u in lent]

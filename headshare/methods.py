@@ -111,7 +111,8 @@ _ENERGY_CACHE: dict[tuple[str, str, bool], torch.Tensor] = {}
 _ENERGY_CACHE_SIZE = 4
 
 
-def _fingerprint(tensors) -> str:
+def fingerprint(tensors) -> str:
+    """SHA-1 of (name, tensor) pairs: names, dtypes, shapes and bytes."""
     h = hashlib.sha1()
     for name, t in tensors:
         t = t.detach().contiguous().cpu()
@@ -149,7 +150,7 @@ def output_energy(model, tokenizer, calib: str = "builtin:calib", calib_tokens: 
     if any(isinstance(m, SharedProjection) for m in mods):
         raise ValueError("this model is already shared; compute importance on the original model")
     ids = calibration_ids(model, tokenizer, calib, calib_tokens, block_size)
-    key = (_fingerprint(model.state_dict().items()), _fingerprint([("ids", ids)]), relative)
+    key = (fingerprint(model.state_dict().items()), fingerprint([("ids", ids)]), relative)
     if key not in _ENERGY_CACHE:
         if len(_ENERGY_CACHE) >= _ENERGY_CACHE_SIZE:
             _ENERGY_CACHE.pop(next(iter(_ENERGY_CACHE)))
