@@ -199,7 +199,8 @@ def cmd_posttrain(args) -> None:
     from .share import info
 
     # a bad value fails here, before the model loads
-    cfg = PostTrainConfig(mode=args.mode, lam=args.lam, constraint=args.constraint, parts=args.parts, lr=args.lr,
+    cfg = PostTrainConfig(mode=args.mode, lam=args.lam, constraint=args.constraint, parts=args.parts,
+                          pull_until=args.pull_until, lr=args.lr,
                           steps=args.steps, block_size=args.block_size, batch_size=args.batch_size,
                           seed=args.seed if args.seed is not None else 0, save_steps=args.save_steps,
                           warmup_steps=args.warmup_steps, out=args.out, work_dir=args.work_dir,
@@ -211,6 +212,11 @@ def cmd_posttrain(args) -> None:
     plan = None
     if args.mode != "tune-only" or args.ratio is not None or args.plan:
         plan = _make_plan(args, model, tok)  # before training: the pairs are fixed from the start
+        if plan.notes.get("requires_weights") and args.mode != "share-then-tune":
+            # a fitted method edited the weights it planned for; postshare learns its own compensation and
+            # tune-only is the reference, so both train the original weights
+            _log(f"{plan.method}: the plan's fitted weights are set aside; {args.mode} trains the original ones")
+            path, model, tok = _load(args, path)
     posttrain(model, tok, plan, args.data, cfg)
     if not PartialState().is_main_process:
         return
@@ -371,13 +377,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plan_args(p)
     p.add_argument("--plan", default=None, help="pairs from this plan JSON instead of making one")
     p.add_argument("--data", default="builtin:calib",
-                   help="training text: builtin:calib (default), a text file, a saved or hub dataset (calib split)")
+                   help="training text: builtin:calib (default, ~40k tokens), pydoc (installed packages' "
+                        "docstrings, millions of tokens), a text file, a saved or hub dataset (calib split)")
     p.add_argument("--mode", default="postshare", choices=["postshare", "share-then-tune", "tune-only"],
                    help="postshare (default): constrain, then share; share-then-tune: share, then train the "
                         "tied model; tune-only: same training without constraint or sharing (the reference)")
     p.add_argument("--lambda", dest="lam", type=float, default=0.5, help="weight of the constraint (default 0.5)")
-    p.add_argument("--constraint", default="fro", choices=["fro", "mse"],
-                   help="fro (default): Frobenius norms of the q, k, v differences; mse: mean squared differences")
+    p.add_argument("--constraint", default="fro", choices=["fro", "mse", "prox"],
+                   help="fro (default): Frobenius norms of the q, k, v differences; mse: mean squared differences; "
+                        "prox: no loss term, every tied tensor pulled to its group's consensus after each step, "
+                        "reaching it at the last step (beyond the paper; --lambda is then unused)")
+    p.add_argument("--pull-until", type=float, default=1.0,
+                   help="prox: fraction of the steps by which the pull has closed the pairs (default 1.0)")
     p.add_argument("--parts", default="qkv", choices=["qkv", "qkvo"],
                    help="what the constraint pulls together: the paper's W_q, W_k, W_v (default) or the o "
                         "columns too (qkvo; all that sharing ties)")

@@ -12,14 +12,24 @@ first byte of the SHA-256 of its UTF-8 text is odd and to "calib" otherwise. The
 the text alone, so it is stable across runs and machines; the corpus itself follows the Python
 version (3.11 and 3.12 docstrings differ a little), so compare numbers on one Python version.
 
+That corpus is small (about 40k tokens a half): enough to calibrate and measure, too little to
+train on without memorising it. `pydoc_text` is the larger sibling for training: the docstrings of
+installed third-party packages (torch, transformers, sympy, ...), read from their source files
+with `ast` so nothing is imported, split by the same rule, and with every docstring of the built-in
+corpus removed so that training on it never sees the built-in evaluation text:
+
+    >>> train = load_text("pydoc", split="calib")      # millions of tokens        # doctest: +SKIP
+
 `load_text` reads any source by name; `token_blocks` packs text into fixed-length training blocks.
 """
 
 from __future__ import annotations
 
+import ast
 import functools
 import hashlib
 import importlib
+import importlib.util
 import inspect
 import json
 import re
@@ -39,6 +49,10 @@ BUILTIN_MODULES = (
     "tarfile", "tempfile", "textwrap", "threading", "typing", "urllib.parse", "uuid", "warnings",
     "zipfile",
 )
+# `pydoc` without a list: these, where installed (torch and transformers always are); the text
+# follows their versions, so record them with any number measured on it
+PYDOC_PACKAGES = ("matplotlib", "numpy", "pandas", "scipy", "sympy", "torch", "transformers")
+PYDOC_SKIP_DIRS = ("tests", "test", "testing")  # test files hold code and fixtures, little prose
 MIN_WORDS = 8  # shorter docstrings ("Return self.", "Alias for field number 0") are not prose
 SPLITS = ("calib", "eval")
 # short names of hub datasets -> (path, config) for datasets.load_dataset
@@ -120,6 +134,57 @@ def builtin_text(split: str = "eval") -> str:
     return "\n\n".join(d for d in builtin_docstrings() if split_of(d) == split)
 
 
+def package_docstrings(package: str, progress: bool = False) -> list[str]:
+    """Every docstring (module, class, function) in the .py files of an installed package, in file
+    order, read with `ast`: a top-level package is located but not imported (finding a dotted name
+    imports its parent), so this is quick and has no side effects. Test directories are skipped;
+    files that do not parse are skipped."""
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or spec.origin is None and not spec.submodule_search_locations:
+        raise ValueError(f"pydoc: package {package!r} is not installed")
+    if spec.submodule_search_locations:
+        roots = [Path(p) for p in spec.submodule_search_locations]
+        files = sorted(f for r in roots for f in r.rglob("*.py")
+                       if not set(f.relative_to(r).parts[:-1]) & set(PYDOC_SKIP_DIRS))
+    else:
+        files = [Path(spec.origin)]
+    from tqdm.auto import tqdm
+
+    docs = []
+    for f in tqdm(files, desc=f"pydoc {package}", unit="file", disable=not progress):
+        try:
+            tree = ast.parse(f.read_bytes(), filename=str(f))
+        except (SyntaxError, ValueError, OSError):  # a template or another Python's syntax
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node, clean=False)
+                if doc:
+                    docs.append(doc)
+    return docs
+
+
+@functools.lru_cache(maxsize=4)
+def pydoc_text(split: str = "calib", packages: tuple[str, ...] | None = None, progress: bool = True) -> str:
+    """Half `split` of the docstrings of `packages` (default: those of `PYDOC_PACKAGES` installed),
+    normalised, deduplicated, at least `MIN_WORDS` words, and none of them in the built-in corpus."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if packages is None:
+        packages = tuple(p for p in PYDOC_PACKAGES if importlib.util.find_spec(p) is not None)
+    builtin = set(builtin_docstrings())
+    seen: dict[str, None] = {}
+    for package in packages:
+        for doc in package_docstrings(package, progress):
+            doc = _normalise(doc)
+            if doc not in builtin and len(doc.split()) >= MIN_WORDS:
+                seen.setdefault(doc, None)
+    return "\n\n".join(d for d in seen if split_of(d) == split)
+
+
 def _join(texts) -> str:
     return "\n\n".join(t for t in texts if isinstance(t, str) and t.strip())
 
@@ -170,7 +235,8 @@ def load_text(source: str, split: str = "eval") -> str:
     """Read text from a named source.
 
     Args:
-        source: "builtin", "builtin:calib" or "builtin:eval"; a local .txt, .jsonl or .json file
+        source: "builtin", "builtin:calib" or "builtin:eval"; "pydoc" or "pydoc:PKG,PKG" (installed
+            packages' docstrings, see `pydoc_text`); a local .txt, .jsonl or .json file
             (records with a "text" field); a local .csv/.parquet/.arrow data file or a directory
             saved with `datasets`' `save_to_disk`; or a hub dataset ("wikitext-2", "wikitext-103",
             "owner/name" or "owner/name:config").
@@ -181,6 +247,9 @@ def load_text(source: str, split: str = "eval") -> str:
     """
     if source == "builtin" or source.startswith("builtin:"):
         return builtin_text(source.partition(":")[2] or split)
+    if source == "pydoc" or source.startswith("pydoc:"):
+        names = tuple(n.strip() for n in source.partition(":")[2].split(",") if n.strip())
+        return pydoc_text(split if split in SPLITS else "calib", names or None)
     path = Path(source).expanduser()
     if path.is_dir():
         from datasets import load_from_disk

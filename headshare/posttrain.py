@@ -13,6 +13,18 @@ training never brought near its own. `parts="qkvo"` (beyond the paper) puts the 
 as well, so that every tensor the sharing ties has been pulled together first. With chains (A borrows B, B borrows C) every borrowing unit is pulled
 towards its *root* (`plan.roots()`): that is the tensor it will read once shared.
 
+`constraint="prox"` (beyond the paper) takes the constraint out of the loss. Under Adam a penalty moves
+every weight by about the learning rate per step whatever its size, so L_w closes a pair's distance
+only as fast as lr x steps allows (two thirds of it in 800 steps at lr 5e-4 on SmolLM2). The prox pull
+instead moves the tied tensors after each optimizer step by 1 / (steps left in the pull + 1): without the
+LM loss the distance would fall linearly to exactly zero at step `pull_until` x steps and stay there,
+and the LM loss trains the whole time against weights that are being merged. Each borrower is pulled towards its root
+(which goes on learning freely) in every tensor the sharing ties (q, k, v rows with their biases, o
+columns at the plan's scale), and a pruned unit's o columns shrink to zero the same way, so plans that
+prune or scale (`fitshare`'s) post-train too. When training ends the model already is the shared model,
+and sharing keeps the plan's scales. A fitted plan's edited weights (`fitshare` refits o columns) are
+not needed: start from the original weights and let the LM loss learn its own compensation.
+
 Training is a `transformers.Trainer` subclass, so `accelerate launch` runs the same code on one
 process or many (DDP; DeepSpeed ZeRO-1/2 keep whole parameters on every rank and work too; FSDP or
 ZeRO-3 shard parameters and would need them gathered for the constraint, which is not done here).
@@ -50,7 +62,8 @@ from .arch import Layout, blocks, layout_of, unit_slices
 from .plan import SharePlan
 
 MODES = ("postshare", "share-then-tune", "tune-only")
-CONSTRAINTS = ("fro", "mse")
+CONSTRAINTS = ("fro", "mse", "prox")  # prox: a pull after each step, not a loss term (beyond the paper)
+DISTANCES = ("fro", "mse")
 PARTS = ("qkv", "qkvo")  # what L_w pulls together: the paper's q/k/v, or the o columns too
 CONFIG_VERSION = 1
 RECORD_FILE = "posttrain.json"
@@ -66,6 +79,7 @@ class PostTrainConfig:
     lam: float = 0.5  # weight of L_w; the LM loss gets 1 - lam
     constraint: str = "fro"
     parts: str = "qkv"  # "qkvo": the o columns in L_w too (beyond the paper)
+    pull_until: float = 1.0  # prox: the fraction of the steps by which the pull has closed the pairs
     lr: float = 5e-5
     steps: int = 200
     block_size: int = 512
@@ -96,6 +110,8 @@ class PostTrainConfig:
             raise ValueError(f"parts must be one of {', '.join(PARTS)}, got {self.parts!r}")
         if not (_number(self.lam) and 0 <= self.lam <= 1):
             raise ValueError(f"lambda must be in [0, 1], got {self.lam!r}")
+        if not (_number(self.pull_until) and 0 < self.pull_until <= 1):
+            raise ValueError(f"pull_until must be in (0, 1], got {self.pull_until!r}")
         if not (_number(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
         if not (_number(self.weight_decay) and self.weight_decay >= 0):
@@ -113,8 +129,9 @@ class PostTrainConfig:
     @property
     def effective_lambda(self) -> float:
         """lambda as applied: tune-only trains without the constraint; under share-then-tune L_w is
-        identically zero (the pairs read one tensor), so the LM loss gets the whole weight."""
-        return self.lam if self.mode == "postshare" else 0.0
+        identically zero (the pairs read one tensor), so the LM loss gets the whole weight; the prox pull
+        acts outside the loss."""
+        return self.lam if self.mode == "postshare" and self.constraint != "prox" else 0.0
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -153,8 +170,8 @@ def pair_distances(model: nn.Module, pairs, kind: str = "fro", parts: str = "qkv
 
     kind "fro": ||W - W'||_F per part; "mse": mean of (W - W')^2 per part. Gradients flow to the weights.
     """
-    if kind not in CONSTRAINTS:
-        raise ValueError(f"constraint must be one of {', '.join(CONSTRAINTS)}, got {kind!r}")
+    if kind not in DISTANCES:
+        raise ValueError(f"distance must be one of {', '.join(DISTANCES)}, got {kind!r}")
     if parts not in PARTS:
         raise ValueError(f"parts must be one of {', '.join(PARTS)}, got {parts!r}")
     layout = layout_of(model.config)
@@ -178,6 +195,67 @@ def constraint_loss(model: nn.Module, pairs, kind: str = "fro", parts: str = "qk
     """L_w: the mean of `pair_distances` over the pairs (0 without pairs)."""
     d = pair_distances(model, pairs, kind, parts)
     return d.mean() if d.numel() else d.sum()
+
+
+class ProximalPull(TrainerCallback):
+    """The prox constraint: after every optimizer step, move each borrowing unit's tied tensors towards
+    what it will read once shared by `alpha` (see there), and pruned units' o columns towards zero.
+
+    What a borrower will read is its root's q/k/v rows (and biases) and, for the o columns, its plan
+    scale times the root's. Roots are not pulled: they go on learning from the LM loss alone, so a layer
+    that lends is never disturbed for the sake of one that borrows. At alpha = 1 (the last step) every
+    borrower holds exactly what sharing will give it. The rule depends on the step count only, so a
+    resumed run pulls exactly as an uninterrupted one.
+    """
+
+    def __init__(self, plan: SharePlan, layout: Layout, until: float = 1.0):
+        self.layout, self.until = layout, until
+        scales = {(a.layer, a.unit): a.scale for a in plan.assignments}
+        self.pairs = [(unit, root, scales[unit]) for unit, root in sorted(plan.roots().items())]
+        self.pruned = sorted(tuple(p) for p in plan.pruned)
+
+    def _slices(self, model: nn.Module, layer: int) -> list[tuple[str, torch.Tensor]]:
+        """(role, (units, ...) view) of every tensor with unit slices in one block (weights and biases)."""
+        block = blocks(model)[layer]
+        out = []
+        for proj in self.layout.projections():
+            mod = block.get_submodule(proj.path)
+            out += [(proj.role, v) for v in unit_slices(mod.weight, proj, self.layout.units_per_layer).values()]
+            if proj.role == "out" and getattr(mod, "bias", None) is not None:
+                # as the weight of one extra input feature, in the module's own orientation
+                b = mod.bias.unsqueeze(0 if proj.conv1d else 1)
+                out += [("out", v) for v in unit_slices(b, proj, self.layout.units_per_layer).values()]
+        return out
+
+    @torch.no_grad()
+    def pull(self, model: nn.Module, alpha: float) -> None:
+        cache: dict[int, list] = {}
+
+        def sl(layer: int) -> list:
+            if layer not in cache:
+                cache[layer] = self._slices(model, layer)
+            return cache[layer]
+
+        for (lay, u), (rl, ru), scale in self.pairs:
+            for (role, mine), (_, root) in zip(sl(lay), sl(rl), strict=True):
+                target = root[ru] * scale if role == "in" else root[ru]  # o columns carry the scale
+                if alpha < 1:
+                    mine[u].lerp_(target, alpha)
+                else:
+                    mine[u].copy_(target)
+        for lay, u in self.pruned:
+            for role, v in sl(lay):
+                if role == "in":
+                    v[u].mul_(1 - alpha)
+
+    def alpha(self, step: int, steps: int) -> float:
+        """The pull after optimizer step `step` (1-based) of `steps`: the distance falls linearly to zero
+        at step round(until * steps), and later steps hold it there."""
+        left = max(1, round(self.until * steps)) - step
+        return 1.0 / (left + 1) if left >= 0 else 1.0
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.pull(model, self.alpha(state.global_step, state.max_steps))  # global_step counts this step
 
 
 # -- training --------------------------------------------------------------------------------------------
@@ -224,7 +302,8 @@ class PostShareTrainer(Trainer):
                 loss = (1 - self.lam) * lm + self.lam * cw
             else:
                 with torch.no_grad():
-                    cw = constraint_loss(raw, self.pairs, self.constraint, self.parts)
+                    kind = self.constraint if self.constraint in DISTANCES else "fro"
+                    cw = constraint_loss(raw, self.pairs, kind, self.parts)
         if model.training:
             self._sums[0] += lm.detach().double().cpu()
             self._sums[1] += (cw.detach().double().cpu() if cw is not None else 0.0)
@@ -368,6 +447,9 @@ def _run(model, tokenizer, plan, blocks_: torch.Tensor, cfg: PostTrainConfig, ou
     if cfg.mode == "share-then-tune":
         share(model, plan)
 
+    callbacks = list(callbacks or [])
+    if cfg.mode == "postshare" and cfg.constraint == "prox":
+        callbacks.append(ProximalPull(plan, layout, cfg.pull_until))
     trainer = PostShareTrainer(
         model=model, args=args, train_dataset=BlockDataset(blocks_), callbacks=callbacks,
         pairs=pairs if cfg.mode != "share-then-tune" else (), lam=cfg.effective_lambda, constraint=cfg.constraint,
@@ -381,9 +463,13 @@ def _run(model, tokenizer, plan, blocks_: torch.Tensor, cfg: PostTrainConfig, ou
     with torch.no_grad():
         after = pair_distances(model, pairs, parts=cfg.parts).tolist() if pairs and cfg.mode != "share-then-tune" else []
     if cfg.mode == "postshare":
-        # a method's fitted output scales were fitted to the untrained weights; the constraint has made
-        # the pairs equal instead, so they share as the paper does, at scale 1
-        share(model, replace(plan, assignments=[replace(a, scale=1.0) for a in plan.assignments]))
+        # the trained weights supersede any weights a method fitted with the plan; a penalty has pulled
+        # the pairs to equal, so they share as the paper does, at scale 1; the prox pull has already made
+        # each borrower's o columns its scale times its root's, so the scales stay
+        notes = {k: v for k, v in plan.notes.items() if k not in ("requires_weights", "weights_sha1")}
+        assignments = (plan.assignments if cfg.constraint == "prox"
+                       else [replace(a, scale=1.0) for a in plan.assignments])
+        share(model, replace(plan, assignments=assignments, notes=notes))
 
     if out is not None and state.is_main_process:
         logged = [r for r in trainer.state.log_history if "lm_loss" in r]

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from archs import TINY, outputs, tiny_model
 from conftest import TINY_CORPUS, build_tiny_llama
 from transformers import TrainerCallback
 
@@ -17,8 +18,10 @@ import headshare
 from headshare.arch import blocks, layout_of
 from headshare.cli import main
 from headshare.data import token_blocks
+from headshare.plan import Assignment, new_plan
 from headshare.posttrain import (
     PostTrainConfig,
+    ProximalPull,
     constraint_loss,
     constraint_pairs,
     pair_distances,
@@ -61,6 +64,7 @@ def logits(model, ids):
     ("mode", "sharethentune"), ("constraint", "l1"), ("lam", 1.5), ("lam", -0.1), ("lam", float("nan")),
     ("lr", 0.0), ("lr", -1e-4), ("steps", 0), ("block_size", 1), ("batch_size", 0), ("save_steps", 0),
     ("seed", -1), ("steps", 2.5), ("weight_decay", -0.1), ("adam_betas", (0.9, 1.0)), ("parts", "qk"),
+    ("pull_until", 0.0), ("pull_until", 1.5),
 ])
 def test_bad_config_values_name_the_value(field, value):
     with pytest.raises(ValueError) as e:
@@ -74,6 +78,7 @@ def test_config_round_trips_and_effective_lambda():
     assert c.effective_lambda == 0.0
     assert PostTrainConfig(lam=0.7).effective_lambda == 0.7
     assert PostTrainConfig(mode="share-then-tune").effective_lambda == 0.0
+    assert PostTrainConfig(constraint="prox", lam=0.7).effective_lambda == 0.0  # the pull is not a loss term
 
 
 # -- the constraint -----------------------------------------------------------------------------------------
@@ -161,6 +166,80 @@ def test_qkvo_constraint_also_pulls_the_o_columns(tiny_tokenizer, blocks16):
         after[parts] = probe.seen
     assert (after["qkvo"] < 0.6 * before).all(), (before, after["qkvo"])
     assert (after["qkvo"] < 0.6 * after["qkv"]).all(), after
+
+
+def mixed_plan(model):
+    """A chain with non-unit scales, (2, 1) -> (1, 0) -> (0, 1), and two pruned units."""
+    return new_plan(model, "manual", 0.0, assignments=[Assignment(1, 0, 0, 1, scale=0.5),
+                                                       Assignment(2, 1, 1, 0, scale=-2.0)],
+                    pruned=[(1, 1), (2, 0)])
+
+
+def test_prox_pull_closes_distances_linearly_to_zero():
+    """Without training, the pull's schedule shrinks every member's distance to its root by (T - t) / T."""
+    model = tiny()
+    plan = headshare.plan(model, ratio=RATIO)
+    pairs = constraint_pairs(plan)
+    pull = ProximalPull(plan, layout_of(model.config))
+    d0 = pair_distances(model, pairs, parts="qkvo")
+    steps = 4
+    for t in range(1, steps + 1):
+        pull.pull(model, 1.0 / (steps - t + 1))
+        d = pair_distances(model, pairs, parts="qkvo")
+        assert d.tolist() == pytest.approx((d0 * (steps - t) / steps).tolist(), abs=1e-5)
+    assert torch.equal(d, torch.zeros_like(d))
+
+
+def test_prox_pull_schedule_can_finish_early_and_then_holds():
+    model = tiny()
+    plan, layout = headshare.plan(model, ratio=RATIO), layout_of(model.config)
+    assert [ProximalPull(plan, layout).alpha(t, 4) for t in range(1, 5)] == [1 / 4, 1 / 3, 1 / 2, 1]
+    half = ProximalPull(plan, layout, until=0.5)
+    assert [half.alpha(t, 8) for t in range(1, 9)] == [1 / 4, 1 / 3, 1 / 2, 1, 1, 1, 1, 1]
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_prox_pull_at_one_gives_what_sharing_gives(name):
+    """alpha = 1 makes every architecture's weights (fused qkv, Conv1D, biases, GQA/MQA units) obey a plan with
+    a chain, scales and pruned units exactly: sharing then changes no output."""
+    model = tiny_model(name)
+    plan = mixed_plan(model) if layout_of(model.config).units_per_layer > 1 else \
+        new_plan(model, "manual", 0.0, assignments=[Assignment(1, 0, 0, 0, scale=0.5)], pruned=[(2, 0)])
+    ProximalPull(plan, layout_of(model.config)).pull(model, 1.0)
+    ids = torch.arange(3, 23).view(2, 10)
+    pulled = outputs(model, ids)
+    assert torch.allclose(outputs(headshare.share(model, plan), ids), pulled, atol=1e-5)
+
+
+def test_prox_postshare_ends_as_the_shared_model(tmp_path, tiny_tokenizer, blocks16):
+    """With the prox pull the trained weights already obey the plan (a chain, scales, pruned units), so
+    sharing them changes no output; the checkpoint keeps the plan's scales and reloads bit-identical."""
+    ids = blocks16[:3]
+
+    class AtEnd(TrainerCallback):  # the trained model, before posttrain shares it
+        def on_train_end(self, args, state, control, model=None, **kw):
+            self.logits = logits(model, ids)
+
+    model = tiny()
+    plan = mixed_plan(model)
+    probe = AtEnd()
+    model = posttrain(model, tiny_tokenizer, plan, blocks16, cfg(tmp_path, constraint="prox", steps=5),
+                      callbacks=[probe])
+    assert torch.allclose(logits(model, ids), probe.logits, atol=1e-5)
+    # the same training without the pull would not have survived the sharing
+    free = posttrain(tiny(), tiny_tokenizer, plan, blocks16, cfg(steps=5, mode="tune-only"))
+    unshared = logits(free, ids)
+    assert not torch.allclose(logits(headshare.share(free, plan), ids), unshared, atol=1e-2)
+    out = tmp_path / "out"
+    assert torch.equal(logits(headshare.load(out), ids), logits(model, ids))
+    record = json.loads((out / "posttrain.json").read_text())
+    assert record["effective_lambda"] == 0.0 and record["mean_pair_distance_fro_after"] == 0.0
+    assert [a["scale"] for a in json.loads((out / "config.json").read_text())["headshare"]["assignments"]] == \
+        [0.5, -2.0]
+    logged = [r for r in json.loads((out / "trainer_state.json").read_text())["log_history"] if "lm_loss" in r]
+    assert all(r["loss"] == pytest.approx(r["lm_loss"], rel=1e-4) for r in logged)  # no penalty in the loss
+    c = [r["constraint_loss"] for r in logged]
+    assert c[-1] < 0.5 * c[0]  # measured before each step's pull: (5 - 4) / 5 of the start, plus drift
 
 
 def _unshared_state(shared, plan, like):
@@ -297,7 +376,8 @@ class _Crash(Exception):
     pass
 
 
-def test_interrupted_run_resumes_to_identical_weights(tmp_path, tiny_tokenizer, blocks16):
+@pytest.mark.parametrize("constraint", ["fro", "prox"])
+def test_interrupted_run_resumes_to_identical_weights(tmp_path, tiny_tokenizer, blocks16, constraint):
     """4 steps straight vs 2 steps, a crash right after checkpoint-2, then --resume to 4: bit-identical.
 
     Exact equality holds because the Trainer's sampler is seeded per epoch (it skips the batches
@@ -312,15 +392,16 @@ def test_interrupted_run_resumes_to_identical_weights(tmp_path, tiny_tokenizer, 
                 raise _Crash
 
     plan = headshare.plan(tiny(), ratio=RATIO)
-    straight = posttrain(tiny(), tiny_tokenizer, plan, blocks16, cfg(tmp_path / "a"))
+    straight = posttrain(tiny(), tiny_tokenizer, plan, blocks16, cfg(tmp_path / "a", constraint=constraint))
     work = tmp_path / "b" / "out.work"
     with pytest.raises(_Crash):
-        posttrain(tiny(), tiny_tokenizer, plan, blocks16, cfg(tmp_path / "b"), callbacks=[CrashAfterSave()])
+        posttrain(tiny(), tiny_tokenizer, plan, blocks16, cfg(tmp_path / "b", constraint=constraint),
+                  callbacks=[CrashAfterSave()])
     assert not (tmp_path / "b" / "out").exists()
     assert [p.name for p in (work / "trainer").glob("checkpoint-*")] == ["checkpoint-2"]
     with pytest.raises(FileExistsError, match="resume"):
-        posttrain(tiny(), tiny_tokenizer, plan, blocks16, cfg(tmp_path / "b"))
-    resumed = posttrain(tiny(), tiny_tokenizer, plan, blocks16, cfg(tmp_path / "b", resume=True))
+        posttrain(tiny(), tiny_tokenizer, plan, blocks16, cfg(tmp_path / "b", constraint=constraint))
+    resumed = posttrain(tiny(), tiny_tokenizer, plan, blocks16, cfg(tmp_path / "b", resume=True, constraint=constraint))
     a, b = straight.state_dict(), resumed.state_dict()
     assert a.keys() == b.keys()
     for k in a:
@@ -356,10 +437,30 @@ def test_cli_posttrain_end_to_end(tmp_path, tiny_dir, capsys):
     assert "not empty" in capsys.readouterr().err
 
 
+def test_cli_prox_postshare_of_a_fitted_plan(tmp_path, tiny_dir, capsys):
+    """A fitted plan (fitshare: pruned units, scales, refitted o columns) post-trains under the prox pull from
+    the original weights; the output is the plan's shared model, with its pruned units and scales."""
+    out = tmp_path / "fit-out"
+    argv = ["posttrain", str(tiny_dir), "--ratio", "0.5", "--method", "fitshare", "--calib", str(tmp_path / "train.txt"),
+            "--data", str(tmp_path / "train.txt"), "--steps", "4", "--block-size", "16", "--batch-size", "2",
+            "--constraint", "prox", "--pull-until", "0.5", "--out", str(out)]
+    assert main(argv) == 0
+    assert "fitted weights are set aside" in capsys.readouterr().err
+    record = json.loads((out / "posttrain.json").read_text())
+    stored = json.loads((out / "config.json").read_text())["headshare"]
+    assert record["config"]["pull_until"] == 0.5 and record["mean_pair_distance_fro_after"] in (0.0, None)
+    assert stored["method"] == "fitshare" and len(stored["assignments"]) + len(stored["pruned"]) == 3
+    assert "requires_weights" not in stored["notes"]  # the trained weights are the ones to use
+    assert [a["scale"] for a in stored["assignments"]] == [a["scale"] for a in record["plan"]["assignments"]]
+    ids = torch.arange(2, 30).view(1, -1)
+    assert torch.isfinite(logits(headshare.load(out), ids)).all()
+
+
 @pytest.mark.parametrize("flag,value,message", [
     ("--lambda", "2", "lambda must be in [0, 1], got 2.0"),
     ("--lr", "0", "lr must be a positive number, got 0.0"),
     ("--steps", "0", "steps must be an integer >= 1, got 0"),
+    ("--pull-until", "0", "pull_until must be in (0, 1], got 0.0"),
 ])
 def test_cli_bad_values_exit_2(tmp_path, tiny_dir, capsys, flag, value, message):
     argv = ["posttrain", str(tiny_dir), "--ratio", "0.3", "--out", str(tmp_path / "o"), flag, value]
