@@ -471,7 +471,8 @@ def test_cli_bad_values_exit_2(tmp_path, tiny_dir, capsys, flag, value, message)
 
 # -- several processes --------------------------------------------------------------------------------------
 
-def test_two_processes_under_accelerate_match_one(tmp_path, tiny_dir):
+@pytest.mark.parametrize("constraint,port", [("fro", 29517), ("prox", 29518)])
+def test_two_processes_under_accelerate_match_one(tmp_path, tiny_dir, constraint, port):
     """`accelerate launch` with 2 processes on the CPU (gloo DDP) against one process with the same global batch.
 
     Launcher: `accelerate launch --cpu --num_processes 2` starts ONE process unless it is given an MPI
@@ -481,16 +482,17 @@ def test_two_processes_under_accelerate_match_one(tmp_path, tiny_dir):
     Asserted: both runs finish and write checkpoints that `headshare.load` reads; the pairs' distance
     falls in both; both log the same steps with the same lm_loss and constraint_loss (rel 1e-4); and
     the final weights agree to 1e-4 in every element while training moved them by > 0.1 in norm
-    (measured: max difference 2e-6, moved 2.7). Both runs see the same blocks per step (process k
+    (measured: max difference 2e-6, moved 2.7). With the prox pull every rank pulls its own replica the
+    same way after the same synchronised step, so the replicas stay equal. Both runs see the same blocks per step (process k
     takes batch k of the seeded order, one process takes both in a batch of 2) and DDP averages the
     two per-process mean losses, so only the summation order differs: close, not bit-identical.
     """
     common = ["--ratio", str(RATIO), "--data", str(tmp_path / "train.txt"), "--steps", "4",
-              "--block-size", "16", "--lr", "1e-2", "--save-steps", "4"]
+              "--block-size", "16", "--lr", "1e-2", "--save-steps", "4", "--constraint", constraint]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": ""}
     multi = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
          "-m", "headshare.cli", "posttrain", str(tiny_dir), *common, "--batch-size", "1",
          "--out", str(tmp_path / "multi")],
         capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
