@@ -399,43 +399,6 @@ def _half(n: int, rows: int) -> int:
     return (rows // 2) * (n // rows) if rows > 1 else n // 2
 
 
-def heldout_costs(data: LayerData, o_cols: list[torch.Tensor], layout: Layout, rho: float, rows: int) -> dict:
-    """{frozenset(removed units): error per token} with the refit cross-fitted: fitted on one half of the
-    calibration sequences and measured on the other, both ways round.
-
-    In-sample costs flatter the refit most where it overfits, which steers the selection towards units that
-    only look cheap to compensate; on SmolLM2 the held-out error of a refit with a small ridge was above not
-    refitting at all in some layers (BENCHMARKS.md)."""
-    U = layout.units_per_layer
-    z = torch.cat([_unit_z(data.z, layout, u) for u in range(U)], 1)
-    n = z.shape[0]
-    half = _half(n, rows)
-    folds = [slice(0, half), slice(half, n)]
-    grams = [z[f].T @ (z[f] * data.w[f]) for f in folds]
-    width = z.shape[1] // U
-    wt = torch.cat([w.T for w in o_cols], 0)  # (U * width, D)
-    cols = [torch.arange(u * width, (u + 1) * width) for u in range(U)]
-    out = {}
-    for k in range(1, U + 1):
-        for removed in itertools.combinations(range(U), k):
-            kept = [u for u in range(U) if u not in removed]
-            ir = torch.cat([cols[u] for u in removed])
-            wr = wt[ir]
-            total = 0.0
-            for fit, test in ((0, 1), (1, 0)):
-                ga, gb = grams[fit], grams[test]
-                err = (wr * (gb[ir][:, ir] @ wr)).sum()
-                if kept:
-                    ik = torch.cat([cols[u] for u in kept])
-                    gk = ga[ik][:, ik]
-                    gk = gk + rho * gk.diagonal().mean() * torch.eye(len(ik), dtype=gk.dtype)
-                    d = torch.linalg.solve(gk, ga[ik][:, ir] @ wr)  # (kept width, D): the refit's change
-                    err = err - 2 * (d * (gb[ik][:, ir] @ wr)).sum() + (d * (gb[ik][:, ik] @ d)).sum()
-                total += float(err)
-            out[frozenset(removed)] = total / n
-    return out
-
-
 def knapsack(costs: list[dict], n: int) -> list[tuple[int, int]]:
     """One subset per layer (possibly empty), n units in all, least summed cost; ties to earlier layers."""
     inf = math.inf
@@ -542,8 +505,14 @@ def heldout_lending(kz: torch.Tensor | None, v: torch.Tensor, w: torch.Tensor, y
 def heldout_share_costs(gram: LayerGram, options: dict, data: LayerData, layout: Layout, rho: float,
                         rows: int, min_gain: float) -> dict:
     """{frozenset(removed units): error per token} with the kept units' refit *and* the removed units'
-    borrowing cross-fitted: for each subset, its candidates (best source with an in-sample gain >=
-    `min_gain`) are weighed by `heldout_lending`, which also drops those that do not pay off held out."""
+    borrowing cross-fitted (fitted on one half of the calibration sequences and measured on the other, both
+    ways round): for each subset, its candidates (best source with an in-sample gain >= `min_gain`) are
+    weighed by `heldout_lending`, which also drops those that do not pay off held out. With `min_gain`
+    infinite nothing lends and the cost is the cross-fitted error of pruning the subset.
+
+    In-sample costs flatter the refit most where it overfits, which steers the selection towards units that
+    only look cheap to compensate; on SmolLM2 the held-out error of a refit with a small ridge was above not
+    refitting at all in some layers (BENCHMARKS.md)."""
     U = layout.units_per_layer
     z = {u: gram.z[("own", u)].double() for u in range(U)}
     y = {u: z[u] @ gram.o[("own", u)].T for u in range(U)}
@@ -792,7 +761,8 @@ def _fit_plan(model, method: str, ratio: float, tokenizer, calib, calib_tokens, 
         if share and select == "heldout":
             costs.append(heldout_share_costs(gram, options[-1], data[layer], layout, rho, len(ids), min_gain))
             continue
-        held = heldout_costs(data[layer], [gram.o[("own", u)] for u in range(U)], layout, rho, len(ids))
+        # the cross-fitted pruning error: no candidate lends (min_gain infinite)
+        held = heldout_share_costs(gram, options[-1], data[layer], layout, rho, len(ids), math.inf)
         # select="sharing": the in-sample gain of sharing scales the held-out pruning cost (it moves the choice
         # towards units with a good source: better at 50 % on SmolLM2, worse at 10-30 %, see BENCHMARKS.md);
         # "pruning": the held-out pruning cost alone

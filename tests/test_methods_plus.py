@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 
 import pytest
 import torch
@@ -24,8 +25,8 @@ from headshare.calibrated import (
     calibration_ids,
     capture,
     fit_scales,
-    heldout_costs,
     heldout_lenders,
+    heldout_share_costs,
     knapsack,
     layer_options,
 )
@@ -209,13 +210,17 @@ def test_layer_costs_match_a_direct_fit_on_the_full_outputs(tiny_tokenizer, cali
         assert cost <= pruned_only[frozenset(removed)][0] + 1e-12
 
 
-def test_heldout_costs_fit_on_one_half_and_measure_on_the_other(tiny_tokenizer, calib_file):
+def test_heldout_pruning_costs_fit_on_one_half_and_measure_on_the_other(tiny_tokenizer, calib_file):
     model = tiny_model("llama-mha", seed=2)
     layout = layout_of(model.config)
     ids = calibration_ids(model, tiny_tokenizer, calib_file, 128)  # 2 sequences of 64
-    d, U = capture(model, ids)[1], layout.units_per_layer
+    data, U = capture(model, ids), layout.units_per_layer
+    d, gram = data[1], _layer_gram(model, data, layout, 1, [])
+
+    def held(rho):  # no lender: the cross-fitted cost of pruning each subset
+        return heldout_share_costs(gram, layer_options(gram, U, [], rho, math.inf), d, layout, rho, len(ids), math.inf)
+
     cols = [_o_matrix(blocks(model)[1], layout, u) for u in range(U)]
-    held = heldout_costs(d, cols, layout, rho=1.0, rows=len(ids))
     removed, kept = (1, 2), [0, 3]
     zs = [_unit_z(d.z, layout, u) for u in range(U)]
     v = sum(zs[u] @ cols[u].T for u in removed)
@@ -226,10 +231,9 @@ def test_heldout_costs_fit_on_one_half_and_measure_on_the_other(tiny_tokenizer, 
         fit = RidgeResidual(zk[halves[a]], d.w[halves[a]], 1.0)
         left = v[halves[b]] - zk[halves[b]] @ fit.solve(v[halves[a]])
         want += float((left * left * d.w[halves[b]]).sum())
-    assert held[frozenset(removed)] == pytest.approx(want / 128, rel=1e-6)
+    assert held(1.0)[frozenset(removed)] == pytest.approx(want / 128, rel=1e-6)
     # an enormous ridge means no refit: the cost is then the removed units' plain weighted output energy
-    huge = heldout_costs(d, cols, layout, rho=1e12, rows=len(ids))
-    assert huge[frozenset(removed)] == pytest.approx(float((v * v * d.w).sum()) / 128, rel=1e-6)
+    assert held(1e12)[frozenset(removed)] == pytest.approx(float((v * v * d.w).sum()) / 128, rel=1e-6)
 
 
 def test_aligned_similarity_sees_through_the_exact_symmetries():
