@@ -18,10 +18,8 @@ control for `fitshare`. Rows are appended to the JSON file as they finish; `--re
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -30,79 +28,47 @@ import torch
 
 METHODS = ("directshare", "random", "prune", "actshare", "fitshare", "fitprune")
 CONTROL = "actshare-as-prune"
-SETTINGS = ("model", "text", "calib", "max_tokens", "window", "seed")
-
-
-def _row(method, ratio, model, plan, plan_s, params0, tok, text, args, t0) -> dict:
-    from headshare.evaluate import perplexity
-    from headshare.share import unique_parameters
-
-    params, _ = unique_parameters(model)
-    ev = perplexity(model, tok, text, window=args.window, stride=args.window, max_tokens=args.max_tokens,
-                    progress=False)
-    return {
-        "method": method, "ratio": ratio,
-        "units_removed": plan.units_removed if plan else 0,
-        "units_shared": plan.units_shared if plan else 0,
-        "units_pruned": len(plan.pruned) if plan else 0,
-        "params_removed": params0 - params,
-        "perplexity": ev["perplexity"], "tokens": ev["tokens"],
-        "plan_s": round(plan_s, 1), "eval_s": round(ev["seconds"], 1), "row_s": round(time.perf_counter() - t0, 1),
-        "calib_tokens": (plan.notes.get("calib_tokens") if plan else None),
-        "loadavg_1min": round(os.getloadavg()[0], 2), "torch_threads": torch.get_num_threads(),
-        **{k: getattr(args, k) for k in SETTINGS},
-    }
+SETTINGS = ("model", "text", "calib", "calib_tokens", "max_tokens", "window", "seed")  # bench.SETTING_KEYS
 
 
 def run(args) -> list[dict]:
-    import headshare
-    from headshare.bench import resolve_methods
+    """Rows through `headshare.bench.measure` (without the speed probe), appended to --json as they finish."""
+    from headshare.bench import CachedReference, _read_rows, _write_rows, measure, resolve_methods
     from headshare.data import load_text
     from headshare.fetch import load_model
     from headshare.plan import SharePlan, make_plan
-    from headshare.share import unique_parameters
 
     methods = resolve_methods(args.methods)
     ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
     out = Path(args.json)
-    settings = {k: getattr(args, k) for k in SETTINGS}
-    rows = []
-    if out.exists() and args.resume:
-        rows = [r for r in json.loads(out.read_text()) if all(r.get(k) == v for k, v in settings.items())]
+    settings = {k: getattr(args, k, None) for k in SETTINGS}
+    rows = _read_rows(out, settings, resume=args.resume, force=not args.resume)
     done = {(r["method"], r["ratio"]) for r in rows}
     original, tok = load_model(args.model)
+    reference = CachedReference(original)
     text = load_text(args.text, split="eval")
-    params0, _ = unique_parameters(original)
 
-    def save(row):
+    def save(method, ratio, make=None):
+        row = measure(method, ratio, original, reference, tok, text, settings, run_probe=False, progress=False,
+                      make=make)
         rows.append(row)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(rows, indent=1) + "\n")
-        print(f"{row['method']:>18} {row['ratio']:.2f}  ppl {row['perplexity']:9.3f}  plan {row['plan_s']:6.1f}s  "
+        _write_rows(out, rows)
+        print(f"{method:>18} {ratio:.2f}  ppl {row['perplexity']:9.3f}  plan {row['plan_s']:6.1f}s  "
               f"params removed {row['params_removed']:,}", file=sys.stderr, flush=True)
 
+    def as_prune(model):  # prune exactly the units actshare shares (its plan is made again, on this copy)
+        plan = make_plan(model, ratio, "actshare", tokenizer=tok, calib=args.calib, seed=args.seed)
+        return SharePlan.from_dict({**plan.to_dict(), "method": CONTROL, "assignments": [],
+                                    "pruned": [[a.layer, a.unit] for a in plan.assignments]})
+
     if ("original", 0.0) not in done:
-        save(_row("original", 0.0, original, None, 0.0, params0, tok, text, args, time.perf_counter()))
+        save("original", 0.0)
     for ratio in ratios:
         for method in methods:
-            if (method, ratio) in done and (method != "actshare" or (CONTROL, ratio) in done):
-                continue
-            t0 = time.perf_counter()
-            model = copy.deepcopy(original)
-            plan = make_plan(model, ratio, method, tokenizer=tok, calib=args.calib, seed=args.seed)
-            plan_s = time.perf_counter() - t0
-            headshare.share(model, plan)
             if (method, ratio) not in done:
-                save(_row(method, ratio, model, plan, plan_s, params0, tok, text, args, t0))
-            del model
+                save(method, ratio)
             if method == "actshare" and (CONTROL, ratio) not in done:
-                t0 = time.perf_counter()
-                control = SharePlan.from_dict({**plan.to_dict(), "method": CONTROL, "assignments": [],
-                                               "pruned": [[a.layer, a.unit] for a in plan.assignments]})
-                model = copy.deepcopy(original)
-                headshare.share(model, control)
-                save(_row(CONTROL, ratio, model, control, 0.0, params0, tok, text, args, t0))
-                del model
+                save(CONTROL, ratio, make=as_prune)
     return rows
 
 
@@ -204,7 +170,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default="benchmarks/results/beyond.json")
     ap.add_argument("--md", default=None, help="also write the markdown table here")
-    ap.add_argument("--resume", action="store_true", help="keep rows already in --json made with the same settings")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep rows already in --json made with the same settings (else --json is replaced)")
     ap.add_argument("--pairs", default=None, metavar="JSON",
                     help="only run the pair analysis (weight similarities vs activation-aware gain) into this file")
     args = ap.parse_args(argv)

@@ -36,12 +36,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .arch import blocks, layout_of
+from .plan import SharePlan
 
 DEFAULT_RATIOS = (0.0, 0.1, 0.2, 0.3, 0.5)
 DEFAULT_METHODS = ("directshare", "random", "layerwise", "prune")
@@ -214,8 +216,13 @@ def probe(path: str | Path, threads: int | None = None, timeout: float = 900, **
 # -- one row ---------------------------------------------------------------------------------------
 
 def measure(method: str, ratio: float, original: nn.Module, reference: nn.Module, tokenizer, text: str,
-            settings: dict, run_probe: bool = True, progress: bool = True) -> dict:
-    """Plan, share and measure one (method, ratio) on a copy of `original`; returns the row."""
+            settings: dict, run_probe: bool = True, progress: bool = True,
+            make: Callable[[nn.Module], SharePlan] | None = None) -> dict:
+    """Plan, share and measure one (method, ratio) on a copy of `original`; returns the row.
+
+    `make`, if given, makes the plan from the copy instead of the registered `method` (for controls that
+    are not methods, such as pruning exactly the units another method shares); `method` then only names
+    the row."""
     from .evaluate import compare
     from .plan import make_plan
     from .share import share, unique_parameters
@@ -231,7 +238,7 @@ def measure(method: str, ratio: float, original: nn.Module, reference: nn.Module
         kw = {"tokenizer": tokenizer, "calib": settings["calib"], "seed": settings["seed"], "progress": progress}
         if settings.get("calib_tokens"):
             kw["calib_tokens"] = settings["calib_tokens"]
-        plan = make_plan(model, ratio, method, **kw)
+        plan = make(model) if make is not None else make_plan(model, ratio, method, **kw)
         share(model, plan)
     plan_s = time.perf_counter() - t0
     params, nbytes = unique_parameters(model)
@@ -250,6 +257,7 @@ def measure(method: str, ratio: float, original: nn.Module, reference: nn.Module
     return {
         "method": method, "ratio": ratio,
         "units_total": layout.units_total, "units_removed": plan.units_removed if plan else 0,
+        "units_shared": plan.units_shared if plan else 0, "units_pruned": len(plan.pruned) if plan else 0,
         "perplexity": ev["perplexity"], "nll": ev["nll"], "tokens": ev["tokens"],
         "kl": ev["kl"], "top1_agreement": ev["top1_agreement"], "reference_perplexity": ev["reference_perplexity"],
         "attn_params_total": attn0, "attn_params_removed": attn0 - attn,
@@ -257,6 +265,7 @@ def measure(method: str, ratio: float, original: nn.Module, reference: nn.Module
         "weight_bytes": nbytes, "checkpoint_bytes": ckpt_bytes,
         **{k: speed.get(k) for k in PROBE_KEYS},
         "plan_s": plan_s, "eval_s": ev["seconds"], "torch_threads": torch.get_num_threads(),
+        "loadavg_1min": round(os.getloadavg()[0], 2),  # these machines are shared: say how busy this one was
         **settings,
     }
 

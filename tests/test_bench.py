@@ -124,6 +124,28 @@ def test_a_crash_keeps_finished_rows(tiny_dir, tmp_path, monkeypatch):
                                                                                 ("prune", 0)]
 
 
+def test_measure_takes_a_control_plan_that_is_no_method(tiny_tokenizer):
+    """`make` builds the row's plan (here: prune exactly the units directshare would share) under a free name."""
+    from headshare.plan import new_plan
+
+    original = build_tiny_llama(num_hidden_layers=3)
+    text = "\n".join(TINY_CORPUS * 6)
+    settings = dict(model="tiny", text="t", calib=None, calib_tokens=None, max_tokens=None, window=32, seed=0)
+
+    def as_prune(model):
+        shared = headshare.plan(model, ratio=0.5)
+        return new_plan(model, "control", 0.5, pruned=[(a.layer, a.unit) for a in shared.assignments])
+
+    row = bench.measure("directshare-as-prune", 0.5, original, original, tiny_tokenizer, text, settings,
+                        run_probe=False, progress=False, make=as_prune)
+    plain = bench.measure("prune", 0.5, original, original, tiny_tokenizer, text, settings, run_probe=False,
+                          progress=False)
+    assert row["method"] == "directshare-as-prune" and row["units_shared"] == 0
+    assert row["units_pruned"] == row["units_removed"] == plain["units_removed"] == 3
+    assert row["params_removed"] == plain["params_removed"] > 0
+    assert row["kl"] > 0 and 0 <= row["loadavg_1min"]
+
+
 def test_cached_reference_gives_the_same_comparison(tiny_tokenizer):
     original = build_tiny_llama(num_hidden_layers=3)
     shared = build_tiny_llama(num_hidden_layers=3)
