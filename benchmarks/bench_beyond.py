@@ -28,12 +28,18 @@ import torch
 
 METHODS = ("directshare", "random", "prune", "actshare", "fitshare", "fitprune")
 CONTROL = "actshare-as-prune"
-SETTINGS = ("model", "text", "calib", "calib_tokens", "max_tokens", "window", "seed")  # bench.SETTING_KEYS
 
 
 def run(args) -> list[dict]:
     """Rows through `headshare.bench.measure` (without the speed probe), appended to --json as they finish."""
-    from headshare.bench import CachedReference, _read_rows, _write_rows, measure, resolve_methods
+    from headshare.bench import (
+        SETTING_KEYS,
+        CachedReference,
+        _read_rows,
+        _write_rows,
+        measure,
+        resolve_methods,
+    )
     from headshare.data import load_text
     from headshare.fetch import load_model
     from headshare.plan import SharePlan, make_plan
@@ -41,7 +47,7 @@ def run(args) -> list[dict]:
     methods = resolve_methods(args.methods)
     ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
     out = Path(args.json)
-    settings = {k: getattr(args, k, None) for k in SETTINGS}
+    settings = {k: getattr(args, k, None) for k in SETTING_KEYS}
     rows = _read_rows(out, settings, resume=args.resume, force=not args.resume)
     done = {(r["method"], r["ratio"]) for r in rows}
     original, tok = load_model(args.model)

@@ -29,10 +29,10 @@ from pathlib import Path
 import torch
 
 import headshare
-from headshare.data import load_text, token_blocks
+from headshare.data import load_text
 from headshare.evaluate import perplexity
 from headshare.fetch import load_model
-from headshare.posttrain import PostTrainConfig, posttrain
+from headshare.posttrain import PostTrainConfig, posttrain, training_blocks
 
 ROOT = Path(__file__).resolve().parent.parent
 MODES = ("original", "directshare", "postshare", "share-then-tune", "tune-only")
@@ -43,11 +43,11 @@ RECIPE = ("steps", "batch_size", "block_size", "lr", "warmup_steps", "device", "
 _BLOCKS: dict[tuple, torch.Tensor] = {}
 
 
-def training_blocks(tok, data: str, block_size: int) -> torch.Tensor:
-    """The training text as token blocks, tokenised once per process (pydoc is millions of tokens)."""
+def cached_blocks(tok, data: str, block_size: int) -> torch.Tensor:
+    """`training_blocks`, tokenised once per process for all modes (pydoc is millions of tokens)."""
     key = (tok.name_or_path, len(tok), data, block_size)
     if key not in _BLOCKS:
-        _BLOCKS[key] = token_blocks(tok, load_text(data, split="calib"), block_size)
+        _BLOCKS[key] = training_blocks(tok, data, block_size)
     return _BLOCKS[key]
 
 
@@ -71,9 +71,7 @@ def run_mode(mode: str, args) -> dict:
                               warmup_steps=args.warmup_steps, constraint=args.constraint, parts=args.parts,
                               pull_until=args.pull_until,
                               force=True, progress=False)
-        if args.data.replace(" ", "") == "builtin:eval":
-            raise SystemExit("refusing to train on builtin:eval, the evaluation text")
-        model = posttrain(model, tok, plan, training_blocks(tok, args.data, args.block_size), cfg)
+        model = posttrain(model, tok, plan, cached_blocks(tok, args.data, args.block_size), cfg)
         rec = json.loads((out / "posttrain.json").read_text())
         row.update(steps=rec["steps"], block_size=args.block_size, batch_size=args.batch_size, lr=args.lr,
                    warmup_steps=args.warmup_steps, parts=args.parts if mode == "postshare" else None,

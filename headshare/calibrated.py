@@ -45,7 +45,6 @@ from .methods import calibration_ids, fingerprint
 from .plan import Assignment, SharePlan, new_plan, register_method, units_for_ratio
 
 CALIB_TOKENS = 4096  # 8 windows of 512: 2048 gave 1.21x the original perplexity at 30 %, 4096 1.18x (BENCHMARKS.md)
-BLOCK_SIZE = 512
 RHO = 1.0  # ridge, relative to the mean diagonal of the Gram matrix: best held-out error (1e-2 overfitted)
 WINDOW = 6  # sources are searched in this many preceding layers (the best ones were 1-5 layers back)
 SHORTLIST = 4  # fitshare ranks this many sources per unit under every refit (chosen from all by plain gain)

@@ -385,8 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lambda", dest="lam", type=float, default=0.5, help="weight of the constraint (default 0.5)")
     p.add_argument("--constraint", default="fro", choices=["fro", "mse", "prox"],
                    help="fro (default): Frobenius norms of the q, k, v differences; mse: mean squared differences; "
-                        "prox: no loss term, every tied tensor pulled to its group's consensus after each step, "
-                        "reaching it at the last step (beyond the paper; --lambda is then unused)")
+                        "prox: no loss term, every borrowing unit's tied tensors pulled towards its root after each step "
+                        "and pruned units' o columns towards zero, reaching them at --pull-until (beyond the paper; "
+                        "--lambda is then unused)")
     p.add_argument("--pull-until", type=float, default=1.0,
                    help="prox: fraction of the steps by which the pull has closed the pairs (default 1.0)")
     p.add_argument("--parts", default="qkv", choices=["qkv", "qkvo"],

@@ -167,22 +167,29 @@ def package_docstrings(package: str, progress: bool = False) -> list[str]:
     return docs
 
 
-@functools.lru_cache(maxsize=4)
-def pydoc_text(split: str = "calib", packages: tuple[str, ...] | None = None, progress: bool = True) -> str:
-    """Half `split` of the docstrings of `packages` (default: those of `PYDOC_PACKAGES` installed),
-    normalised, deduplicated, at least `MIN_WORDS` words, and none of them in the built-in corpus."""
+@functools.lru_cache(maxsize=2)
+def pydoc_docstrings(packages: tuple[str, ...]) -> tuple[str, ...]:
+    """The distinct docstrings of `packages`, normalised, with at least `MIN_WORDS` words and none of the
+    built-in corpus's, in a fixed order (both halves come from one parse: it takes a minute for the
+    default packages)."""
+    builtin = set(builtin_docstrings())
+    seen: dict[str, None] = {}  # an ordered set
+    for package in packages:
+        for doc in package_docstrings(package, progress=True):
+            doc = _normalise(doc)
+            if doc not in builtin and len(doc.split()) >= MIN_WORDS:
+                seen.setdefault(doc, None)
+    return tuple(seen)
+
+
+def pydoc_text(split: str = "calib", packages: tuple[str, ...] | None = None) -> str:
+    """Half `split` of `pydoc_docstrings(packages)` (default: those of `PYDOC_PACKAGES` installed), joined
+    by blank lines."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if packages is None:
         packages = tuple(p for p in PYDOC_PACKAGES if importlib.util.find_spec(p) is not None)
-    builtin = set(builtin_docstrings())
-    seen: dict[str, None] = {}
-    for package in packages:
-        for doc in package_docstrings(package, progress):
-            doc = _normalise(doc)
-            if doc not in builtin and len(doc.split()) >= MIN_WORDS:
-                seen.setdefault(doc, None)
-    return "\n\n".join(d for d in seen if split_of(d) == split)
+    return "\n\n".join(d for d in pydoc_docstrings(tuple(packages)) if split_of(d) == split)
 
 
 def _join(texts) -> str:

@@ -10,18 +10,19 @@ training runs on plain text with
 pulled-together pairs exactly as DirectShare does. W_o and biases are not in L_w (as in the paper);
 they are shared all the same, so the borrowing unit ends up reading its source's o columns, which
 training never brought near its own. `parts="qkvo"` (beyond the paper) puts the o columns into L_w
-as well, so that every tensor the sharing ties has been pulled together first. With chains (A borrows B, B borrows C) every borrowing unit is pulled
-towards its *root* (`plan.roots()`): that is the tensor it will read once shared.
+as well, so that every tensor the sharing ties has been pulled together first. With chains (A borrows
+B, B borrows C) every borrowing unit is pulled towards its *root* (`plan.roots()`): that is the tensor
+it will read once shared.
 
 `constraint="prox"` (beyond the paper) takes the constraint out of the loss. Under Adam a penalty moves
 every weight by about the learning rate per step whatever its size, so L_w closes a pair's distance
 only as fast as lr x steps allows (two thirds of it in 800 steps at lr 5e-4 on SmolLM2). The prox pull
 instead moves the tied tensors after each optimizer step by 1 / (steps left in the pull + 1): without the
 LM loss the distance would fall linearly to exactly zero at step `pull_until` x steps and stay there,
-and the LM loss trains the whole time against weights that are being merged. Each borrower is pulled towards its root
-(which goes on learning freely) in every tensor the sharing ties (q, k, v rows with their biases, o
-columns at the plan's scale), and a pruned unit's o columns shrink to zero the same way, so plans that
-prune or scale (`fitshare`'s) post-train too. When training ends the model already is the shared model,
+and the LM loss trains the whole time against weights that are being merged. Each borrower is pulled
+towards its root (which goes on learning freely) in every tensor the sharing ties (q, k, v rows with
+their biases, o columns at the plan's scale), and a pruned unit's o columns shrink to zero the same
+way, so plans that prune or scale (`fitshare`'s) post-train too. When training ends the model already is the shared model,
 and sharing keeps the plan's scales. A fitted plan's edited weights (`fitshare` refits o columns) are
 not needed: start from the original weights and let the LM loss learn its own compensation.
 
@@ -203,8 +204,8 @@ class ProximalPull(TrainerCallback):
 
     What a borrower will read is its root's q/k/v rows (and biases) and, for the o columns, its plan
     scale times the root's. Roots are not pulled: they go on learning from the LM loss alone, so a layer
-    that lends is never disturbed for the sake of one that borrows. At alpha = 1 (the last step) every
-    borrower holds exactly what sharing will give it. The rule depends on the step count only, so a
+    that lends is never disturbed for the sake of one that borrows. At alpha = 1 (from step `until` x steps
+    on) every borrower holds exactly what sharing will give it. The rule depends on the step count only, so a
     resumed run pulls exactly as an uninterrupted one.
     """
 
@@ -322,7 +323,9 @@ class PostShareTrainer(Trainer):
         super().log(logs, start_time)
 
 
-def _blocks_of(tokenizer, data, block_size: int) -> torch.Tensor:
+def training_blocks(tokenizer, data, block_size: int) -> torch.Tensor:
+    """`data` (a text source read with split="calib", "builtin:calib" when None, or ready blocks) as
+    (n, block_size) token blocks; refuses the built-in evaluation text."""
     from .data import load_text, token_blocks
 
     if data is None:
@@ -404,7 +407,7 @@ def posttrain(model: nn.Module, tokenizer, plan: SharePlan | None, data, config:
         raise FileExistsError(f"{out} exists and is not empty (pass force=True, or --force, to replace it)")
     if cfg.resume and cfg.work_dir is None and out is None:
         raise ValueError("resume needs the work_dir (or out) of the interrupted run")
-    blocks_ = _blocks_of(tokenizer, data, cfg.block_size)  # before any directory is made
+    blocks_ = training_blocks(tokenizer, data, cfg.block_size)  # before any directory is made
     if cfg.work_dir is not None or out is not None:
         return _run(model, tokenizer, plan, blocks_, cfg, out, Path(cfg.work_dir or f"{out}.work").resolve(),
                     callbacks)
