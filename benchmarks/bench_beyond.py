@@ -35,20 +35,22 @@ def run(args) -> list[dict]:
     from headshare.bench import (
         SETTING_KEYS,
         CachedReference,
-        _read_rows,
-        _write_rows,
+        bench_config,
         measure,
+        read_rows,
         resolve_methods,
+        write_rows,
     )
     from headshare.data import load_text
     from headshare.fetch import load_model
-    from headshare.plan import SharePlan, make_plan
+    from headshare.methods import make_plan
+    from headshare.plan import SharePlan
 
     methods = resolve_methods(args.methods)
     ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
     out = Path(args.json)
     settings = {k: getattr(args, k, None) for k in SETTING_KEYS}
-    rows = _read_rows(out, settings, resume=args.resume, force=not args.resume)
+    rows = read_rows(out, settings, resume=args.resume, force=not args.resume)
     done = {(r["method"], r["ratio"]) for r in rows}
     original, tok = load_model(args.model)
     reference = CachedReference(original)
@@ -58,12 +60,12 @@ def run(args) -> list[dict]:
         row = measure(method, ratio, original, reference, tok, text, settings, run_probe=False, progress=False,
                       make=make)
         rows.append(row)
-        _write_rows(out, rows)
+        write_rows(out, rows)
         print(f"{method:>18} {ratio:.2f}  ppl {row['perplexity']:9.3f}  plan {row['plan_s']:6.1f}s  "
               f"params removed {row['params_removed']:,}", file=sys.stderr, flush=True)
 
     def as_prune(model):  # prune exactly the units actshare shares (its plan is made again, on this copy)
-        plan = make_plan(model, ratio, "actshare", tokenizer=tok, calib=args.calib, seed=args.seed)
+        plan = make_plan(model, bench_config("actshare", ratio, settings), tokenizer=tok)
         return SharePlan.from_dict({**plan.to_dict(), "method": CONTROL, "assignments": [],
                                     "pruned": [[a.layer, a.unit] for a in plan.assignments]})
 
@@ -91,19 +93,24 @@ def pair_analysis(args) -> dict:
     gain (share of the unit's weighted output that the source's weights, run on the unit's layer input,
     reproduce after a fitted scale), against the paper's qk cosine and the symmetry-aligned similarity.
     """
-    from headshare import calibrated as C
+    from headshare.arch import layout_of
     from headshare.fetch import load_model
+    from headshare.methods import CalibConfig
+    from headshare.methods.actshare import WINDOW
+    from headshare.methods.calibration import calibration_ids, candidate_sources, capture, layer_gram
+    from headshare.methods.directshare import aligned_similarity
     from headshare.similarity import similarity_matrix
 
     model, tok = load_model(args.model)
-    layout = C.layout_of(model.config)
+    layout = layout_of(model.config)
     U = layout.units_per_layer
+    calib_tokens = CalibConfig.calib_tokens
     t0 = time.perf_counter()
-    data = C.capture(model, C.calibration_ids(model, tok, args.calib, C.CALIB_TOKENS))
+    data = capture(model, calibration_ids(model, tok, args.calib, calib_tokens))
     gains, pairs = [], []
     for layer in range(1, layout.num_layers):
-        sources = C._sources(layer, U, C.WINDOW, ())
-        gram = C._layer_gram(model, data, layout, layer, sources)
+        sources = candidate_sources(layer, U, WINDOW, ())
+        gram = layer_gram(model, data, layout, layer, sources)
         gram.set_kept([], 0.0)
         for u in range(U):
             for g, s, _ in gram.gains(("own", u), sources):
@@ -111,12 +118,12 @@ def pair_analysis(args) -> dict:
                 pairs.append((layer * U + u, s[0] * U + s[1]))
     act_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    aligned = C.aligned_similarity(model)
+    aligned = aligned_similarity(model)
     aligned_s = time.perf_counter() - t0
     raw = similarity_matrix(model, "qk")
     gains_t = torch.tensor(gains, dtype=torch.float64)
     idx = torch.tensor(pairs)
-    out = {"pairs": len(pairs), "window": C.WINDOW, "calib_tokens": C.CALIB_TOKENS,
+    out = {"pairs": len(pairs), "window": WINDOW, "calib_tokens": calib_tokens,
            "activation_seconds": round(act_s, 1), "aligned_seconds": round(aligned_s, 1),
            "gain_mean": float(gains_t.mean()), "gain_max": float(gains_t.max())}
     best = {}

@@ -54,11 +54,9 @@ def cached_blocks(tok, data: str, block_size: int) -> torch.Tensor:
 def run_mode(mode: str, args) -> dict:
     model, tok = load_model(args.model)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    # fitted methods edit the weights they plan for: the references must start from the original ones
-    plan = None if mode in ("original", "tune-only") else headshare.plan(model, ratio=args.ratio,
-                                                                          method=args.method, tokenizer=tok)
-    if plan is not None and plan.notes.get("requires_weights") and mode == "postshare":
-        model, tok = load_model(args.model)  # as the CLI does: postshare trains the original weights
+    # plans never edit the model: postshare trains the original weights, and only sharing applies fitted ones
+    plan = None if mode in ("original", "tune-only") else headshare.make_plan(model, args.ratio, args.method,
+                                                                               tokenizer=tok)
     row = {"mode": mode, "tag": args.tag, "ratio": args.ratio, "method": args.method if plan else None,
            "units_shared": plan.units_removed if plan else 0}
     t0 = time.time()

@@ -68,7 +68,7 @@ def main() -> None:
     path = resolve_model(args.model)
     original, tok = load_model(path)
     shared, _ = load_model(path)
-    plan = headshare.plan(shared, ratio=args.ratio)
+    plan = headshare.make_plan(shared, ratio=args.ratio)
     headshare.share(shared, plan)
     layout = headshare.layout_of(original.config)
 

@@ -35,7 +35,7 @@ def main() -> None:
     ids = torch.cat([ids] * 8, 1)  # > GATHER_MIN_TOKENS tokens
     with torch.no_grad():
         ref = model(ids).logits
-    zero = headshare.plan(model, ratio=0.0)
+    zero = headshare.make_plan(model, ratio=0.0)
     p0, b0 = headshare.unique_parameters(model)
     m0, _ = load_model("smollm2-135m", dtype=torch.bfloat16)
     m0.to(dev).eval()
@@ -43,7 +43,7 @@ def main() -> None:
     with torch.no_grad():
         check(f"ratio 0 bit-identical (bf16, {dev})", torch.equal(m0(ids).logits, ref), "logits equal")
     del m0
-    plan = headshare.plan(model, ratio=0.3)
+    plan = headshare.make_plan(model, ratio=0.3)
     headshare.share(model, plan)
     p1, b1 = headshare.unique_parameters(model)
     layout = layout_of(model.config)

@@ -1,7 +1,7 @@
 """Experiment: how much of a removed unit's output can a borrowed unit give back, held out?
 
 For every third layer and each of its units, over the sources in the 6 layers before it: the share of the
-unit's output error (tokens weighted as in `headshare/calibrated.py`) left on the second half of 4,096
+unit's output error (tokens weighted as in `headshare/methods/calibration.py`) left on the second half of 4,096
 calibration tokens after fitting on the first half, for
 - scalar: one scale on the borrowed output (what actshare and fitshare do);
 - R: a mixing matrix on the borrowed heads' outputs before the shared o columns (the V/O symmetry:
@@ -18,9 +18,9 @@ from __future__ import annotations
 import torch
 
 from headshare.arch import blocks, layout_of
-from headshare.calibrated import _o_matrix, _sources, _unit_z, borrowed_z, capture
 from headshare.fetch import load_model
-from headshare.methods import calibration_ids
+from headshare.methods.calibration import borrowed_z, calibration_ids, candidate_sources, capture
+from headshare.units import o_columns, unit_z
 
 
 def ridge(z, y, w, lam=1e-2):
@@ -46,14 +46,14 @@ def main() -> None:
     total = {k: [] for k in kinds}
     for layer in range(1, layout.num_layers, 3):
         w = data[layer].w
-        sources = _sources(layer, layout.units_per_layer, 6, ())
+        sources = candidate_sources(layer, layout.units_per_layer, 6, ())
         zb = borrowed_z(model, data, layer, sources)
         for unit in range(layout.units_per_layer):
-            y = _unit_z(data[layer].z, layout, unit) @ _o_matrix(bl[layer], layout, unit).T
+            y = unit_z(data[layer].z, layout, unit) @ o_columns(bl[layer], layout, unit).T
             e0 = error(y[test], 0 * y[test], w[test])
             best = dict.fromkeys(kinds, 1.0)
             for s in sources:
-                z, o = zb[s], _o_matrix(bl[s[0]], layout, s[1])  # (N, width), (D, width)
+                z, o = zb[s], o_columns(bl[s[0]], layout, s[1])  # (N, width), (D, width)
                 p = z @ o.T
                 a = float((p[fit] * y[fit] * w[fit]).sum() / (p[fit] ** 2 * w[fit]).sum())
                 best["scalar"] = min(best["scalar"], error(y[test], a * p[test], w[test]) / e0)

@@ -20,7 +20,7 @@ from headshare.arch import blocks, layout_of
 from headshare.data import load_text
 from headshare.evaluate import perplexity
 from headshare.fetch import load_model
-from headshare.methods import calibration_ids
+from headshare.methods.calibration import calibration_ids
 from headshare.plan import new_plan
 
 

@@ -1,24 +1,44 @@
 """headshare: head-wise weight sharing for the attention of large language models.
 
 >>> import headshare
->>> plan = headshare.plan(model, ratio=0.3)          # doctest: +SKIP
->>> headshare.share(model, plan)                     # doctest: +SKIP
->>> model.save_pretrained("smollm2-shared")          # doctest: +SKIP
->>> model = headshare.load("smollm2-shared")         # doctest: +SKIP
+>>> plan = headshare.make_plan(model, 0.3, "fitshare", tokenizer=tok)   # doctest: +SKIP
+>>> headshare.share(model, plan)                                      # doctest: +SKIP
+>>> model.save_pretrained("smollm2-shared")                           # doctest: +SKIP
+>>> model = headshare.load("smollm2-shared")                          # doctest: +SKIP
+
+Modules, one step each: `arch` (what each model family's attention looks like), `units` (reading and
+writing a unit's slices), `similarity` (the paper's weight analysis), `plan` (the plan document),
+`methods` (the registry of plan-making methods and their configs), `sharing` (applying a plan),
+`checkpoint` (saving and loading shared models), `posttrain` (PostShare), `evaluate`, `bench`,
+`report`, `data`, `fetch`, `files`, `cli`.
 """
 
-from . import calibrated, methods  # noqa: F401  (register random, layerwise, prune; actshare, fitshare, fitprune)
 from .arch import ARCHITECTURES, Layout, UnsupportedModelError, layout_of
-from .plan import METHODS, Assignment, SharePlan, make_plan, register_method
-from .share import SharedProjection, info, load, share, unique_parameters
+from .checkpoint import info, load
+from .methods import (
+    METHODS,
+    ActShareConfig,
+    AlignShareConfig,
+    DirectShareConfig,
+    FitPruneConfig,
+    FitShareConfig,
+    LayerwiseConfig,
+    MethodConfig,
+    PruneConfig,
+    RandomConfig,
+    make_config,
+    make_plan,
+    register_method,
+)
+from .plan import Assignment, SharePlan
+from .sharing import SharedProjection, share, unique_parameters
 from .similarity import similarity_matrix
 
-plan = make_plan
-
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
-    "ARCHITECTURES", "METHODS", "Assignment", "Layout", "SharePlan", "SharedProjection",
-    "UnsupportedModelError", "info", "layout_of", "load", "make_plan", "plan", "register_method", "share",
-    "similarity_matrix", "unique_parameters",
+    "ARCHITECTURES", "METHODS", "ActShareConfig", "AlignShareConfig", "Assignment", "DirectShareConfig",
+    "FitPruneConfig", "FitShareConfig", "Layout", "LayerwiseConfig", "MethodConfig", "PruneConfig", "RandomConfig",
+    "SharePlan", "SharedProjection", "UnsupportedModelError", "info", "layout_of", "load", "make_config",
+    "make_plan", "register_method", "share", "similarity_matrix", "unique_parameters",
 ]

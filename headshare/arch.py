@@ -33,10 +33,21 @@ class ArchSpec:
     v: str | None = None
     qkv: str | None = None  # one fused projection holding q, k and v (GPT-2's c_attn)
     conv1d: bool = False  # GPT-2's Conv1D stores weights as (in, out) instead of nn.Linear's (out, in)
+    rope: bool = False  # rotary position embeddings on q and k, with pairs (i, i + head_dim/2)
+
+    @property
+    def attention(self) -> str:
+        """Path (relative to a block) of the module that holds both the q/k/v and the o projections."""
+        common = []
+        for a, b in zip((self.qkv or self.q).split("."), self.o.split("."), strict=False):
+            if a != b:
+                break
+            common.append(a)
+        return ".".join(common)
 
 
 _LLAMA_LIKE = ArchSpec(layers="layers", q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj",
-                       o="self_attn.o_proj")
+                       o="self_attn.o_proj", rope=True)
 _BERT_LIKE = ArchSpec(layers="encoder.layer", q="attention.self.query", k="attention.self.key",
                       v="attention.self.value", o="attention.output.dense")
 
@@ -153,6 +164,14 @@ class Layout:
         projs.append(ProjSpec(spec.o, "in", (("o", 0, gq * d),), spec.conv1d))
         return projs
 
+    def in_projections(self) -> list[ProjSpec]:
+        """The projections cut along their outputs (q, k, v or fused qkv): a unit's input side."""
+        return [p for p in self.projections() if p.role == "out"]
+
+    def o_projection(self) -> ProjSpec:
+        """The output projection, cut along its inputs."""
+        return next(p for p in self.projections() if p.role == "in")
+
     def unit_params(self, with_bias: dict[str, bool] | None = None) -> int:
         """Parameters one unit owns (weights, plus bias slices of output-sliced projections)."""
         total = 0
@@ -185,22 +204,6 @@ def blocks(model: nn.Module) -> nn.ModuleList:
     """The model's list of transformer blocks."""
     spec = arch_spec(model.config.model_type)
     return model.base_model.get_submodule(spec.layers)
-
-
-def unit_slices(weight: torch.Tensor, proj: ProjSpec, units: int) -> dict[str, torch.Tensor]:
-    """Cut a projection weight into per-unit slices, returned in nn.Linear orientation.
-
-    Returns {part name: tensor (units, width, in_features)} for output-sliced projections and
-    {part name: tensor (units, out_features, width)} for input-sliced ones.
-    """
-    w = weight.t() if proj.conv1d else weight  # (out, in)
-    out = {}
-    for name, off, width in proj.parts:
-        if proj.role == "out":
-            out[name] = w[off: off + units * width].reshape(units, width, w.shape[1])
-        else:
-            out[name] = w[:, off: off + units * width].reshape(w.shape[0], units, width).permute(1, 0, 2)
-    return out
 
 
 def checkpoint_key_pattern(model_type: str, proj_path: str) -> re.Pattern:

@@ -43,20 +43,21 @@ import torch
 from torch import nn
 
 from .arch import blocks, layout_of
+from .files import atomic_write_text
+from .methods import METHODS, MethodConfig, get_method, make_plan, parse_option
 from .plan import SharePlan
+from .sharing import share, unique_parameters
 
 DEFAULT_RATIOS = (0.0, 0.1, 0.2, 0.3, 0.5)
 DEFAULT_METHODS = ("directshare", "random", "layerwise", "prune")
 # a row is reused by --resume only if it was made with the same settings
-SETTING_KEYS = ("model", "text", "calib", "calib_tokens", "max_tokens", "window", "seed")
+SETTING_KEYS = ("model", "text", "calib", "calib_tokens", "max_tokens", "window", "seed", "options")
 PROBE_KEYS = ("rss_after_load_bytes", "peak_rss_bytes", "peak_excludes_load", "prefill_s", "decode_s",
               "prefill_tokens", "decode_tokens", "decode_prompt_tokens")
 
 
 def resolve_methods(names) -> list[str]:
     """Method names with "all" expanded to every registered method, in registration order."""
-    from .plan import METHODS
-
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",") if n.strip()]
     out: list[str] = []
@@ -69,6 +70,37 @@ def resolve_methods(names) -> list[str]:
     if not out:
         raise ValueError("no methods given")
     return out
+
+
+def parse_options(texts, methods) -> dict[str, object] | None:
+    """`--option` texts (KEY=VALUE, or METHOD.KEY=VALUE for one method) as {key: value}, each parsed by the
+    option's declared type; an option that none of `methods` has is refused. None when there are none."""
+    out: dict[str, object] = {}
+    for text in texts or ():
+        key = text.partition("=")[0].strip()
+        scope, _, name = key.rpartition(".")
+        targets = [scope] if scope else [m for m in methods if name.replace("-", "_") in get_method(m).config.options()]
+        if scope and scope not in methods:
+            raise ValueError(f"option {text!r} is for method {scope!r}, which this run does not include")
+        if not targets:
+            raise ValueError(f"option {name!r} belongs to none of the methods {', '.join(methods)}")
+        for m in targets:
+            k, v = parse_option(get_method(m).config, f"{name}={text.partition('=')[2]}")
+            out[f"{scope}.{k}" if scope else k] = v
+    return out or None
+
+
+def bench_config(method: str, ratio: float, settings: dict) -> MethodConfig:
+    """The config one row runs: the shared settings (calib, calib_tokens, seed) and the --option values,
+    each given to the methods whose config has that option."""
+    cfg = get_method(method).config
+    names = cfg.options()
+    kw = {k: settings[k] for k in ("calib", "calib_tokens", "seed") if k in names and settings.get(k) is not None}
+    for key, v in (settings.get("options") or {}).items():
+        scope, _, name = key.rpartition(".")
+        if name in names and scope in ("", method):
+            kw[name] = v
+    return cfg.from_dict({"ratio": ratio, **kw})
 
 
 def _ratio_key(r: float) -> float:
@@ -224,8 +256,6 @@ def measure(method: str, ratio: float, original: nn.Module, reference: nn.Module
     are not methods, such as pruning exactly the units another method shares); `method` then only names
     the row."""
     from .evaluate import compare
-    from .plan import make_plan
-    from .share import share, unique_parameters
 
     layout = layout_of(original.config)
     params0, _ = unique_parameters(original)
@@ -235,10 +265,8 @@ def measure(method: str, ratio: float, original: nn.Module, reference: nn.Module
         model, plan = original, None  # nothing to share: measure the model as it is
     else:
         model = copy.deepcopy(original)
-        kw = {"tokenizer": tokenizer, "calib": settings["calib"], "seed": settings["seed"], "progress": progress}
-        if settings.get("calib_tokens"):
-            kw["calib_tokens"] = settings["calib_tokens"]
-        plan = make(model) if make is not None else make_plan(model, ratio, method, **kw)
+        plan = make(model) if make is not None else make_plan(model, bench_config(method, ratio, settings),
+                                                                tokenizer=tokenizer, progress=progress)
         share(model, plan)
     plan_s = time.perf_counter() - t0
     params, nbytes = unique_parameters(model)
@@ -264,6 +292,7 @@ def measure(method: str, ratio: float, original: nn.Module, reference: nn.Module
         "params_total": params0, "params_removed": params0 - params,
         "weight_bytes": nbytes, "checkpoint_bytes": ckpt_bytes,
         **{k: speed.get(k) for k in PROBE_KEYS},
+        "config": plan.config if plan else None,
         "plan_s": plan_s, "eval_s": ev["seconds"], "torch_threads": torch.get_num_threads(),
         "loadavg_1min": round(os.getloadavg()[0], 2),  # these machines are shared: say how busy this one was
         **settings,
@@ -272,7 +301,7 @@ def measure(method: str, ratio: float, original: nn.Module, reference: nn.Module
 
 # -- the JSON file ------------------------------------------------------------------------------------
 
-def _read_rows(out: Path, settings: dict, resume: bool, force: bool) -> list[dict]:
+def read_rows(out: Path, settings: dict, resume: bool, force: bool) -> list[dict]:
     if not out.exists() or force:
         return []
     if not resume:
@@ -285,18 +314,15 @@ def _read_rows(out: Path, settings: dict, resume: bool, force: bool) -> list[dic
         raise ValueError(f"{out} is not a benchmark file (expected a list of rows with method and ratio)")
     for r in rows:
         for k in SETTING_KEYS:
-            if r.get(k) != settings[k]:
+            if r.get(k) != settings.get(k):
                 raise ValueError(f"{out} holds rows made with {k}={r.get(k)!r}, this run has {k}={settings[k]!r}; "
                                  "use another --json file or --force")
     return rows
 
 
-def _write_rows(out: Path, rows: list[dict]) -> None:
+def write_rows(out: Path, rows: list[dict]) -> None:
     """Atomic: a crash while writing leaves the previous file intact."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(rows, indent=1) + "\n")
-    os.replace(tmp, out)
+    atomic_write_text(out, json.dumps(rows, indent=1) + "\n")
 
 
 # -- reports ------------------------------------------------------------------------------------------------
@@ -354,7 +380,7 @@ def plot_rows(rows: list[dict], path: str | Path, title: str | None = None) -> N
 def run_bench(model: str = "smollm2-135m", ratios=DEFAULT_RATIOS, methods=DEFAULT_METHODS,
               out: str | Path = "bench.json", *, text: str = "builtin", calib: str = "builtin:calib",
               calib_tokens: int | None = None, max_tokens: int | None = None, window: int = 512, seed: int = 0,
-              resume: bool = False, force: bool = False, md: str | Path | None = None,
+              options: dict | None = None, resume: bool = False, force: bool = False, md: str | Path | None = None,
               plot: str | Path | None = None, run_probe: bool = True, progress: bool = True) -> list[dict]:
     """Measure every (method, ratio) and append the rows to the JSON list `out`; returns all rows.
 
@@ -362,6 +388,8 @@ def run_bench(model: str = "smollm2-135m", ratios=DEFAULT_RATIOS, methods=DEFAUL
         model: alias, local directory or hub id of the original model.
         text / calib: evaluation and calibration text sources (see `headshare.data.load_text`).
         max_tokens: evaluate on at most this many tokens of `text`.
+        options: method options, {key: value} for every method that has the option, {"method.key": value}
+            for one (`parse_options` reads them from --option texts).
         resume: keep the rows already in `out` (made with the same settings) and only add missing ones.
         force: start over even if `out` exists.
         md / plot: also write the markdown table / the PNG plot there.
@@ -378,9 +406,12 @@ def run_bench(model: str = "smollm2-135m", ratios=DEFAULT_RATIOS, methods=DEFAUL
         if not 0 <= r < 1:
             raise ValueError(f"ratio must be in [0, 1), got {r}")
     settings = {"model": model, "text": text, "calib": calib, "calib_tokens": calib_tokens,
-                "max_tokens": max_tokens, "window": window, "seed": seed}
+                "max_tokens": max_tokens, "window": window, "seed": seed, "options": options or None}
+    for m in methods:
+        for r in ratios:
+            bench_config(m, r, settings)  # a bad option or value fails before anything loads
     out = Path(out)
-    rows = _read_rows(out, settings, resume, force)
+    rows = read_rows(out, settings, resume, force)
     done = {(r["method"], _ratio_key(r["ratio"])) for r in rows}
     todo = [(m, r) for m in methods for r in ratios if (m, r) not in done]
     if todo:
@@ -401,10 +432,10 @@ def run_bench(model: str = "smollm2-135m", ratios=DEFAULT_RATIOS, methods=DEFAUL
                 if ratio == 0:
                     baseline = row
             rows.append(row)
-            _write_rows(out, rows)
+            write_rows(out, rows)
     order = {m: i for i, m in enumerate(methods)}
     rows.sort(key=lambda r: (order.get(r["method"], len(order)), r["method"], r["ratio"]))
-    _write_rows(out, rows)
+    write_rows(out, rows)
     if md is not None:
         Path(md).write_text(markdown_table(rows))
     if plot is not None:

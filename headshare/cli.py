@@ -12,9 +12,10 @@ import sys
 import time
 from pathlib import Path
 
-from .plan import METHOD_HELP, METHODS
+from .files import check_output
+from .methods import METHODS
 
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, KeyError)
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, KeyError)
 
 
 def _log(msg: str) -> None:
@@ -43,24 +44,26 @@ def _ratio(text: str) -> float:
     return r
 
 
-def _check_output(out: Path, model_dir: str | None, force: bool) -> None:
-    out = out.resolve()
-    if model_dir is not None:
-        src = Path(model_dir).resolve()
-        if out == src or src in out.parents:
-            raise ValueError(f"output {out} is inside the input model directory {src}; choose another place")
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a directory")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise FileExistsError(f"{out} exists and is not empty (use --force to replace it)")
+def _method_options(args, method: str) -> dict:
+    """The method's config options from the command line: --metric/--seed/--calib/--calib-tokens where given,
+    and every --option KEY=VALUE; an option the method does not have is refused."""
+    from .methods import get_method, parse_option
 
-
-def _method_kwargs(args) -> dict:
-    kw = {"progress": True}
+    config = get_method(method).config
+    names = config.options()
+    kw = {}
     for name in ("metric", "seed", "calib", "calib_tokens"):
         v = getattr(args, name, None)
         if v is not None:
+            if name not in names:
+                if name == "seed" and getattr(args, "command", None) == "posttrain":
+                    continue  # posttrain's --seed seeds the training too; the method takes it only if it has one
+                raise ValueError(f"--{name.replace('_', '-')}: method {method!r} has no such option "
+                                 f"(its options: {', '.join(names) or 'none'})")
             kw[name] = v
+    for text in getattr(args, "option", None) or ():
+        k, v = parse_option(config, text)
+        kw[k] = v
     return kw
 
 
@@ -103,44 +106,57 @@ def _load(args, path: str | None = None):
 
 
 def _make_plan(args, model, tok):
-    from .plan import SharePlan, make_plan
+    from .methods import make_plan
+    from .plan import SharePlan
 
     if getattr(args, "plan", None):
         return SharePlan.load(args.plan)
     if args.ratio is None:
         raise ValueError("give --ratio (or --plan FILE)")
-    kw = _method_kwargs(args)
-    kw["tokenizer"] = tok
-    return make_plan(model, ratio=args.ratio, method=args.method, **kw)
+    return make_plan(model, args.ratio, args.method, tokenizer=tok, progress=True, **_method_options(args, args.method))
+
+
+def _check_plan_args(args) -> None:
+    """Refuse bad method options before the model loads (a config is built and dropped)."""
+    from .methods import make_config
+
+    if not getattr(args, "plan", None) and args.ratio is not None:
+        make_config(args.method, args.ratio, **_method_options(args, args.method))
 
 
 def cmd_plan(args) -> None:
+    if Path(args.out).suffix == ".safetensors":
+        raise ValueError(f"--out {args.out}: give the plan a .json name; fitted weights go beside it")
+    _check_plan_args(args)
     _, model, tok = _load(args)
     plan = _make_plan(args, model, tok)
     plan.save(args.out)
+    fitted = f", {len(plan.fitted)} fitted weights in {plan.fitted_file(args.out)}" if plan.fitted else ""
     _log(f"{plan.method}: {plan.units_shared} units shared, {len(plan.pruned)} pruned of "
-         f"{plan.layout['num_layers'] * plan.layout['units_per_layer']}; wrote {args.out}")
-    if plan.notes.get("requires_weights"):
-        _log(f"note: this plan was fitted together with new weights that a plan file cannot carry; `share --plan` "
-             f"refuses it. Fit and share in one go: headshare share {args.model} --method {plan.method} "
-             f"--ratio {plan.ratio} --out DIR")
+         f"{plan.layout['num_layers'] * plan.layout['units_per_layer']}; wrote {args.out}{fitted}")
 
 
 def cmd_share(args) -> None:
+    from .checkpoint import info
     from .fetch import resolve_model
-    from .share import info, share
+    from .plan import SharePlan
+    from .sharing import share
 
     out = Path(args.out)
     path = resolve_model(args.model)
-    _check_output(out, path, args.force)  # before the slow part, so a mistake costs nothing
-    path, model, tok = _load(args, path)
+    check_output(out, path, args.force)  # before the slow part, so a mistake costs nothing
+    if args.plan:
+        SharePlan.load(args.plan)  # a bad plan file fails before the model loads
+    _check_plan_args(args)
     text = None
     before = None
     if args.eval:
         from .data import load_text
         from .evaluate import perplexity
 
-        text = load_text(args.text, split="eval")
+        text = load_text(args.text, split="eval")  # a missing text fails before the model loads
+    path, model, tok = _load(args, path)
+    if args.eval:
         _log("evaluating the original model ...")
         before = perplexity(model, tok, text, window=args.window, stride=args.window, max_tokens=args.eval_tokens)
     plan = _make_plan(args, model, tok)
@@ -167,6 +183,8 @@ def _summary_table(s: dict) -> str:
         ("method", s["method"]),
         ("units shared", f"{s['units_shared']} / {s['units_total']} ({s['unit']})"),
         *([("units pruned", f"{s['units_pruned']} / {s['units_total']}")] if s.get("units_pruned") else []),
+        *([("units refitted", f"{s['units_refitted']} / {s['units_total']} (o columns fitted by the method)")]
+          if s.get("units_refitted") else []),
         ("parameters", f"{s['params_original']:,} -> {s['params_shared']:,} (-{saved_p:,}, "
                        f"-{100 * saved_p / s['params_original']:.2f} %)"),
         ("weight bytes", f"{s['bytes_original']:,} -> {s['bytes_shared']:,} (-{saved_b:,})"),
@@ -181,7 +199,7 @@ def _summary_table(s: dict) -> str:
 
 
 def cmd_info(args) -> None:
-    from .share import info
+    from .checkpoint import info
 
     s = info(args.path)
     if args.json:
@@ -194,9 +212,9 @@ def cmd_info(args) -> None:
 def cmd_posttrain(args) -> None:
     from accelerate import PartialState
 
+    from .checkpoint import info
     from .fetch import resolve_model
     from .posttrain import RECORD_FILE, PostTrainConfig, posttrain
-    from .share import info
 
     # a bad value fails here, before the model loads
     cfg = PostTrainConfig(mode=args.mode, lam=args.lam, constraint=args.constraint, parts=args.parts,
@@ -207,16 +225,20 @@ def cmd_posttrain(args) -> None:
                           resume=args.resume, force=args.force, keep_checkpoints=args.keep_checkpoints)
     out = Path(args.out)
     path = resolve_model(args.model)
-    _check_output(out, path, args.force)
+    check_output(out, path, args.force)
+    _check_plan_args(args)
+    if args.data.replace(" ", "") != "builtin:eval":  # (refused with its own message in training_blocks)
+        from .data import load_text
+
+        load_text(args.data, split="calib")  # a missing text fails before the model loads (parsed once, cached)
     path, model, tok = _load(args, path)
     plan = None
     if args.mode != "tune-only" or args.ratio is not None or args.plan:
         plan = _make_plan(args, model, tok)  # before training: the pairs are fixed from the start
-        if plan.notes.get("requires_weights") and args.mode != "share-then-tune":
-            # a fitted method edited the weights it planned for; postshare learns its own compensation and
-            # tune-only is the reference, so both train the original weights
-            _log(f"{plan.method}: the plan's fitted weights are set aside; {args.mode} trains the original ones")
-            path, model, tok = _load(args, path)
+        if plan.fitted and args.mode != "share-then-tune":
+            # postshare learns its own compensation and tune-only is the reference: both train the original weights
+            _log(f"{plan.method}: the plan's {len(plan.fitted)} fitted weights are not used; {args.mode} trains "
+                 "the original ones")
     posttrain(model, tok, plan, args.data, cfg)
     if not PartialState().is_main_process:
         return
@@ -239,6 +261,7 @@ def cmd_eval(args) -> None:
     from .evaluate import evaluate, lm_eval_tasks
     from .fetch import load_model
 
+    text = load_text(args.text, split="eval")  # a missing text fails before the model loads
     _, model, tok = _load(args)
     if tok is None:
         raise ValueError(f"{args.model} has no tokenizer; save one beside the weights")
@@ -247,7 +270,7 @@ def cmd_eval(args) -> None:
     result = {"model": args.model, "text": args.text, "window": args.window, "stride": stride}
     if args.reference:
         result["reference"] = args.reference
-    result.update(evaluate(model, tok, load_text(args.text, split="eval"), reference=reference, window=args.window,
+    result.update(evaluate(model, tok, text, reference=reference, window=args.window,
                            stride=stride, max_tokens=args.max_tokens, batch_size=args.batch_size))
     if args.tasks:
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -256,8 +279,9 @@ def cmd_eval(args) -> None:
         result["tasks"] = lm_eval_tasks(model, tok, tasks, **kw)
         if reference is not None:  # recovery = shared / original, as llm-compressor reports it
             result["reference_tasks"] = lm_eval_tasks(reference, tok, tasks, **kw)
-            result["recovery"] = {t: {k: v / result["reference_tasks"][t][k] for k, v in m.items()
-                                      if not k.endswith("stderr") and result["reference_tasks"][t].get(k)}
+            # every metric gets one; None where the reference scored 0 (no ratio to report)
+            result["recovery"] = {t: {k: v / result["reference_tasks"][t][k] if result["reference_tasks"][t].get(k)
+                                      else None for k, v in m.items() if not k.endswith("stderr")}
                                   for t, m in result["tasks"].items() if t in result["reference_tasks"]}
     if args.json:
         _write_json(result, None)
@@ -272,7 +296,7 @@ def cmd_eval(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    from .bench import markdown_table, run_bench
+    from .bench import markdown_table, parse_options, resolve_methods, run_bench
 
     if args.threads:
         import torch
@@ -282,9 +306,10 @@ def cmd_bench(args) -> None:
         ratios = [_ratio(r) for r in args.ratios.split(",") if r.strip()]
     except argparse.ArgumentTypeError as e:
         raise ValueError(f"--ratios: {e}") from None
+    options = parse_options(args.option, resolve_methods(args.methods))
     rows = run_bench(args.model, ratios, args.methods, args.json, text=args.text, calib=args.calib,
                      calib_tokens=args.calib_tokens, max_tokens=args.max_tokens, window=args.window,
-                     seed=args.seed, resume=args.resume, force=args.force, md=args.md, plot=args.plot,
+                     seed=args.seed, options=options, resume=args.resume, force=args.force, md=args.md, plot=args.plot,
                      run_probe=not args.no_probe)
     print(markdown_table(rows), end="")
     _log(f"{len(rows)} rows in {args.json}" + (f"; table {args.md}" if args.md else "")
@@ -308,13 +333,12 @@ def cmd_report(args) -> None:
 
     out = Path(args.out)
     path = resolve_model(args.model)
-    _check_output(out, path, args.force)
+    check_output(out, path, args.force)
     head = _head(args.head)  # a bad value fails before the model loads
+    kw = _method_options(args, args.method)
     path, model, tok = _load(args, path)
     if tok is None:
         raise ValueError(f"{path} has no tokenizer; the report runs the model on text and needs one")
-    kw = _method_kwargs(args)
-    kw.pop("progress")
     r = report(model, tok, out, text=args.text, windows=args.windows, window=args.window, head=head,
                top=args.top, ratio=args.ratio, method=args.method, plan_kwargs=kw, name=args.model)
     s, p = r.data["summary"], r.data["plan"]
@@ -328,14 +352,24 @@ def cmd_report(args) -> None:
 
 def _add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ratio", type=_ratio, help="fraction of all attention units to share, in [0, 1)")
-    p.add_argument("--method", default="directshare", choices=sorted(METHODS),
-                   help="how units are chosen: " + "; ".join(f"{k}: {v}" for k, v in sorted(METHOD_HELP.items())))
+    p.add_argument("--method", default="directshare", choices=list(METHODS),
+                   help="how units are chosen: " + "; ".join(f"{k}: {m.help}" for k, m in METHODS.items()))
+    p.add_argument("-o", "--option", action="append", default=None, metavar="KEY=VALUE",
+                   help="an option of the method's config, repeatable; " + _options_help())
     p.add_argument("--metric", default=None, help="match function for weight similarity: q, k, v, qk, qkv")
     p.add_argument("--seed", type=int, default=None, help="seed for randomised methods")
     p.add_argument("--calib", default=None, help="calibration text for data-aware methods (default: builtin:calib)")
     p.add_argument("--calib-tokens", type=int, default=None,
                    help="calibration tokens for data-aware methods (default: the method's own)")
     p.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
+
+
+def _options_help() -> str:
+    def fmt(v):
+        return "none" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
+
+    return "; ".join(f"{name}: " + (", ".join(f"{k}={fmt(v)}" for k, v in m.config.options().items()) or "none")
+                     for name, m in METHODS.items())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -445,6 +479,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=None, help="evaluate on at most this many tokens")
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--seed", type=int, default=0, help="seed for randomised methods")
+    p.add_argument("-o", "--option", action="append", default=None, metavar="[METHOD.]KEY=VALUE",
+                   help="a method option for every method that has it (or for METHOD only), repeatable; "
+                        + _options_help())
     p.add_argument("--no-probe", action="store_true", help="skip the memory and speed probe (faster)")
     p.add_argument("--threads", type=int, default=None, help="torch threads, also for the probe (default: torch's)")
     p.set_defaults(fn=cmd_bench)

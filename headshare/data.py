@@ -276,6 +276,9 @@ def load_text(source: str, split: str = "eval") -> str:
             dataset = load_dataset(DATA_FILE_BUILDERS[suffix], data_files=str(path), split="train")
             return _text_of_dataset(dataset, str(path))
         return path.read_text()
+    if source.startswith(("/", "./", "../", "~")) or path.suffix.lower() in (".txt", ".json", ".jsonl",
+                                                                             *DATA_FILE_BUILDERS):
+        raise FileNotFoundError(f"no such text file or directory: {path}")
     return _load_hub_text(source, split)
 
 

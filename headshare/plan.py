@@ -1,7 +1,8 @@
-"""The sharing plan: which units borrow which other unit's weights, as a versioned, editable JSON document.
+"""The sharing plan: which units borrow which other unit's weights, which are pruned, and any weights a
+method fitted, as a versioned document (JSON, plus a safetensors file when weights were fitted).
 
-A plan is pure data. Methods (the paper's DirectShare selection, baselines, better variants) are
-functions registered in `METHODS` that turn a model into a plan; `headshare.share` applies any plan.
+A plan is pure data: making one never edits the model (`headshare.methods`), and `headshare.share`
+applies any plan, fitted weights included, in Python and on the command line alike.
 
 Rules every plan obeys, whatever made it:
 - A unit borrows from a unit of a strictly earlier layer, so there are no cycles.
@@ -9,21 +10,24 @@ Rules every plan obeys, whatever made it:
   (0, 2), then (3, 0) reads the stored weights of (0, 2). That is exactly what copying weights in
   layer order would give, because by then (2, 1) already holds a copy of (0, 2).
 - A borrowed unit's output may be scaled (`scale`, default 1); a pruned unit is removed outright.
+- Fitted weights (`fitted`) are unit slices, named "{layer}.{projection path}.unit{unit}", that
+  replace the model's before the units are tied. They were fitted on particular weights, whose
+  fingerprint `base_sha1` records, and are refused on any other.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .arch import Layout, layout_of
+from .similarity import best_earlier_matches
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # 2: method config, fitted weights beside the JSON (version 1 plans still load)
 
 
 @dataclass
@@ -38,6 +42,14 @@ class Assignment:
     scale: float = 1.0  # factor on the borrowed unit's attention output
 
 
+def _int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _real(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 @dataclass
 class SharePlan:
     """Which units are shared (and pruned) in one model. Save with `save`, read with `SharePlan.load`."""
@@ -49,36 +61,111 @@ class SharePlan:
     pruned: list[tuple[int, int]] = field(default_factory=list)
     metric: str | None = None
     unit: str = ""
-    notes: dict = field(default_factory=dict)
+    config: dict = field(default_factory=dict)  # the method's config as it ran (`headshare.methods`)
+    notes: dict = field(default_factory=dict)  # for people (scores, timings); share() never reads them
+    fitted: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    base_sha1: str | None = None  # fingerprint of the attention weights `fitted` was fitted on
+    fitted_names: list[str] = field(default_factory=list)  # what the document names; `fitted` holds the tensors
     version: int = PLAN_VERSION
+
+    def __post_init__(self) -> None:
+        if self.fitted and not self.fitted_names:
+            self.fitted_names = sorted(self.fitted)
 
     # -- (de)serialisation ------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["pruned"] = [list(p) for p in self.pruned]
-        return d
+        """The JSON document: everything but the fitted tensors, which it names."""
+        return {"layout": dict(self.layout), "method": self.method, "ratio": self.ratio,
+                "assignments": [vars(a).copy() for a in self.assignments],
+                "pruned": [list(p) for p in self.pruned], "metric": self.metric, "unit": self.unit,
+                "config": dict(self.config), "notes": dict(self.notes),
+                "fitted": sorted(self.fitted) or list(self.fitted_names), "base_sha1": self.base_sha1,
+                "version": PLAN_VERSION}
 
     @classmethod
-    def from_dict(cls, d: dict) -> SharePlan:
-        if not isinstance(d, dict) or "assignments" not in d or "layout" not in d:
-            raise ValueError("not a headshare plan: expected a JSON object with 'layout' and 'assignments'")
-        if d.get("version", PLAN_VERSION) > PLAN_VERSION:
-            raise ValueError(f"plan version {d['version']} is newer than this headshare understands "
+    def from_dict(cls, d: dict, fitted: dict[str, torch.Tensor] | None = None) -> SharePlan:
+        """Read a plan document; every malformed entry is refused with a ValueError that names it."""
+        if not isinstance(d, dict) or not isinstance(d.get("assignments"), list) or not isinstance(d.get("layout"), dict):
+            raise ValueError("not a headshare plan: expected a JSON object with 'layout' and a list 'assignments'")
+        version = d.get("version", 1)
+        if not _int(version) or version > PLAN_VERSION:
+            raise ValueError(f"plan version {version!r} is newer than this headshare understands "
                              f"({PLAN_VERSION}); upgrade headshare")
-        fields = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        fields["assignments"] = [Assignment(**a) for a in d["assignments"]]
-        fields["pruned"] = [tuple(p) for p in d.get("pruned", [])]
-        return cls(**fields)
+        assignments = []
+        for i, a in enumerate(d["assignments"]):
+            if not isinstance(a, dict):
+                raise ValueError(f"plan assignment {i} is not an object: {a!r}")
+            unknown = set(a) - set(Assignment.__dataclass_fields__)
+            missing = {"layer", "unit", "source_layer", "source_unit"} - set(a)
+            if unknown or missing:
+                raise ValueError(f"plan assignment {i} {a}: " + (f"unknown keys {sorted(unknown)}" if unknown
+                                                                 else f"missing {sorted(missing)}"))
+            if not all(_int(a[k]) for k in ("layer", "unit", "source_layer", "source_unit")):
+                raise ValueError(f"plan assignment {i} {a}: layers and units must be integers")
+            if not _real(a.get("scale", 1.0)) or not (a.get("score") is None or _real(a["score"])):
+                raise ValueError(f"plan assignment {i} {a}: scale and score must be numbers")
+            assignments.append(Assignment(**a))
+        pruned = d.get("pruned", [])
+        if not isinstance(pruned, list) or not all(isinstance(p, list | tuple) and len(p) == 2
+                                                   and all(_int(x) for x in p) for p in pruned):
+            raise ValueError(f"plan 'pruned' must be a list of [layer, unit] integer pairs, got {pruned!r}")
+        notes = dict(d.get("notes") or {})
+        names = d.get("fitted", [])
+        if version == 1 and notes.get("requires_weights"):
+            # version 1 fitted plans could not carry their weights; applied without them they break the model
+            names = ["(not stored: a version 1 plan fitted together with weights)"]
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"plan 'fitted' must be a list of weight names, got {names!r}")
+        if not _real(d.get("ratio")):
+            raise ValueError(f"plan 'ratio' must be a number, got {d.get('ratio')!r}")
+        return cls(layout=d["layout"], method=str(d.get("method", "?")), ratio=d["ratio"], assignments=assignments,
+                   pruned=[tuple(p) for p in pruned], metric=d.get("metric"), unit=d.get("unit", ""),
+                   config=dict(d.get("config") or {}), notes=notes, fitted=dict(fitted or {}),
+                   base_sha1=d.get("base_sha1"), fitted_names=list(names))
+
+    def fitted_file(self, path: str | Path) -> Path:
+        """Where the fitted tensors of the plan saved at `path` live: beside it, same stem, .safetensors."""
+        return Path(path).with_suffix(".safetensors")
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        """Write the JSON document and, if the plan carries fitted weights, the safetensors file beside it."""
+        from safetensors.torch import save_file
+
+        from .files import atomic_write
+
+        path = Path(path)
+        if path.suffix == ".safetensors":
+            raise ValueError(f"{path}: give the plan a .json name; its fitted weights go beside it")
+        if self.fitted:
+            tensors = {k: v.detach().contiguous().cpu() for k, v in self.fitted.items()}
+            atomic_write(self.fitted_file(path), lambda tmp: save_file(tensors, str(tmp)))
+        atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(self.to_dict(), indent=1) + "\n"))
 
     @classmethod
     def load(cls, path: str | Path) -> SharePlan:
+        """Read a plan written by `save` (with its fitted weights, if it names any)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no plan file {path}")
         try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
-        except json.JSONDecodeError as e:
+            d = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
+        try:
+            plan = cls.from_dict(d)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+        if plan.fitted_names:
+            from .files import read_safetensors
+
+            file = plan.fitted_file(path)
+            if not file.is_file():
+                raise FileNotFoundError(f"{path} names {len(plan.fitted_names)} fitted weights, but {file.name} "
+                                        "is not beside it")
+            plan.fitted = read_safetensors(file)
+            if sorted(plan.fitted) != sorted(plan.fitted_names):
+                raise ValueError(f"{file}: holds other fitted weights than {path.name} names")
+        return plan
 
     # -- meaning --------------------------------------------------------------------------------------
     @property
@@ -131,11 +218,19 @@ class SharePlan:
             seen.add((a.layer, a.unit))
         for p in pruned:
             check(*p, "a pruned")
+        if len(pruned) != len(self.pruned):
+            raise ValueError("plan lists a pruned unit twice")
+        if self.fitted_names and not self.fitted:
+            raise ValueError(f"this {self.method!r} plan names {len(self.fitted_names)} fitted weights but carries "
+                             "none: read it with SharePlan.load(path), which takes the .safetensors file beside it")
+        for k, t in self.fitted.items():
+            if not torch.isfinite(t).all():
+                raise ValueError(f"fitted weight {k!r} has non-finite values")
 
 
 def units_for_ratio(ratio: float, layout: Layout) -> int:
     """floor(ratio x all units), as in the authors' code; refuses ratios outside [0, 1)."""
-    if not (isinstance(ratio, (int, float)) and 0 <= ratio < 1):
+    if not (_real(ratio) and 0 <= ratio < 1):
         raise ValueError(f"ratio must be in [0, 1), got {ratio!r}")
     # round first so that 0.3 * 90 = 26.999999999999996 still counts as 27
     n = math.floor(round(ratio * layout.units_total, 9))
@@ -153,57 +248,14 @@ def dynamic_selection(sim: torch.Tensor, layout: Layout, ratio: float) -> list[A
     proposals with the highest similarity are taken. Ties in similarity are broken by position:
     the earlier (layer, unit) is taken first, and among equally good sources the earliest one wins.
     """
-    from .similarity import best_earlier_matches
-
     n = units_for_ratio(ratio, layout)
     proposals = sorted(best_earlier_matches(sim, layout), key=lambda t: (-t[4], t[0], t[1]))
     chosen = sorted(proposals[:n], key=lambda t: (t[0], t[1]))
     return [Assignment(a, b, c, d, score=round(s, 6)) for a, b, c, d, s in chosen]
 
 
-# -- method registry --------------------------------------------------------------------------------
-
-MethodFn = Callable[..., SharePlan]
-METHODS: dict[str, MethodFn] = {}
-METHOD_HELP: dict[str, str] = {}
-
-
-def register_method(name: str, help: str = "") -> Callable[[MethodFn], MethodFn]:
-    """Add a plan-making method to the registry; the CLI's --method choices come from here."""
-
-    def deco(fn: MethodFn) -> MethodFn:
-        METHODS[name] = fn
-        METHOD_HELP[name] = help or (fn.__doc__ or "").strip().splitlines()[0]
-        return fn
-
-    return deco
-
-
-def new_plan(model, method: str, ratio: float, **kw) -> SharePlan:
+def new_plan(model, method: str, ratio: float, **fields) -> SharePlan:
+    """An empty plan for `model` (its layout and unit recorded), with the given fields set."""
     layout = layout_of(model.config)
-    return SharePlan(layout=layout.to_dict(), method=method, ratio=ratio, unit=layout.describe_unit(), **kw)
+    return SharePlan(layout=layout.to_dict(), method=method, ratio=ratio, unit=layout.describe_unit(), **fields)
 
-
-@register_method("directshare", "the paper: qk weight cosine, dynamic selection, copy")
-def directshare(model, ratio: float, metric: str = "qk", progress: bool = False, **_) -> SharePlan:
-    """The paper's DirectShare selection: weight cosine of the match function, dynamic strategy."""
-    from .similarity import similarity_matrix
-
-    layout = layout_of(model.config)
-    units_for_ratio(ratio, layout)  # fail on a bad ratio before any work
-    sim = similarity_matrix(model, metric, progress=progress)
-    return new_plan(model, "directshare", ratio, metric=metric,
-                    assignments=dynamic_selection(sim, layout, ratio))
-
-
-def make_plan(model, ratio: float, method: str = "directshare", **kw) -> SharePlan:
-    """Make a sharing plan for `model` with a registered method.
-
-    >>> plan = make_plan(model, ratio=0.3)                       # doctest: +SKIP
-    >>> plan = make_plan(model, ratio=0.3, method="random", seed=0)  # doctest: +SKIP
-    """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; registered: {', '.join(METHODS)}")
-    plan = METHODS[method](model, ratio=ratio, **kw)
-    plan.validate(layout_of(model.config))
-    return plan

@@ -23,8 +23,9 @@ and the LM loss trains the whole time against weights that are being merged. Eac
 towards its root (which goes on learning freely) in every tensor the sharing ties (q, k, v rows with
 their biases, o columns at the plan's scale), and a pruned unit's o columns shrink to zero the same
 way, so plans that prune or scale (`fitshare`'s) post-train too. When training ends the model already is the shared model,
-and sharing keeps the plan's scales. A fitted plan's edited weights (`fitshare` refits o columns) are
-not needed: start from the original weights and let the LM loss learn its own compensation.
+and sharing keeps the plan's scales. A plan's fitted weights (`fitshare` refits o columns) are not used
+by postshare: it trains the original weights and lets the LM loss learn its own compensation;
+share-then-tune applies them when it shares, before training.
 
 Training is a `transformers.Trainer` subclass, so `accelerate launch` runs the same code on one
 process or many (DDP; DeepSpeed ZeRO-1/2 keep whole parameters on every rank and work too; FSDP or
@@ -35,7 +36,7 @@ Two reference modes run through the same code:
   root's parameter, so the tie holds by construction (one tensor, one gradient) and L_w is zero.
 - `tune-only`: the same training with lambda 0 and no sharing: what training on this text alone does.
 
-    >>> plan = headshare.plan(model, ratio=0.3)                                  # doctest: +SKIP
+    >>> plan = headshare.make_plan(model, ratio=0.3)                             # doctest: +SKIP
     >>> cfg = PostTrainConfig(steps=200, out="smollm2-postshare")                # doctest: +SKIP
     >>> model = posttrain(model, tokenizer, plan, "builtin:calib", cfg)         # doctest: +SKIP
 
@@ -59,8 +60,9 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
-from .arch import Layout, blocks, layout_of, unit_slices
+from .arch import Layout, blocks, layout_of
 from .plan import SharePlan
+from .units import unit_views
 
 MODES = ("postshare", "share-then-tune", "tune-only")
 CONSTRAINTS = ("fro", "mse", "prox")  # prox: a pull after each step, not a loss term (beyond the paper)
@@ -156,13 +158,8 @@ def constraint_pairs(plan: SharePlan) -> list[tuple[tuple[int, int], tuple[int, 
 
 
 def _unit_weights(block: nn.Module, layout: Layout, parts: str = "qkv") -> dict[str, torch.Tensor]:
-    """{part: (units, width, in) or (units, out, width)} views of the live q/k/v (and o) weights of one
-    block (differentiable)."""
-    out: dict[str, torch.Tensor] = {}
-    for proj in layout.projections():
-        if proj.role == "out" or "o" in parts:
-            out.update(unit_slices(block.get_submodule(proj.path).weight, proj, layout.units_per_layer))
-    return out
+    """{part: (units, width, in) or (units, out, width)} live views of the q/k/v (and o) weights of one block."""
+    return {name: v for role, name, v in unit_views(block, layout) if role == "out" or "o" in parts}
 
 
 def pair_distances(model: nn.Module, pairs, kind: str = "fro", parts: str = "qkv") -> torch.Tensor:
@@ -217,16 +214,7 @@ class ProximalPull(TrainerCallback):
 
     def _slices(self, model: nn.Module, layer: int) -> list[tuple[str, torch.Tensor]]:
         """(role, (units, ...) view) of every tensor with unit slices in one block (weights and biases)."""
-        block = blocks(model)[layer]
-        out = []
-        for proj in self.layout.projections():
-            mod = block.get_submodule(proj.path)
-            out += [(proj.role, v) for v in unit_slices(mod.weight, proj, self.layout.units_per_layer).values()]
-            if proj.role == "out" and getattr(mod, "bias", None) is not None:
-                # as the weight of one extra input feature, in the module's own orientation
-                b = mod.bias.unsqueeze(0 if proj.conv1d else 1)
-                out += [("out", v) for v in unit_slices(b, proj, self.layout.units_per_layer).values()]
-        return out
+        return [(role, v) for role, _, v in unit_views(blocks(model)[layer], self.layout, biases=True)]
 
     @torch.no_grad()
     def pull(self, model: nn.Module, alpha: float) -> None:
@@ -394,7 +382,7 @@ def posttrain(model: nn.Module, tokenizer, plan: SharePlan | None, data, config:
 
     Returns the trained model: shared in place for postshare and share-then-tune.
 
-    >>> model = posttrain(model, tok, headshare.plan(model, 0.3), "builtin:calib",
+    >>> model = posttrain(model, tok, headshare.make_plan(model, 0.3), "builtin:calib",
     ...                   PostTrainConfig(steps=200, out="out"))   # doctest: +SKIP
     """
     cfg = config or PostTrainConfig()
@@ -422,7 +410,7 @@ def _run(model, tokenizer, plan, blocks_: torch.Tensor, cfg: PostTrainConfig, ou
          callbacks) -> nn.Module:
     from accelerate import PartialState
 
-    from .share import share
+    from .sharing import share
 
     layout = layout_of(model.config)
     args = _training_args(cfg, work / "trainer")
@@ -469,10 +457,9 @@ def _run(model, tokenizer, plan, blocks_: torch.Tensor, cfg: PostTrainConfig, ou
         # the trained weights supersede any weights a method fitted with the plan; a penalty has pulled
         # the pairs to equal, so they share as the paper does, at scale 1; the prox pull has already made
         # each borrower's o columns its scale times its root's, so the scales stay
-        notes = {k: v for k, v in plan.notes.items() if k not in ("requires_weights", "weights_sha1")}
         assignments = (plan.assignments if cfg.constraint == "prox"
                        else [replace(a, scale=1.0) for a in plan.assignments])
-        share(model, replace(plan, assignments=assignments, notes=notes))
+        share(model, replace(plan, assignments=assignments, fitted={}, fitted_names=[], base_sha1=None))
 
     if out is not None and state.is_main_process:
         logged = [r for r in trainer.state.log_history if "lm_loss" in r]

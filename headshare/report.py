@@ -55,8 +55,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .arch import blocks, layout_of, unit_slices
-from .similarity import METRICS, _check_metric
+from .arch import blocks, layout_of
+from .similarity import METRICS, metric_parts
+from .units import unit_slices
 
 MAX_SCATTER_POINTS = 20000  # per match function; the correlation always uses every pair
 
@@ -92,7 +93,7 @@ def head_weight_vectors(model, metric: str = "qk") -> torch.Tensor:
     flattened and concatenated in the order of `METRICS[metric]`.
     """
     layout = layout_of(model.config)
-    parts = _check_metric(metric, layout)
+    parts = metric_parts(metric, layout)
     U, gq, d = layout.units_per_layer, layout.q_heads_per_unit, layout.head_dim
     H = layout.num_heads
     rows = []
@@ -186,12 +187,12 @@ def compute(model, tokenizer, *, text: str = "builtin:calib", windows: int = 8, 
         text: calibration text source (see `headshare.data.load_text`), split "calib".
         head: (layer, query head) of the head-wise panel; default head 0 of the last layer.
         top: how many most similar heads to mark; default H, the paper's "top-H".
-        plan_kwargs: extra keyword arguments for the plan method (calib, metric, seed, ...).
+        plan_kwargs: options of the plan method's config (calib, metric, seed, ...); unknown ones are refused.
         name: what to call the model in the report (default: its config's name_or_path).
     """
     from .data import load_text, token_blocks
-    from .plan import make_plan
-    from .share import share, unique_parameters
+    from .methods import get_method, make_plan
+    from .sharing import share, unique_parameters
 
     timings = {}
     layout = layout_of(model.config)
@@ -297,8 +298,9 @@ def compute(model, tokenizer, *, text: str = "builtin:calib", windows: int = 8, 
 
     # 4. the plan on the layers x units grid; parameters saved measured by sharing a copy
     t0 = time.time()
-    plan = make_plan(model, ratio=ratio, method=method, tokenizer=tokenizer, progress=progress,
-                     **{"calib": text, **(plan_kwargs or {})})
+    # methods that read calibration text read the report's text, unless told otherwise
+    calib = {"calib": text} if "calib" in get_method(method).config.options() else {}
+    plan = make_plan(model, ratio, method, tokenizer=tokenizer, progress=progress, **{**calib, **(plan_kwargs or {})})
     roots = plan.roots()
     state = np.zeros((L, U), dtype=int)  # 0 kept, 1 source of a shared unit, 2 shared, 3 pruned
     for src in roots.values():

@@ -18,7 +18,9 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from .arch import Layout, blocks, checkpoint_key_pattern, layout_of, unit_slices
+from .arch import Layout, blocks, checkpoint_key_pattern, layout_of
+from .files import safetensors_error, safetensors_shapes
+from .units import refuse_shared, unit_slices
 
 METRICS: dict[str, tuple[str, ...]] = {
     "q": ("q",),
@@ -29,7 +31,7 @@ METRICS: dict[str, tuple[str, ...]] = {
 }
 
 
-def _check_metric(metric: str, layout: Layout) -> tuple[str, ...]:
+def metric_parts(metric: str, layout: Layout) -> tuple[str, ...]:
     if metric not in METRICS:
         raise ValueError(f"unknown match function {metric!r}; choose one of {', '.join(METRICS)}")
     parts = METRICS[metric]
@@ -51,7 +53,7 @@ class WeightSource:
 
     def unit_vectors(self, layer: int, metric: str = "qk", out: torch.Tensor | None = None) -> torch.Tensor:
         """(units_per_layer, dim) float32 vectors of one layer, not normalised; written into `out` if given."""
-        parts = _check_metric(metric, self.layout)
+        parts = metric_parts(metric, self.layout)
         U = self.layout.units_per_layer
         pieces: dict[str, torch.Tensor] = {}
         for proj in self.layout.projections():
@@ -72,6 +74,7 @@ class WeightSource:
 
 class ModelWeights(WeightSource):
     def __init__(self, model: torch.nn.Module):
+        refuse_shared(model, "the weight analysis")
         self.layout = layout_of(model.config)
         self._blocks = blocks(model)
 
@@ -86,7 +89,11 @@ class CheckpointWeights(WeightSource):
         from transformers import AutoConfig
 
         self.path = Path(path)
-        self.layout = layout_of(AutoConfig.from_pretrained(self.path))
+        config = AutoConfig.from_pretrained(self.path)
+        if getattr(config, "headshare", None):
+            raise ValueError(f"{self.path} is already shared (a headshare checkpoint); analyze the original model "
+                             "it was made from")
+        self.layout = layout_of(config)
         files = sorted(self.path.glob("*.safetensors"))
         if not files:
             raise FileNotFoundError(f"no .safetensors files in {self.path}")
@@ -94,12 +101,11 @@ class CheckpointWeights(WeightSource):
         patterns = {p.path: checkpoint_key_pattern(self.layout.model_type, p.path)
                     for p in self.layout.projections()}
         for f in files:
-            with safe_open(f, framework="pt") as sf:
-                for key in sf.keys():
-                    for proj, pat in patterns.items():
-                        m = pat.search(key)
-                        if m:
-                            self._where[(int(m.group(1)), proj)] = (f, key)
+            for key in safetensors_shapes(f):
+                for proj, pat in patterns.items():
+                    m = pat.search(key)
+                    if m:
+                        self._where[(int(m.group(1)), proj)] = (f, key)
         missing = [(layer, p) for layer in range(self.layout.num_layers) for p in patterns
                    if (layer, p) not in self._where]
         if missing:
@@ -108,8 +114,11 @@ class CheckpointWeights(WeightSource):
 
     def projection_weight(self, layer: int, path: str) -> torch.Tensor:
         f, key = self._where[(layer, path)]
-        with safe_open(f, framework="pt") as sf:
-            return sf.get_tensor(key)
+        try:
+            with safe_open(f, framework="pt") as sf:
+                return sf.get_tensor(key)
+        except Exception as e:  # a damaged file: one clear line, not the library's traceback
+            raise safetensors_error(f, e) from None
 
 
 def weight_source(model_or_path) -> WeightSource:
@@ -146,7 +155,7 @@ def similarity_matrix(model_or_path, metric: str = "qk", block_bytes: int = 2 <<
     """
     src = weight_source(model_or_path)
     layout = src.layout
-    parts = _check_metric(metric, layout)
+    parts = metric_parts(metric, layout)
     widths = {name: w for p in layout.projections() if p.role == "out" for name, _, w in p.parts}
     dim = sum(widths[p] for p in parts) * layout.hidden_size
     groups = _layer_blocks(layout, dim, block_bytes)

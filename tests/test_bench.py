@@ -63,6 +63,11 @@ def test_rows_table_and_plot(tiny_dir, tmp_path, count_measure):
         assert 0 < r["prefill_s"] < 30 and 0 < r["decode_s"] < 30
         assert r["prefill_tokens"] == 223 and r["decode_tokens"] == 32
     base, shared, pruned = saved[0], saved[1], saved[3]
+    # each row records the method config it ran and the run's options
+    assert base["config"] is None and all(r["options"] is None for r in saved)
+    assert shared["config"] == {"ratio": 0.5, "metric": "qk", "version": 1}
+    assert pruned["config"] == {"ratio": 0.5, "calib": str(tiny_dir / "text.txt"), "calib_tokens": 256,
+                                "relative": True, "version": 1}
     assert {k: v for k, v in saved[2].items() if k != "method"} == {k: v for k, v in base.items() if k != "method"}
     assert base["kl"] == pytest.approx(0, abs=1e-12) and base["top1_agreement"] == 1.0
     assert base["params_removed"] == 0 and base["perplexity"] == pytest.approx(base["reference_perplexity"])
@@ -130,10 +135,11 @@ def test_measure_takes_a_control_plan_that_is_no_method(tiny_tokenizer):
 
     original = build_tiny_llama(num_hidden_layers=3)
     text = "\n".join(TINY_CORPUS * 6)
-    settings = dict(model="tiny", text="t", calib=None, calib_tokens=None, max_tokens=None, window=32, seed=0)
+    settings = dict(model="tiny", text="t", calib=None, calib_tokens=None, max_tokens=None, window=32, seed=0,
+                    options=None)
 
     def as_prune(model):
-        shared = headshare.plan(model, ratio=0.5)
+        shared = headshare.make_plan(model, 0.5)
         return new_plan(model, "control", 0.5, pruned=[(a.layer, a.unit) for a in shared.assignments])
 
     row = bench.measure("directshare-as-prune", 0.5, original, original, tiny_tokenizer, text, settings,
@@ -149,7 +155,7 @@ def test_measure_takes_a_control_plan_that_is_no_method(tiny_tokenizer):
 def test_cached_reference_gives_the_same_comparison(tiny_tokenizer):
     original = build_tiny_llama(num_hidden_layers=3)
     shared = build_tiny_llama(num_hidden_layers=3)
-    headshare.share(shared, headshare.plan(shared, ratio=0.5))
+    headshare.share(shared, headshare.make_plan(shared, 0.5))
     text = "\n".join(TINY_CORPUS * 6)
     cached = bench.CachedReference(original)
     want = compare(shared, original, tiny_tokenizer, text, window=32, stride=32, progress=False)
@@ -163,9 +169,9 @@ def test_cached_reference_gives_the_same_comparison(tiny_tokenizer):
 
 
 def test_methods_all_follows_the_registry(monkeypatch):
-    from headshare.plan import METHODS
+    from headshare.methods import METHODS, Method, MethodConfig
 
-    monkeypatch.setitem(METHODS, "newer", lambda model, ratio, **_: None)
+    monkeypatch.setitem(METHODS, "newer", Method("newer", MethodConfig, lambda *a: None, "a later method", False))
     got = bench.resolve_methods("all")
     assert got == list(METHODS) and got[0] == "directshare" and got[-1] == "newer"
     assert {"random", "layerwise", "prune"} <= set(got)
@@ -174,16 +180,39 @@ def test_methods_all_follows_the_registry(monkeypatch):
         bench.resolve_methods(["nope"])
 
 
+def test_options_go_to_the_methods_that_have_them(tiny_dir, tmp_path):
+    assert bench.parse_options(None, ["random"]) is None
+    assert bench.parse_options(["random.seed=3", "calib-tokens=64"], ["random", "prune"]) == \
+        {"random.seed": 3, "calib_tokens": 64}
+    with pytest.raises(ValueError, match="'rho' belongs to none of the methods random, prune"):
+        bench.parse_options(["rho=1"], ["random", "prune"])
+    with pytest.raises(ValueError, match="for method 'fitshare', which this run does not include"):
+        bench.parse_options(["fitshare.rho=1"], ["random"])
+    settings = {"calib": "c.txt", "calib_tokens": None, "seed": 0, "options": {"calib_tokens": 64, "random.seed": 3}}
+    assert bench.bench_config("prune", 0.5, settings).to_dict() == \
+        {"ratio": 0.5, "calib": "c.txt", "calib_tokens": 64, "relative": True, "version": 1}
+    assert bench.bench_config("random", 0.5, settings).to_dict() == {"ratio": 0.5, "seed": 3, "version": 1}
+    # a bad value fails before anything loads or is written
+    with pytest.raises(ValueError, match="seed must be an integer"):
+        _run(tiny_dir, tmp_path / "o.json", ["random"], options={"seed": "x"})
+    assert not (tmp_path / "o.json").exists()
+
+
 def test_cli_bench(tiny_dir, tmp_path, capsys):
     out, md = tmp_path / "o.json", tmp_path / "t.md"
     text = str(tiny_dir / "text.txt")
     argv = ["bench", "--model", str(tiny_dir / "model"), "--ratios", "0,0.25", "--methods", "random,layerwise",
-            "--json", str(out), "--text", text, "--calib", text, "--no-probe", "--md", str(md), "--max-tokens", "200"]
+            "--json", str(out), "--text", text, "--calib", text, "--no-probe", "--md", str(md), "--max-tokens", "200",
+            "-o", "random.seed=3"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert printed == md.read_text()
     rows = json.loads(out.read_text())
     assert len(rows) == 4 and all(r["tokens"] == 199 and r["max_tokens"] == 200 for r in rows)
+    assert all(r["options"] == {"random.seed": 3} for r in rows)
+    configs = {(r["method"], r["ratio"]): r["config"] for r in rows}
+    assert configs[("random", 0.25)] == {"ratio": 0.25, "seed": 3, "version": 1}
+    assert configs[("layerwise", 0.25)] == {"ratio": 0.25, "metric": "qk", "version": 1}
     assert all(r["peak_rss_bytes"] is None for r in rows)  # --no-probe
     assert main(argv) == 2  # exists, no --resume: one line, exit 2
     assert "--resume" in capsys.readouterr().err

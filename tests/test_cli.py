@@ -57,7 +57,7 @@ def test_share_with_ratio_matches_python_api(model_dir, tmp_path):
     out = tmp_path / "o"
     assert main(["share", str(model_dir), "--ratio", "0.5", "--out", str(out)]) == 0
     model = tiny_model("llama-gqa")
-    headshare.share(model, headshare.plan(model, ratio=0.5))
+    headshare.share(model, headshare.make_plan(model, 0.5))
     ids = torch.tensor([[5, 6, 7, 8]])
     assert torch.equal(headshare.load(out)(ids).logits, model(ids).logits)
 
@@ -126,3 +126,22 @@ def test_plan_that_does_not_fit(model_dir, tmp_path, capsys):
 def test_info_on_a_plain_model(model_dir, capsys):
     assert main(["info", str(model_dir)]) == 2
     assert "not a headshare checkpoint" in _error_line(capsys)
+
+
+def test_method_options_from_the_command_line(model_dir, tmp_path, capsys):
+    argv = ["plan", str(model_dir), "--ratio", "0.5", "--method", "random"]
+    assert main([*argv, "-o", "seed=3", "--out", str(tmp_path / "a.json")]) == 0
+    assert main([*argv, "--option", "seed=3", "--out", str(tmp_path / "b.json")]) == 0
+    assert main([*argv, "--seed", "3", "--out", str(tmp_path / "c.json")]) == 0
+    plans = [json.loads((tmp_path / f"{k}.json").read_text()) for k in "abc"]
+    assert plans[0]["config"] == {"ratio": 0.5, "seed": 3, "version": 1}
+    assert plans[0]["assignments"] == plans[1]["assignments"] == plans[2]["assignments"]
+    want = headshare.make_plan(tiny_model("llama-gqa"), 0.5, "random", seed=3)
+    assert plans[0]["assignments"] == want.to_dict()["assignments"]
+    capsys.readouterr()
+    # an option the method lacks, and a value of the wrong type: one line each, nothing written
+    assert main([*argv, "-o", "metric=qk", "--out", str(tmp_path / "d.json")]) == 2
+    assert "RandomConfig has no option 'metric'" in _error_line(capsys)
+    assert main([*argv, "-o", "seed=many", "--out", str(tmp_path / "d.json")]) == 2
+    assert "seed" in _error_line(capsys)
+    assert not (tmp_path / "d.json").exists()

@@ -12,17 +12,22 @@ from headshare.cli import main
 from headshare.evaluate import perplexity
 
 
+def write_models(d, seed: int = 0) -> None:
+    """An original tiny Llama (3 layers) in d/orig and its DirectShare-shared copy in d/shared, with the tokenizer."""
+    tok = build_tiny_tokenizer()
+    model = build_tiny_llama(seed=seed, num_hidden_layers=3)
+    model.save_pretrained(d / "orig")
+    tok.save_pretrained(d / "orig")
+    shared = build_tiny_llama(seed=seed, num_hidden_layers=3)
+    headshare.share(shared, headshare.make_plan(shared, 0.5))
+    shared.save_pretrained(d / "shared", tokenizer=tok)
+
+
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
     """An original tiny Llama, its DirectShare-shared copy (both with the tokenizer) and a text file."""
     d = tmp_path_factory.mktemp("eval")
-    tok = build_tiny_tokenizer()
-    model = build_tiny_llama(num_hidden_layers=3)
-    model.save_pretrained(d / "orig")
-    tok.save_pretrained(d / "orig")
-    shared = build_tiny_llama(num_hidden_layers=3)
-    headshare.share(shared, headshare.plan(shared, ratio=0.5))
-    shared.save_pretrained(d / "shared", tokenizer=tok)
+    write_models(d)
     (d / "text.txt").write_text("\n".join(TINY_CORPUS * 5))
     return d
 
@@ -54,12 +59,20 @@ def test_shared_checkpoint_against_reference(dirs, capsys):
 
 
 def test_lm_eval_tasks_with_recovery(dirs, tmp_path, capsys):
-    got = _eval(capsys, dirs / "shared", "--text", dirs / "text.txt", "--window", 32, "--reference", dirs / "orig",
-                "--tasks", "tiny_mc", "--include-path", write_task(tmp_path), "--no-default-tasks", "--limit", 2)
-    acc, ref = got["tasks"]["tiny_mc"]["acc"], got["reference_tasks"]["tiny_mc"]["acc"]
-    assert acc in (0.0, 0.5, 1.0) and ref in (0.0, 0.5, 1.0)  # --limit 2: two questions scored
-    if ref:
-        assert got["recovery"]["tiny_mc"]["acc"] == pytest.approx(acc / ref)
+    # seed 1: the original model answers the first two questions right (seed 0 gets both wrong, and a
+    # recovery against a reference accuracy of 0 is no ratio at all)
+    write_models(tmp_path, seed=1)
+    got = _eval(capsys, tmp_path / "shared", "--text", dirs / "text.txt", "--window", 32, "--reference",
+                tmp_path / "orig", "--tasks", "tiny_mc", "--include-path", write_task(tmp_path), "--no-default-tasks",
+                "--limit", 2)
+    mine, ref = got["tasks"]["tiny_mc"], got["reference_tasks"]["tiny_mc"]
+    assert mine["acc"] in (0.0, 0.5, 1.0) and ref["acc"] in (0.5, 1.0)  # --limit 2: two questions scored
+    assert ref["acc"] > 0, "the setup must give the reference a nonzero accuracy"
+    recovery = got["recovery"]["tiny_mc"]
+    assert set(recovery) == {k for k in mine if not k.endswith("stderr")} >= {"acc", "acc_norm"}
+    assert recovery["acc"] == pytest.approx(mine["acc"] / ref["acc"])
+    for k, r in recovery.items():  # every metric has one; None only where the reference scored 0
+        assert r == (pytest.approx(mine[k] / ref[k]) if ref[k] else None), k
 
 
 def test_human_output_and_errors(dirs, tmp_path, capsys):

@@ -73,6 +73,17 @@ def test_local_text_and_json_files(tmp_path):
         load_text(str(tmp_path / "e.json"))
 
 
+@pytest.mark.parametrize("name", ["nope.txt", "nope.jsonl", "sub/nope", "./nope"])
+def test_a_missing_text_path_is_refused_at_once(tmp_path, monkeypatch, name):
+    import datasets
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("a missing path went to the hub"))
+    source = str(tmp_path / name) if name.startswith("sub/") else name  # an absolute path, or relative ones
+    with pytest.raises(FileNotFoundError, match="no such text file or directory"):
+        load_text(source)
+
+
 def test_saved_dataset_directory_and_data_file(tmp_path):
     from datasets import Dataset, DatasetDict
 
@@ -154,7 +165,7 @@ def test_pydoc_reads_installed_packages_without_importing_them(tmp_path, monkeyp
     import sys
 
     name = "hs_fake_pkg_for_pydoc"
-    taken = next(d for d in builtin_docstrings() if data._normalise(d) == d)
+    taken = next(d for d in builtin_docstrings() if "\n" not in d)  # one line: reads back from a literal as it is
     docs = {
         "module": "A fake package whose docstrings make a small training corpus for the test.",
         "class": "A class that does nothing at all, documented with enough words to count.",

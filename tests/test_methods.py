@@ -1,4 +1,5 @@
-"""The baseline methods (random, layerwise, prune): same unit budget as sharing, deterministic, exact savings."""
+"""The method registry and configs, and the baseline methods (random, layerwise, prune): same unit budget as
+sharing, deterministic, exact savings."""
 
 from __future__ import annotations
 
@@ -7,15 +8,20 @@ import torch
 from archs import TINY, tiny_model
 
 import headshare
-from headshare.arch import blocks, layout_of, unit_slices
-from headshare.methods import layer_similarity, output_energy
-from headshare.plan import METHODS, units_for_ratio
+from headshare.arch import blocks, layout_of
+from headshare.methods import METHODS, make_config, parse_option, register_method
+from headshare.methods.baselines import layer_similarity, output_energy
+from headshare.plan import units_for_ratio
+from headshare.units import unit_slices
 
 BASELINES = ("random", "layerwise", "prune")
 
 
 def _plan(model, ratio, method, tok, calib, **kw):
-    return headshare.plan(model, ratio=ratio, method=method, tokenizer=tok, calib=calib, calib_tokens=128, **kw)
+    """A plan with the tiny calibration text for the methods that read one (the others refuse the option)."""
+    if "calib" in METHODS[method].config.options():
+        kw = {"calib": calib, "calib_tokens": 128, **kw}
+    return headshare.make_plan(model, ratio, method, tokenizer=tok, **kw)
 
 
 def _bias_flags(model) -> dict[str, bool]:
@@ -66,9 +72,10 @@ def test_parameters_removed_are_exactly_predicted(method, arch, tiny_tokenizer, 
 
 def test_random_depends_on_the_seed(tiny_llama):
     model = tiny_llama(num_hidden_layers=6)
-    plans = [headshare.plan(model, ratio=0.5, method="random", seed=s).to_dict()["assignments"] for s in range(4)]
+    plans = [headshare.make_plan(model, 0.5, "random", seed=s).to_dict()["assignments"] for s in range(4)]
     assert len({str(p) for p in plans}) == 4
-    assert headshare.plan(model, ratio=0.5, method="random", seed=2).to_dict()["assignments"] == plans[2]
+    assert headshare.make_plan(model, 0.5, "random", seed=2).to_dict()["assignments"] == plans[2]
+    assert headshare.make_plan(model, headshare.RandomConfig(ratio=0.5, seed=2)).to_dict()["assignments"] == plans[2]
     # random sources: not always the previous layer's same unit
     pairs = {(a["layer"] - a["source_layer"], a["unit"] - a["source_unit"]) for p in plans for a in p}
     assert len(pairs) > 2
@@ -83,14 +90,14 @@ def test_layerwise_takes_whole_layers_from_the_most_similar_layer(tiny_llama):
             w = bl[1].get_submodule(path).weight
             bl[3].get_submodule(path).weight.copy_(w + 0.001 * torch.randn_like(w))
     U = layout.units_per_layer
-    plan = headshare.plan(model, ratio=U / layout.units_total, method="layerwise")
+    plan = headshare.make_plan(model, U / layout.units_total, "layerwise")
     assert [(a.layer, a.unit, a.source_layer, a.source_unit) for a in plan.assignments] == \
         [(3, u, 1, u) for u in range(U)]
     assert plan.notes["partial_layer"] is None
     assert plan.notes["layer_scores"]["3"][0] == 1 and plan.notes["layer_scores"]["3"][1] > 0.99
 
     # one unit more than a whole layer: the next layer is taken partially, by its best aligned unit
-    more = headshare.plan(model, ratio=(U + 1) / layout.units_total, method="layerwise")
+    more = headshare.make_plan(model, (U + 1) / layout.units_total, "layerwise")
     assert more.units_removed == U + 1
     partial = more.notes["partial_layer"]
     assert partial is not None and partial != 3
@@ -151,7 +158,7 @@ def test_prune_removes_the_silent_unit_first(tiny_llama, tiny_tokenizer, calib_f
 
 def test_prune_needs_a_tokenizer(tiny_llama):
     with pytest.raises(ValueError, match="tokenizer"):
-        headshare.plan(tiny_llama(), ratio=0.25, method="prune")
+        headshare.make_plan(tiny_llama(), 0.25, "prune")
 
 
 @pytest.mark.parametrize("arch", sorted(TINY))
@@ -162,20 +169,123 @@ def test_baselines_run_on_every_architecture(arch, tiny_tokenizer, calib_file):
         plan.validate(layout_of(model.config))
 
 
-def test_output_energy_is_memoised_by_content(tiny_llama, tiny_tokenizer, calib_file, monkeypatch):
-    import headshare.methods as methods
+def test_output_energy_is_memoised_by_content(tiny_llama, tiny_tokenizer, calib_file):
+    forwards = []  # calibration passes, seen as forward calls of the models themselves
 
-    calls = []
-    real = methods._output_energy
-    monkeypatch.setattr(methods, "_output_energy", lambda *a: calls.append(1) or real(*a))
-    model = tiny_llama(num_hidden_layers=2)
+    def counted(model):
+        model.register_forward_pre_hook(lambda *_: forwards.append(1))
+        return model
+
+    model = counted(tiny_llama(num_hidden_layers=2))
     first = output_energy(model, tiny_tokenizer, calib_file, calib_tokens=64)
-    copy = tiny_llama(num_hidden_layers=2)  # equal weights in other tensors: reused
+    assert len(forwards) > 0
+    runs = len(forwards)  # forwards of one calibration pass
+    copy = counted(tiny_llama(num_hidden_layers=2))  # equal weights in other tensors: reused
     assert torch.equal(output_energy(copy, tiny_tokenizer, calib_file, calib_tokens=64), first)
-    assert len(calls) == 1
+    assert len(forwards) == runs
     with torch.no_grad():
         blocks(copy)[1].mlp.down_proj.weight.mul_(2)  # any weight change invalidates
     output_energy(copy, tiny_tokenizer, calib_file, calib_tokens=64)
+    assert len(forwards) == 2 * runs
     output_energy(model, tiny_tokenizer, calib_file, calib_tokens=32)  # so do other calibration tokens
+    assert len(forwards) > 2 * runs
+    seen = len(forwards)
     output_energy(model, tiny_tokenizer, calib_file, calib_tokens=64, relative=False)  # and the other score
-    assert len(calls) == 4
+    assert len(forwards) == seen + runs
+
+
+# -- the registry and the configs -----------------------------------------------------------------------------
+
+def test_registry_entries_describe_their_methods():
+    assert list(METHODS)[0] == "directshare"  # the default, first in --method's choices
+    assert set(METHODS) == {"directshare", "alignshare", "random", "layerwise", "prune", "actshare", "fitshare",
+                            "fitprune"}
+    for name, m in METHODS.items():
+        assert m.name == name and m.help and callable(m.fn)
+        assert issubclass(m.config, headshare.MethodConfig)
+        assert m.needs_tokenizer == ("calib" in m.config.options()), name
+    assert METHODS["random"].config is headshare.RandomConfig
+    assert headshare.RandomConfig.options() == {"seed": 0}
+
+
+def test_plan_records_its_config_and_never_edits_the_model(tiny_llama, tiny_tokenizer, calib_file):
+    model = tiny_llama(num_hidden_layers=3)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for method in BASELINES:
+        plan = _plan(model, 0.5, method, tiny_tokenizer, calib_file)
+        assert METHODS[method].config.from_dict(plan.config).to_dict() == plan.config  # a config that reads back
+        assert plan.config["ratio"] == 0.5 and plan.fitted == {} and plan.base_sha1 is None
+    assert _plan(model, 0.5, "prune", tiny_tokenizer, calib_file).config == \
+        {"ratio": 0.5, "calib": calib_file, "calib_tokens": 128, "relative": True, "version": 1}
+    assert state.keys() == model.state_dict().keys()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("method, option", [("directshare", "calib"), ("fitshare", "seed"), ("random", "metric"),
+                                            ("prune", "window"), ("layerwise", "nope")])
+def test_an_unknown_option_is_refused_by_name(method, option, tiny_llama, tiny_tokenizer):
+    model = tiny_llama()
+    with pytest.raises(ValueError, match=f"has no option '{option}'; its options: "):
+        headshare.make_plan(model, 0.25, method, tokenizer=tiny_tokenizer, **{option: 1})
+    with pytest.raises(ValueError, match=f"has no option '{option}'"):
+        make_config(method, 0.25, **{option: 1})
+    with pytest.raises(ValueError, match=f"has no option '{option}'"):
+        parse_option(METHODS[method].config, f"{option}=1")
+
+
+@pytest.mark.parametrize("method, options, message", [
+    ("random", {"seed": 1.5}, "seed must be an integer"),
+    ("directshare", {"metric": "qq"}, "metric must be one of"),
+    ("prune", {"calib_tokens": 1}, "calib_tokens must be an integer >= 2"),
+    ("fitshare", {"select": "best"}, "select must be one of"),
+    ("actshare", {"window": 0}, "window must be an integer >= 1 or none"),
+    ("directshare", {"ratio": 1.0}, r"ratio must be a number in \[0, 1\)"),
+])
+def test_bad_option_values_are_refused(method, options, message):
+    with pytest.raises(ValueError, match=message):
+        make_config(method, **{"ratio": 0.3, **options})
+
+
+def test_parse_option_reads_each_option_by_its_type():
+    fit = METHODS["fitshare"].config
+    assert parse_option(fit, "rho=0.5") == ("rho", 0.5)
+    assert parse_option(fit, "window=none") == ("window", None)
+    assert parse_option(fit, "window=3") == ("window", 3)
+    assert parse_option(fit, "heldout=false") == ("heldout", False)
+    assert parse_option(fit, "calib-tokens=64") == ("calib_tokens", 64)
+    assert parse_option(fit, "calib=a=b.txt") == ("calib", "a=b.txt")
+    with pytest.raises(ValueError, match="option calib_tokens: 'many' is not"):
+        parse_option(fit, "calib_tokens=many")
+    with pytest.raises(ValueError, match="expected KEY=VALUE"):
+        parse_option(fit, "rho")
+    with pytest.raises(ValueError, match="has no option 'ratio'"):  # the ratio has its own flag
+        parse_option(fit, "ratio=0.3")
+
+
+def test_a_registered_method_is_used_by_make_plan_and_refused_twice(tiny_llama, monkeypatch):
+    from dataclasses import dataclass
+
+    from headshare.plan import Assignment, new_plan
+
+    # a copy of the registry for this test: registering must not leak into other tests
+    monkeypatch.setattr(headshare.methods, "METHODS", dict(METHODS))
+    @dataclass
+    class LastConfig(headshare.MethodConfig):
+        source: int = 0
+
+    @register_method("last-from-first", LastConfig, "every unit of the last layer borrows unit `source` of layer 0")
+    def last_from_first(model, cfg, tokenizer, progress):
+        layout = layout_of(model.config)
+        return new_plan(model, "last-from-first", cfg.ratio,
+                        assignments=[Assignment(layout.num_layers - 1, u, 0, cfg.source)
+                                     for u in range(layout.units_per_layer)])
+
+    assert headshare.methods.METHODS["last-from-first"].config is LastConfig
+    model = tiny_llama(num_hidden_layers=3)
+    plan = headshare.make_plan(model, 0.0, "last-from-first", source=1)
+    assert plan.method == "last-from-first" and plan.config == {"ratio": 0.0, "source": 1, "version": 1}
+    assert [(a.layer, a.source_unit) for a in plan.assignments] == [(2, 1), (2, 1)]
+    with pytest.raises(ValueError, match="already registered"):
+        register_method("last-from-first", LastConfig)(last_from_first)
+    with pytest.raises(ValueError, match="either a config or a method name"):
+        headshare.make_plan(model, LastConfig(), "random")

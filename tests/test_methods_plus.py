@@ -8,35 +8,33 @@ import math
 
 import pytest
 import torch
-from archs import TINY, outputs, tiny_model
+from archs import outputs, tiny_model
 from conftest import TINY_CORPUS
 
 import headshare
 from headshare.arch import blocks, layout_of
-from headshare.calibrated import (
+from headshare.methods import METHODS
+from headshare.methods.calibration import borrowed_z, calibration_ids, capture, layer_gram
+from headshare.methods.directshare import aligned_similarity
+from headshare.methods.lstsq import (
     RidgeResidual,
-    _get_slices,
-    _layer_gram,
-    _o_matrix,
-    _set_slices,
-    _unit_z,
-    aligned_similarity,
-    borrowed_z,
-    calibration_ids,
-    capture,
     fit_scales,
     heldout_lenders,
     heldout_share_costs,
     knapsack,
     layer_options,
 )
-from headshare.plan import METHODS, SharePlan, units_for_ratio
+from headshare.plan import SharePlan, units_for_ratio
+from headshare.units import get_slices, o_columns, set_slices, unit_z, weights_fingerprint
 
 PLUS = ("actshare", "fitshare", "fitprune", "alignshare")
 
 
 def _plan(model, ratio, method, tok, calib, **kw):
-    return headshare.plan(model, ratio=ratio, method=method, tokenizer=tok, calib=calib, calib_tokens=128, **kw)
+    """A plan with the tiny calibration text for the methods that read one (the others refuse the option)."""
+    if "calib" in METHODS[method].config.options():
+        kw = {"calib": calib, "calib_tokens": 128, **kw}
+    return headshare.make_plan(model, ratio, method, tokenizer=tok, **kw)
 
 
 def _ids(tok) -> torch.Tensor:
@@ -59,7 +57,7 @@ def test_exact_unit_count_and_valid_plan(arch, method, ratio, tiny_tokenizer, ca
         pytest.skip("alignshare needs RoPE (llama-like) attention")
     model = tiny_model(arch)
     layout = layout_of(model.config)
-    plan = _plan(model, ratio, method, tiny_tokenizer, calib_file, min_gain=0.0)
+    plan = _plan(model, ratio, method, tiny_tokenizer, calib_file, **({"min_gain": 0.0} if method == "fitshare" else {}))
     assert plan.units_removed == units_for_ratio(ratio, layout)
     plan.validate(layout)
     if method in ("actshare", "alignshare"):
@@ -91,7 +89,7 @@ def _duplicate_unit(model, dst: tuple[int, int], src: tuple[int, int]) -> None:
     layout = layout_of(model.config)
     bl = blocks(model)
     with torch.no_grad():
-        _set_slices(bl[dst[0]], layout, dst[1], _get_slices(bl[src[0]], layout, src[1]))
+        set_slices(bl[dst[0]], layout, dst[1], get_slices(bl[src[0]], layout, src[1]))
 
 
 @pytest.mark.parametrize("arch", ["llama-gqa", "qwen2-bias"])
@@ -124,7 +122,7 @@ def test_fitshare_borrows_a_duplicate_without_refitting_anything(tiny_tokenizer,
 def _layer_errors(model, reference, ids) -> list[float]:
     """Per layer: sum_t ||attn_out_t - attn_out_ref_t||^2 / ||h_t + attn_out_ref_t||^2, every layer fed the
     reference model's own inputs (the layer-local objective of the scaled-sharing fit), written independently
-    of headshare.calibrated with plain hooks."""
+    of headshare.methods with plain hooks."""
     layout = layout_of(reference.config)
     apath = layout.projections()[0].path.rpartition(".")[0]
     seen = {}
@@ -181,8 +179,8 @@ def test_borrowed_outputs_are_what_share_computes(tiny_tokenizer, calib_file):
         blocks(shared)[2].get_submodule("self_attn")(*args, **kwargs)
     handle.remove()
     z = got["z"].reshape(-1, got["z"].shape[-1])
-    torch.testing.assert_close(_unit_z(z, layout, 0), want[(0, 1)])
-    torch.testing.assert_close(_unit_z(z, layout, 1), want[(1, 1)])
+    torch.testing.assert_close(unit_z(z, layout, 0), want[(0, 1)])
+    torch.testing.assert_close(unit_z(z, layout, 1), want[(1, 1)])
 
 
 def test_layer_costs_match_a_direct_fit_on_the_full_outputs(tiny_tokenizer, calib_file):
@@ -191,19 +189,19 @@ def test_layer_costs_match_a_direct_fit_on_the_full_outputs(tiny_tokenizer, cali
     data = capture(model, calibration_ids(model, tiny_tokenizer, calib_file, 128))
     d, bl, U = data[2], blocks(model), layout.units_per_layer
     sources = [(0, 1), (1, 2), (1, 3)]
-    options = layer_options(_layer_gram(model, data, layout, 2, sources), U, sources, rho=1e-2, min_gain=0.0)
-    pruned_only = layer_options(_layer_gram(model, data, layout, 2, []), U, [], rho=1e-2, min_gain=0.0)
+    options = layer_options(layer_gram(model, data, layout, 2, sources), U, sources, rho=1e-2, min_gain=0.0)
+    pruned_only = layer_options(layer_gram(model, data, layout, 2, []), U, [], rho=1e-2, min_gain=0.0)
     assert len(options) == 2 ** U - 1
     zb = borrowed_z(model, data, 2, sources)
     for removed in [(0,), (1, 3), (0, 1, 2, 3)]:
         kept = [u for u in range(U) if u not in removed]
-        v = sum(_unit_z(d.z, layout, u) @ _o_matrix(bl[2], layout, u).T for u in removed)
-        fit = RidgeResidual(torch.cat([_unit_z(d.z, layout, u) for u in kept], 1) if kept else None, d.w, 1e-2)
+        v = sum(unit_z(d.z, layout, u) @ o_columns(bl[2], layout, u).T for u in removed)
+        fit = RidgeResidual(torch.cat([unit_z(d.z, layout, u) for u in kept], 1) if kept else None, d.w, 1e-2)
         assert pruned_only[frozenset(removed)][0] == pytest.approx(fit.inner(v, v) / v.shape[0], rel=1e-4)
         cost, prune, ranked = options[frozenset(removed)]
         assert prune == pytest.approx(pruned_only[frozenset(removed)][0])
         lent = [ranked[u][0][1] for u in removed]
-        ys = [zb[s] @ _o_matrix(bl[s[0]], layout, s[1]).T for s in lent]
+        ys = [zb[s] @ o_columns(bl[s[0]], layout, s[1]).T for s in lent]
         a = fit_scales(fit, v, ys)
         left = v - sum(ai * y for ai, y in zip(a.tolist(), ys, strict=True))
         assert cost == pytest.approx(fit.inner(left, left) / v.shape[0], rel=1e-3, abs=1e-9)
@@ -215,14 +213,14 @@ def test_heldout_pruning_costs_fit_on_one_half_and_measure_on_the_other(tiny_tok
     layout = layout_of(model.config)
     ids = calibration_ids(model, tiny_tokenizer, calib_file, 128)  # 2 sequences of 64
     data, U = capture(model, ids), layout.units_per_layer
-    d, gram = data[1], _layer_gram(model, data, layout, 1, [])
+    d, gram = data[1], layer_gram(model, data, layout, 1, [])
 
     def held(rho):  # no lender: the cross-fitted cost of pruning each subset
         return heldout_share_costs(gram, layer_options(gram, U, [], rho, math.inf), d, layout, rho, len(ids), math.inf)
 
-    cols = [_o_matrix(blocks(model)[1], layout, u) for u in range(U)]
+    cols = [o_columns(blocks(model)[1], layout, u) for u in range(U)]
     removed, kept = (1, 2), [0, 3]
-    zs = [_unit_z(d.z, layout, u) for u in range(U)]
+    zs = [unit_z(d.z, layout, u) for u in range(U)]
     v = sum(zs[u] @ cols[u].T for u in removed)
     zk = torch.cat([zs[u] for u in kept], 1)
     halves = [slice(0, 64), slice(64, 128)]
@@ -304,26 +302,46 @@ def test_knapsack_is_optimal_and_exact():
         assert total == pytest.approx(best)
 
 
-def test_fitted_weights_are_required_and_checked(tiny_tokenizer, calib_file, tmp_path):
+def test_fitshare_plan_is_pure_data_with_its_fitted_weights(tiny_tokenizer, calib_file, tmp_path):
     original = tiny_model("llama-gqa")
     model = copy.deepcopy(original)
     plan = _plan(model, 0.5, "fitshare", tiny_tokenizer, calib_file, min_gain=0.0)
-    assert plan.notes["requires_weights"] == "method-fitted"
-    # only the o columns of units that stay, in layers that lose units, were changed
+    # making the plan left the model exactly as it was
+    assert model.state_dict().keys() == original.state_dict().keys()
+    assert all(torch.equal(v, original.state_dict()[k]) for k, v in model.state_dict().items())
+    assert plan.config == {"ratio": 0.5, "calib": calib_file, "calib_tokens": 128, "rho": 1.0, "window": 6,
+                           "min_gain": 0.0, "heldout": True, "select": "heldout", "version": 1}
+    assert "requires_weights" not in plan.notes and "calib" not in plan.notes
+    assert plan.base_sha1 == weights_fingerprint(original)
+    # the fitted weights are the o columns of exactly the units that stay in layers that lose units
     layout = layout_of(original.config)
     removed = {(a.layer, a.unit) for a in plan.assignments} | set(plan.pruned)
-    for layer, (b0, b1) in enumerate(zip(blocks(original), blocks(model), strict=True)):
-        for u in range(layout.units_per_layer):
-            s0, s1 = _get_slices(b0, layout, u), _get_slices(b1, layout, u)
-            for path, (w0, _) in s0.items():
-                same = torch.equal(w0, s1[path][0])
-                touched = path.endswith("o_proj") and (layer, u) not in removed and \
-                    any(ly == layer for ly, _ in removed)
-                assert same or touched, (layer, u, path)
+    layers = {layer for layer, _ in removed}
+    stay = sorted((layer, u) for layer in layers for u in range(layout.units_per_layer) if (layer, u) not in removed)
+    assert stay and sorted(plan.fitted) == plan.fitted_names == [f"{lay}.self_attn.o_proj.unit{u}" for lay, u in stay]
+    for layer, u in stay:
+        w0 = get_slices(blocks(original)[layer], layout, u)["self_attn.o_proj"][0]
+        fitted = plan.fitted[f"{layer}.self_attn.o_proj.unit{u}"]
+        assert fitted.shape == w0.shape and not torch.equal(fitted, w0)  # refitted, in the weight's own shape
+    # sharing applies them: after share the kept units' o columns are the fitted ones
+    shared = headshare.share(copy.deepcopy(original), plan)
+    o = shared.model.layers[stay[0][0]].self_attn.o_proj
+    a_, b_ = o.own_range(stay[0][1], 0)
+    assert torch.equal(o.weight[:, a_:b_], plan.fitted[f"{stay[0][0]}.self_attn.o_proj.unit{stay[0][1]}"])
+    assert shared.config.headshare["fitted"] == plan.fitted_names
+    ids = _ids(tiny_tokenizer)
+    expected = outputs(shared, ids)
+    # saved (JSON + safetensors beside it), read back and shared: bit-identical to sharing the plan in memory
     plan.save(tmp_path / "plan.json")
-    with pytest.raises(ValueError, match="fitted attention weights"):
-        headshare.share(copy.deepcopy(original), SharePlan.load(tmp_path / "plan.json"))
-    headshare.share(model, SharePlan.load(tmp_path / "plan.json"))  # the model it was fitted on: fine
+    assert (tmp_path / "plan.safetensors").is_file()
+    again = SharePlan.load(tmp_path / "plan.json")
+    assert torch.equal(outputs(headshare.share(copy.deepcopy(original), again), ids), expected)
+    # other weights: refused, and the model is left as it was
+    other = tiny_model("llama-gqa", seed=5)
+    before = copy.deepcopy(other.state_dict())
+    with pytest.raises(ValueError, match="fitted on other attention weights"):
+        headshare.share(other, again)
+    assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
 
 
 def test_save_load_round_trip_is_bit_exact(tiny_tokenizer, calib_file, tmp_path):
@@ -339,7 +357,17 @@ def test_save_load_round_trip_is_bit_exact(tiny_tokenizer, calib_file, tmp_path)
     assert torch.equal(outputs(again, ids), before)
 
 
-def test_cli_fits_and_shares_in_one_go_and_refuses_the_plan_alone(tmp_path, tiny_tokenizer, capsys):
+def _error_line(capsys) -> str:
+    """The one error line of a refused command (stderr may also hold progress bars), and no traceback."""
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("headshare: error:")]
+    assert "Traceback" not in err and len(lines) == 1, err
+    return lines[0]
+
+
+def test_cli_plan_then_share_equals_share_in_one_go(tmp_path, tiny_tokenizer, capsys):
+    from safetensors.torch import load_file
+
     from headshare.cli import main
 
     d = tmp_path / "model"
@@ -347,14 +375,40 @@ def test_cli_fits_and_shares_in_one_go_and_refuses_the_plan_alone(tmp_path, tiny
     tiny_tokenizer.save_pretrained(d)
     calib = tmp_path / "calib.txt"
     calib.write_text("\n".join(TINY_CORPUS * 8))
-    common = ["--method", "fitshare", "--ratio", "0.5", "--calib", str(calib), "--calib-tokens", "128"]
+    common = ["--method", "fitshare", "--ratio", "0.5", "--calib", str(calib), "--calib-tokens", "128",
+              "-o", "min_gain=0"]
     assert main(["share", str(d), *common, "--out", str(tmp_path / "one")]) == 0
     assert main(["plan", str(d), *common, "--out", str(tmp_path / "p.json")]) == 0
-    assert "refuses it" in capsys.readouterr().err
-    assert main(["share", str(d), "--plan", str(tmp_path / "p.json"), "--out", str(tmp_path / "two")]) == 2
-    err = capsys.readouterr().err
-    assert "fitted attention weights" in err and "Traceback" not in err
-    assert not (tmp_path / "two").exists()
+    assert "fitted weights in" in capsys.readouterr().err
+    assert (tmp_path / "p.safetensors").is_file()
+    assert main(["share", str(d), "--plan", str(tmp_path / "p.json"), "--out", str(tmp_path / "two")]) == 0
+    one, two = (load_file(tmp_path / k / "model.safetensors") for k in ("one", "two"))
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+    ids = _ids(tiny_tokenizer)
+    assert torch.equal(outputs(headshare.load(tmp_path / "one"), ids), outputs(headshare.load(tmp_path / "two"), ids))
+    info = headshare.info(tmp_path / "two")
+    assert info["method"] == "fitshare" and info["units_refitted"] > 0
+    # the same plan on other weights: one line, exit 2, nothing written
+    other = tmp_path / "other"
+    tiny_model("llama-gqa", seed=5).save_pretrained(other)
+    capsys.readouterr()
+    assert main(["share", str(other), "--plan", str(tmp_path / "p.json"), "--out", str(tmp_path / "three")]) == 2
+    assert "fitted on other attention weights" in _error_line(capsys)
+    assert not (tmp_path / "three").exists()
+
+
+def test_cli_refuses_flags_the_method_does_not_have(tmp_path, tiny_tokenizer, capsys):
+    from headshare.cli import main
+
+    d = tmp_path / "model"
+    tiny_model("llama-gqa").save_pretrained(d)
+    tiny_tokenizer.save_pretrained(d)
+    for argv, name in [(["--method", "fitshare", "--metric", "qk"], "--metric"),
+                       (["--method", "directshare", "--seed", "1"], "--seed"),
+                       (["--method", "fitshare", "-o", "seed=1"], "'seed'")]:
+        assert main(["share", str(d), "--ratio", "0.3", *argv, "--out", str(tmp_path / "o")]) == 2
+        assert name in _error_line(capsys)
+        assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.slow
@@ -373,14 +427,12 @@ def test_smollm2_fitshare_beats_pruning_within_1_3x(smollm2_dir):
 
     base = ppl(original)
     pruned = copy.deepcopy(original)
-    headshare.share(pruned, headshare.plan(pruned, ratio=0.3, method="prune", tokenizer=tok))
+    headshare.share(pruned, headshare.make_plan(pruned, 0.3, "prune", tokenizer=tok))
     fitted = copy.deepcopy(original)
-    plan = headshare.plan(fitted, ratio=0.3, method="fitshare", tokenizer=tok)
+    plan = headshare.make_plan(fitted, 0.3, "fitshare", tokenizer=tok)
     headshare.share(fitted, plan)
     assert plan.units_removed == 27 and plan.units_shared > 0
     got = ppl(fitted)
     assert got < 1.3 * base, (got, base)
     assert got < ppl(pruned)
 
-
-assert set(TINY) >= {"llama-gqa", "llama-mha", "llama-mqa", "qwen2-bias", "gpt2"}

@@ -10,7 +10,7 @@ from archs import tiny_model
 
 import headshare
 from headshare.arch import layout_of
-from headshare.plan import Assignment, SharePlan, dynamic_selection, new_plan, units_for_ratio
+from headshare.plan import PLAN_VERSION, Assignment, SharePlan, dynamic_selection, new_plan, units_for_ratio
 
 
 def test_unit_count_is_floor_of_ratio_times_all_units():
@@ -42,13 +42,64 @@ def test_dynamic_selection_takes_the_most_similar_proposals():
 
 def test_plan_is_deterministic_and_round_trips(tmp_path):
     model = tiny_model("llama-gqa")
-    p1 = headshare.plan(model, ratio=0.5)
-    p2 = headshare.plan(model, ratio=0.5)
+    p1 = headshare.make_plan(model, 0.5)
+    p2 = headshare.make_plan(model, 0.5)
     assert p1.to_dict() == p2.to_dict()
     p1.save(tmp_path / "plan.json")
     d = json.loads((tmp_path / "plan.json").read_text())
-    assert d["version"] == 1 and d["method"] == "directshare" and d["metric"] == "qk"
+    assert d["version"] == PLAN_VERSION == 2 and d["method"] == "directshare" and d["metric"] == "qk"
+    assert d["config"] == {"ratio": 0.5, "metric": "qk", "version": 1}  # the method config it ran with
+    assert d["fitted"] == [] and d["base_sha1"] is None
+    assert [p.name for p in tmp_path.iterdir()] == ["plan.json"]  # no weights file for a plan without fitted ones
     assert SharePlan.load(tmp_path / "plan.json").to_dict() == p1.to_dict()
+
+
+def test_fitted_weights_travel_beside_the_plan(tmp_path):
+    model = tiny_model("llama-gqa")
+    fitted = {"1.self_attn.o_proj.unit0": torch.randn(32, 16), "2.self_attn.o_proj.unit1": torch.randn(32, 16)}
+    plan = new_plan(model, "manual", 0.0, assignments=[Assignment(2, 0, 0, 1)], fitted=fitted, base_sha1="ab" * 20)
+    assert plan.fitted_names == sorted(fitted)
+    plan.save(tmp_path / "p.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.json", "p.safetensors"]
+    d = json.loads((tmp_path / "p.json").read_text())
+    assert d["fitted"] == sorted(fitted) and d["base_sha1"] == "ab" * 20
+    back = SharePlan.load(tmp_path / "p.json")
+    assert back.to_dict() == plan.to_dict()
+    assert back.fitted.keys() == fitted.keys() and all(torch.equal(back.fitted[k], v) for k, v in fitted.items())
+    back.validate(layout_of(model.config))
+    # the document alone names weights it does not carry: refused, and so is a missing weights file
+    with pytest.raises(ValueError, match="carries none"):
+        SharePlan.from_dict(d).validate(layout_of(model.config))
+    (tmp_path / "p.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="p.safetensors"):
+        SharePlan.load(tmp_path / "p.json")
+    with pytest.raises(ValueError, match=".json name"):
+        plan.save(tmp_path / "p.safetensors")
+
+
+def test_damaged_fitted_weights_file_is_one_clear_error(tmp_path):
+    model = tiny_model("llama-gqa")
+    plan = new_plan(model, "manual", 0.0, fitted={"1.self_attn.o_proj.unit0": torch.randn(32, 16)})
+    plan.save(tmp_path / "p.json")
+    data = (tmp_path / "p.safetensors").read_bytes()
+    (tmp_path / "p.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="p.safetensors: not a readable safetensors file") as e:
+        SharePlan.load(tmp_path / "p.json")
+    assert "\n" not in str(e.value)
+
+
+def test_version_1_plans_still_load_but_not_a_fitted_one():
+    model = tiny_model("llama-gqa")
+    layout = layout_of(model.config)
+    d = {"layout": layout.to_dict(), "method": "directshare", "ratio": 0.2, "version": 1,
+         "assignments": [{"layer": 1, "unit": 0, "source_layer": 0, "source_unit": 1}], "notes": {}}
+    plan = SharePlan.from_dict(d)
+    plan.validate(layout)
+    assert plan.roots() == {(1, 0): (0, 1)} and plan.fitted == {}
+    # a version 1 fitshare plan could not carry its edited weights: applied without them it would break the model
+    fitted_v1 = SharePlan.from_dict({**d, "method": "fitshare", "notes": {"requires_weights": "method-fitted"}})
+    with pytest.raises(ValueError, match="fitted weights but carries none"):
+        fitted_v1.validate(layout)
 
 
 @pytest.mark.parametrize("edit, message", [
@@ -85,4 +136,4 @@ def test_roots_follow_chains():
 
 def test_unknown_method_is_refused():
     with pytest.raises(ValueError, match="unknown method"):
-        headshare.plan(tiny_model("llama-gqa"), ratio=0.3, method="nope")
+        headshare.make_plan(tiny_model("llama-gqa"), 0.3, "nope")

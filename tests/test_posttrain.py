@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -27,7 +26,7 @@ from headshare.posttrain import (
     pair_distances,
     posttrain,
 )
-from headshare.share import SharedProjection, unique_parameters
+from headshare.sharing import SharedProjection, unique_parameters
 
 torch.set_num_threads(2)
 
@@ -85,7 +84,7 @@ def test_config_round_trips_and_effective_lambda():
 
 def test_chains_are_pulled_towards_their_root():
     model = tiny()
-    plan = headshare.plan(model, ratio=RATIO)
+    plan = headshare.make_plan(model, RATIO)
     src = {(a.layer, a.unit): (a.source_layer, a.source_unit) for a in plan.assignments}
     chained = [u for u, s in src.items() if s in src]
     assert chained, "this tiny model's plan is expected to hold a chain"
@@ -127,7 +126,7 @@ def test_constraint_matches_hand_computed_distance():
 @pytest.mark.parametrize("constraint", ["fro", "mse"])
 def test_constraint_drives_pair_distances_down(tiny_tokenizer, blocks16, constraint):
     """Every selected pair ends closer with the constraint; without it (tune-only) they do not close in."""
-    plan = headshare.plan(tiny(), ratio=RATIO)
+    plan = headshare.make_plan(tiny(), RATIO)
     pairs = constraint_pairs(plan)
     before = pair_distances(tiny(), pairs)
     lr = 1e-2 if constraint == "fro" else 1e-1  # mse gradients are smaller by the slice size
@@ -146,7 +145,7 @@ def test_constraint_drives_pair_distances_down(tiny_tokenizer, blocks16, constra
 
 def test_qkvo_constraint_also_pulls_the_o_columns(tiny_tokenizer, blocks16):
     """With parts="qkvo" the o columns (which sharing ties too) close in; the paper's q/k/v L_w leaves them."""
-    plan = headshare.plan(tiny(), ratio=RATIO)
+    plan = headshare.make_plan(tiny(), RATIO)
     pairs = constraint_pairs(plan)
 
     def o_distance(model):
@@ -178,7 +177,7 @@ def mixed_plan(model):
 def test_prox_pull_closes_distances_linearly_to_zero():
     """Without training, the pull's schedule shrinks every member's distance to its root by (T - t) / T."""
     model = tiny()
-    plan = headshare.plan(model, ratio=RATIO)
+    plan = headshare.make_plan(model, RATIO)
     pairs = constraint_pairs(plan)
     pull = ProximalPull(plan, layout_of(model.config))
     d0 = pair_distances(model, pairs, parts="qkvo")
@@ -192,7 +191,7 @@ def test_prox_pull_closes_distances_linearly_to_zero():
 
 def test_prox_pull_schedule_can_finish_early_and_then_holds():
     model = tiny()
-    plan, layout = headshare.plan(model, ratio=RATIO), layout_of(model.config)
+    plan, layout = headshare.make_plan(model, RATIO), layout_of(model.config)
     assert [ProximalPull(plan, layout).alpha(t, 4) for t in range(1, 5)] == [1 / 4, 1 / 3, 1 / 2, 1]
     half = ProximalPull(plan, layout, until=0.5)
     assert [half.alpha(t, 8) for t in range(1, 9)] == [1 / 4, 1 / 3, 1 / 2, 1, 1, 1, 1, 1]
@@ -265,7 +264,7 @@ def _unshared_state(shared, plan, like):
 
 def test_postshare_checkpoint_reloads_bit_identical(tmp_path, tiny_tokenizer, blocks16):
     model = tiny()
-    plan = headshare.plan(model, ratio=RATIO)
+    plan = headshare.make_plan(model, RATIO)
     model = posttrain(model, tiny_tokenizer, plan, blocks16, cfg(tmp_path))
     out = tmp_path / "out"
     ids = blocks16[:3]
@@ -288,7 +287,7 @@ def test_postshare_checkpoint_reloads_bit_identical(tmp_path, tiny_tokenizer, bl
 
 
 def test_refuses_existing_output_and_stale_checkpoints(tmp_path, tiny_tokenizer, blocks16):
-    plan = headshare.plan(tiny(), ratio=RATIO)
+    plan = headshare.make_plan(tiny(), RATIO)
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "x").write_text("x")
     with pytest.raises(FileExistsError, match="not empty"):
@@ -305,7 +304,7 @@ def test_refuses_existing_output_and_stale_checkpoints(tmp_path, tiny_tokenizer,
 
 def test_share_then_tune_keeps_ties(tmp_path, tiny_tokenizer, blocks16):
     model = tiny()
-    plan = headshare.plan(model, ratio=RATIO)
+    plan = headshare.make_plan(model, RATIO)
     reference = headshare.share(tiny(), plan)  # the same shared structure, untrained
     names0 = {k: v.shape for k, v in reference.named_parameters()}
     model = posttrain(model, tiny_tokenizer, plan, blocks16, cfg(tmp_path, mode="share-then-tune"))
@@ -321,8 +320,8 @@ def test_share_then_tune_keeps_ties(tmp_path, tiny_tokenizer, blocks16):
             mod = blocks(model)[layer].get_submodule(proj.path)
             root = blocks(model)[rl].get_submodule(proj.path)
             ref_root = blocks(reference)[rl].get_submodule(proj.path)
-            # the borrowing module reads the root module's own parameter, a model parameter, not a copy
-            assert any(seg[0] is root for seg in mod._segments) and id(root.weight) in params
+            # the borrowing module stores no copy of the unit; the root's parameter is a model parameter
+            assert unit not in mod.own and ru in root.own and id(root.weight) in params
             for p, (_, off, width) in enumerate(proj.parts):
                 a, b = root.own_range(ru, p)
                 w_root = root.weight.narrow(proj.weight_dim(), a, b - a)
@@ -347,13 +346,35 @@ def test_share_then_tune_keeps_ties(tmp_path, tiny_tokenizer, blocks16):
     assert torch.equal(logits(model, ids), logits(headshare.load(out), ids))
 
 
+def test_share_then_tune_starts_from_the_plans_fitted_weights(tiny_tokenizer, blocks16):
+    """share-then-tune shares first, so a plan's fitted weights (here: refitted o columns of unit (1, 1), which
+    (2, 0) borrows) are in the model when training starts."""
+    from headshare.units import read_fitted, weights_fingerprint
+
+    model = tiny()
+    o = layout_of(model.config).o_projection()
+    fitted = {k: 2 * v for k, v in read_fitted(model, [(1, 1)], [o.path]).items()}
+    plan = new_plan(model, "manual", 0.0, assignments=[Assignment(2, 0, 1, 1)], fitted=fitted,
+                    base_sha1=weights_fingerprint(model))
+
+    class AtStart(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            mod = blocks(model)[1].get_submodule(o.path)
+            a, b = mod.own_range(1, 0)
+            self.cols = mod.weight.detach()[:, a:b].clone()
+
+    probe = AtStart()
+    posttrain(model, tiny_tokenizer, plan, blocks16, cfg(steps=1, mode="share-then-tune"), callbacks=[probe])
+    assert torch.equal(probe.cols, fitted[f"1.{o.path}.unit1"])
+
+
 # -- tune-only ------------------------------------------------------------------------------------------------
 
 def test_tune_only_saves_a_plain_checkpoint(tmp_path, tiny_tokenizer, blocks16):
     from transformers import AutoModelForCausalLM
 
     model = tiny()
-    plan = headshare.plan(model, ratio=RATIO)
+    plan = headshare.make_plan(model, RATIO)
     init = {k: v.clone() for k, v in model.state_dict().items()}
     model = posttrain(model, tiny_tokenizer, plan, blocks16, cfg(tmp_path, mode="tune-only", lam=0.5))
     out = tmp_path / "out"
@@ -391,7 +412,7 @@ def test_interrupted_run_resumes_to_identical_weights(tmp_path, tiny_tokenizer, 
             if state.global_step == 2:
                 raise _Crash
 
-    plan = headshare.plan(tiny(), ratio=RATIO)
+    plan = headshare.make_plan(tiny(), RATIO)
     straight = posttrain(tiny(), tiny_tokenizer, plan, blocks16, cfg(tmp_path / "a", constraint=constraint))
     work = tmp_path / "b" / "out.work"
     with pytest.raises(_Crash):
@@ -445,12 +466,14 @@ def test_cli_prox_postshare_of_a_fitted_plan(tmp_path, tiny_dir, capsys):
             "--data", str(tmp_path / "train.txt"), "--steps", "4", "--block-size", "16", "--batch-size", "2",
             "--constraint", "prox", "--pull-until", "0.5", "--out", str(out)]
     assert main(argv) == 0
-    assert "fitted weights are set aside" in capsys.readouterr().err
+    assert "fitted weights are not used; postshare trains the original ones" in capsys.readouterr().err
     record = json.loads((out / "posttrain.json").read_text())
     stored = json.loads((out / "config.json").read_text())["headshare"]
     assert record["config"]["pull_until"] == 0.5 and record["mean_pair_distance_fro_after"] in (0.0, None)
     assert stored["method"] == "fitshare" and len(stored["assignments"]) + len(stored["pruned"]) == 3
-    assert "requires_weights" not in stored["notes"]  # the trained weights are the ones to use
+    # the trained weights are the ones to use: the checkpoint carries no fitted weights of the plan
+    assert stored["fitted"] == [] and stored["base_sha1"] is None
+    assert headshare.info(out)["units_refitted"] == 0
     assert [a["scale"] for a in stored["assignments"]] == [a["scale"] for a in record["plan"]["assignments"]]
     ids = torch.arange(2, 30).view(1, -1)
     assert torch.isfinite(logits(headshare.load(out), ids)).all()
@@ -528,7 +551,7 @@ def test_smollm2_postshare_short_run(tmp_path, smollm2_dir):
     from headshare.fetch import load_model
 
     model, tok = load_model(smollm2_dir)
-    plan = headshare.plan(model, ratio=0.3)
+    plan = headshare.make_plan(model, 0.3)
     assert plan.units_shared == 27
     model = posttrain(model, tok, plan, "builtin:calib",
                       PostTrainConfig(steps=3, block_size=128, save_steps=100, lr=1e-4, out=str(tmp_path / "o"),
@@ -546,6 +569,5 @@ def test_cli_help_lists_posttrain_flags(capsys):
         main(["posttrain", "--help"])
     text = capsys.readouterr().out
     for flag in ("--lambda", "--constraint", "--lr", "--block-size", "--batch-size", "--steps", "--mode",
-                 "--resume", "--seed", "--method", "--save-steps", "--data"):
+                 "--resume", "--seed", "--method", "--save-steps", "--data", "--option", "--pull-until"):
         assert flag in text
-    assert Path(__file__).exists()

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import copy
 import json
-import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from archs import TINY, copy_in, outputs, tiny_model
+from torch.overrides import TorchFunctionMode
 from transformers import AutoModel, AutoModelForCausalLM
 
 import headshare
+import headshare.sharing as sharing
 from headshare.arch import blocks, layout_of
 from headshare.plan import Assignment, SharePlan, new_plan
-from headshare.share import SharedProjection
+from headshare.sharing import SharedProjection
 
 ARCHS = sorted(TINY)
 IDS = torch.randint(0, 99, (2, 12), generator=torch.Generator().manual_seed(1))
@@ -23,8 +25,7 @@ IDS = torch.randint(0, 99, (2, 12), generator=torch.Generator().manual_seed(1))
 @pytest.fixture(params=["gathered", "per-run"])
 def product(request, monkeypatch):
     """Both forward strategies of a shared projection: one product over a gathered weight, or one per run."""
-    module = sys.modules[SharedProjection.__module__]  # headshare.share the module, not the function
-    monkeypatch.setattr(module, "GATHER_MIN_TOKENS", 0 if request.param == "gathered" else 10**9)
+    monkeypatch.setattr(sharing, "GATHER_MIN_TOKENS", 0 if request.param == "gathered" else 10**9)
     return request.param
 
 
@@ -37,7 +38,7 @@ def _bias_flags(model) -> dict[str, bool]:
 def test_ratio_zero_is_bit_identical(arch):
     model = tiny_model(arch)
     before = outputs(model, IDS)
-    headshare.share(model, headshare.plan(model, ratio=0.0))
+    headshare.share(model, headshare.make_plan(model, 0.0))
     assert all(isinstance(blocks(model)[0].get_submodule(p.path), SharedProjection)
                for p in layout_of(model.config).projections())
     assert torch.equal(outputs(model, IDS), before)
@@ -47,7 +48,7 @@ def test_ratio_zero_is_bit_identical(arch):
 def test_shared_forward_equals_copied_weights_and_savings_are_exact(arch, product):
     model = tiny_model(arch)
     reference = copy.deepcopy(model)
-    plan = headshare.plan(model, ratio=0.5)
+    plan = headshare.make_plan(model, 0.5)
     layout = layout_of(model.config)
     assert plan.units_shared == int(0.5 * layout.units_total)
     p0, b0 = headshare.unique_parameters(model)
@@ -62,17 +63,18 @@ def test_shared_forward_equals_copied_weights_and_savings_are_exact(arch, produc
 
 def test_chains_read_the_root(product):
     model = tiny_model("llama-gqa")
-    layout = layout_of(model.config)
     plan = new_plan(model, "manual", 0.0, assignments=[Assignment(1, 0, 0, 1), Assignment(2, 1, 1, 0)])
     assert plan.roots() == {(1, 0): (0, 1), (2, 1): (0, 1)}
     reference = copy.deepcopy(model)
     headshare.share(model, plan)
-    q2 = blocks(model)[2].self_attn.q_proj
-    owner = [seg[0] for seg in q2._segments]
-    assert blocks(model)[0].self_attn.q_proj in owner
+    q0, q2 = blocks(model)[0].self_attn.q_proj, blocks(model)[2].self_attn.q_proj
+    assert q2.own == [0]  # layer 2 stores unit 0 only; its unit 1 reads the root (0, 1), not (1, 0)'s copy
+    a, b = q0.own_range(1, 0)
+    with torch.no_grad():
+        effective = q2(torch.eye(q2.in_features)).t()  # identity in: the layer's full q weight out
+    assert torch.equal(effective[b - a:], q0.weight[a:b])
     copy_in(reference, plan)
     torch.testing.assert_close(outputs(model, IDS), outputs(reference, IDS), rtol=1e-5, atol=1e-6)
-    assert layout.units_per_layer == 2
 
 
 def test_scaled_and_pruned_units_match_reference(product):
@@ -95,7 +97,7 @@ def test_planted_duplicate_is_found_shared_and_free(arch):
     copy_in(model, new_plan(model, "manual", 0.0, assignments=[Assignment(last, 1, 0, 0)]))
     before = outputs(model, IDS)
     ratio = 1 / layout.units_total + 1e-9  # exactly one unit
-    plan = headshare.plan(model, ratio=ratio)
+    plan = headshare.make_plan(model, ratio)
     assert [(a.layer, a.unit, a.source_layer, a.source_unit) for a in plan.assignments] == [(last, 1, 0, 0)]
     assert plan.assignments[0].score == pytest.approx(1.0, abs=1e-6)
     headshare.share(model, plan)
@@ -105,7 +107,7 @@ def test_planted_duplicate_is_found_shared_and_free(arch):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_save_load_round_trip_is_bit_identical(arch, tmp_path):
     model = tiny_model(arch)
-    headshare.share(model, headshare.plan(model, ratio=0.5))
+    headshare.share(model, headshare.make_plan(model, 0.5))
     expected = outputs(model, IDS)
     out = tmp_path / "shared"
     model.save_pretrained(out)
@@ -128,7 +130,7 @@ def test_checkpoint_bytes_drop_by_shared_weights(tmp_path):
     plain = tmp_path / "plain"
     model.save_pretrained(plain)
     layout = layout_of(model.config)
-    plan = headshare.plan(model, ratio=0.5)
+    plan = headshare.make_plan(model, 0.5)
     headshare.share(model, plan)
     model.save_pretrained(tmp_path / "shared")
     info = headshare.info(tmp_path / "shared")
@@ -139,32 +141,66 @@ def test_checkpoint_bytes_drop_by_shared_weights(tmp_path):
     assert plain_bytes - info["bytes_shared"] == plan.units_shared * layout.unit_params() * 4
 
 
-def test_shared_weights_stay_tied_through_training():
-    model = tiny_model("llama-gqa").train()
+class _LinearWeights(TorchFunctionMode):
+    """Records the weight tensors that F.linear is called with."""
+
+    def __init__(self):
+        super().__init__()
+        self.weights = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            self.weights.append(args[1] if len(args) > 1 else kwargs["weight"])
+        return func(*args, **kwargs)
+
+
+def test_shared_weights_stay_tied_through_training(monkeypatch):
+    # one product per run: the forward then reads each unit's rows where they are stored, no gathered copy
+    monkeypatch.setattr(sharing, "GATHER_MIN_TOKENS", 10**9)
+    model = tiny_model("llama-gqa").train()  # 2 units per layer; q rows of a unit: 2 heads x 8
     plan = new_plan(model, "manual", 0.0, assignments=[Assignment(2, 0, 0, 1)])
     headshare.share(model, plan)
+    q0 = blocks(model)[0].self_attn.q_proj
+    q2 = blocks(model)[2].self_attn.q_proj
+    a, b = q0.own_range(1, 0)  # root unit (0, 1)'s q rows in layer 0's storage
+    width = b - a
+    before = q0.weight.detach()[a:b].clone()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for _ in range(3):
         loss = model(IDS, labels=IDS).loss
         loss.backward()
         opt.step()
         opt.zero_grad()
-    q0 = blocks(model)[0].self_attn.q_proj
-    q2 = blocks(model)[2].self_attn.q_proj
-    (owner, a, b, _), = [s for s in q2._segments if s[0] is not q2]
-    assert owner is q0
-    # the borrowed rows are still a view of layer 0's parameter, and layer 2 holds no copy of them
-    assert q2.weight.shape[0] == q0.weight.shape[0] // 2
-    ref = copy.deepcopy(model).eval()
+    assert not torch.equal(q0.weight.detach()[a:b], before), "training did not move the root"
+    # layer 2 stores only its own unit's rows: no copy of the borrowed ones
+    assert q2.weight.shape[0] == width and q2.own == [1]
+    x = torch.eye(q2.in_features)
+
+    def borrowed_rows() -> torch.Tensor:
+        """Layer 2's effective q weight for unit 0, read through its forward (identity in: W^T out)."""
+        with torch.no_grad():
+            return q2(x).t()[:width]
+
+    # after training: the borrower computes with the root's trained rows, exactly
+    assert torch.equal(borrowed_rows(), q0.weight.detach()[a:b])
+    own = q2(x).t()[width:].detach().clone()
     with torch.no_grad():
-        before = outputs(ref, IDS)
-        q0.weight[a:b] += 1.0  # changing the root changes the borrower too
-        assert not torch.equal(outputs(model.eval(), IDS), before)
+        q0.weight[a:b] += 1.0  # an in-place edit of the root ...
+    assert torch.equal(borrowed_rows(), q0.weight.detach()[a:b])  # ... is what the borrower computes with
+    assert torch.equal(q2(x).t()[width:].detach(), own)  # and layer 2's own unit is untouched by it
+    # the weight the borrowed run multiplies with is a view into the root's storage, at the root's rows
+    with _LinearWeights() as seen, torch.no_grad():
+        q2(x)
+    row_bytes = q0.weight.shape[1] * q0.weight.element_size()
+    start = q0.weight.data_ptr() + a * row_bytes
+    views = [w for w in seen.weights if w.untyped_storage().data_ptr() == q0.weight.untyped_storage().data_ptr()]
+    assert [(w.data_ptr(), tuple(w.shape)) for w in views] == [(start, (width, q0.weight.shape[1]))]
 
 
 def test_generate_after_reload(tmp_path):
     model = tiny_model("llama-gqa")
-    headshare.share(model, headshare.plan(model, ratio=0.3))
+    headshare.share(model, headshare.make_plan(model, 0.3))
     model.save_pretrained(tmp_path / "s")
     loaded = headshare.load(tmp_path / "s")
     out = loaded.generate(IDS[:1, :4], max_new_tokens=6, do_sample=False)
@@ -174,14 +210,78 @@ def test_generate_after_reload(tmp_path):
 
 def test_sharing_twice_is_refused():
     model = tiny_model("llama-gqa")
-    headshare.share(model, headshare.plan(model, ratio=0.3))
+    headshare.share(model, headshare.make_plan(model, 0.3))
     with pytest.raises(ValueError, match="already shared"):
         headshare.share(model, SharePlan.from_dict(model.config.headshare))
 
 
+def test_shared_models_are_refused_for_planning_and_analysis(tmp_path):
+    from headshare.similarity import similarity_matrix
+
+    model = tiny_model("llama-gqa")
+    headshare.share(model, headshare.make_plan(model, 0.3))
+    with pytest.raises(ValueError, match="already shared"):
+        headshare.make_plan(model, 0.3)
+    with pytest.raises(ValueError, match="already shared"):
+        similarity_matrix(model, progress=False)
+    model.save_pretrained(tmp_path / "s")
+    with pytest.raises(ValueError, match="already shared"):
+        similarity_matrix(str(tmp_path / "s"), progress=False)
+    loaded = headshare.load(tmp_path / "s")
+    with pytest.raises(ValueError, match="already shared"):
+        headshare.make_plan(loaded, 0.3, "random")
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda a: a.update(source_layer=2), "earlier layer"),
+    (lambda a: a.update(unit=5), "outside"),
+    (lambda a: a.update(scale=float("nan")), "non-finite scale"),
+])
+def test_edited_stored_plan_is_refused_by_load_and_info(tmp_path, edit, message):
+    import re
+
+    model = tiny_model("llama-gqa")
+    headshare.share(model, new_plan(model, "manual", 0.0, assignments=[Assignment(2, 0, 0, 1)]))
+    out = tmp_path / "s"
+    model.save_pretrained(out)
+    cfg = json.loads((out / "config.json").read_text())
+    edit(cfg["headshare"]["assignments"][0])
+    (out / "config.json").write_text(json.dumps(cfg))
+    for fn in (headshare.load, headshare.info):
+        with pytest.raises(ValueError, match=f"{re.escape(str(out))}: the plan stored in config.json is invalid: "
+                                             f".*{message}"):
+            fn(out)
+
+
+def test_fitted_slices_are_written_before_tying_and_only_on_their_weights():
+    from headshare.units import read_fitted, weights_fingerprint
+
+    model = tiny_model("qwen2-bias")
+    layout = layout_of(model.config)
+    o = layout.o_projection()
+    # unit (1, 0) keeps its place with refitted o columns; (2, 1) borrows it, so it reads them too
+    fitted = {k: 2 * v - 0.1 for k, v in read_fitted(model, [(1, 0)], [o.path]).items()}
+    assert list(fitted) == [f"1.{o.path}.unit0"]
+    plan = new_plan(model, "manual", 0.0, assignments=[Assignment(2, 1, 1, 0, scale=0.5)], fitted=fitted,
+                    base_sha1=weights_fingerprint(model))
+    other = tiny_model("qwen2-bias", seed=1)
+    kept = copy.deepcopy(other.state_dict())
+    with pytest.raises(ValueError, match="fitted on other attention weights"):
+        headshare.share(other, plan)
+    assert all(torch.equal(v, kept[k]) for k, v in other.state_dict().items())  # refused before any write
+    reference = copy.deepcopy(model)
+    headshare.share(model, plan)
+    with torch.no_grad():
+        w = blocks(reference)[1].get_submodule(o.path).weight
+        w[:, o.unit_index(0)] = fitted[f"1.{o.path}.unit0"]
+    copy_in(reference, plan)
+    torch.testing.assert_close(outputs(model, IDS), outputs(reference, IDS), rtol=1e-5, atol=1e-6)
+    assert model.config.headshare["fitted"] == [f"1.{o.path}.unit0"]
+
+
 def test_plan_for_another_model_is_refused():
     small = tiny_model("llama-gqa")
-    plan = headshare.plan(small, ratio=0.3)
+    plan = headshare.make_plan(small, 0.3)
     other = tiny_model("llama-mha")
     with pytest.raises(ValueError, match="does not fit"):
         headshare.share(other, plan)
@@ -189,7 +289,7 @@ def test_plan_for_another_model_is_refused():
 
 def test_existing_output_is_refused_and_kept(tmp_path):
     model = tiny_model("llama-gqa")
-    headshare.share(model, headshare.plan(model, ratio=0.3))
+    headshare.share(model, headshare.make_plan(model, 0.3))
     out = tmp_path / "o"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
@@ -206,7 +306,7 @@ def test_bf16_save_load_is_bit_identical_and_keeps_rope_in_float32(tmp_path):
     # or the rotary angles round differently and the logits drift
     tiny_model("llama-gqa").save_pretrained(tmp_path / "base")
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.bfloat16)
-    headshare.share(model, headshare.plan(model, ratio=0.5))
+    headshare.share(model, headshare.make_plan(model, 0.5))
     expected = outputs(model, IDS)
     model.save_pretrained(tmp_path / "shared")
     back = headshare.load(tmp_path / "shared")

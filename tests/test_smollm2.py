@@ -17,7 +17,7 @@ def test_directshare_30_percent_on_smollm2(smollm2_dir, tmp_path):
     layout = headshare.layout_of(model.config)
     assert (layout.num_layers, layout.units_per_layer, layout.q_heads_per_unit) == (30, 3, 3)
     p0, b0 = headshare.unique_parameters(model)
-    plan = headshare.plan(model, ratio=0.3)
+    plan = headshare.make_plan(model, 0.3)
     assert plan.units_shared == 27
     headshare.share(model, plan)
     p1, b1 = headshare.unique_parameters(model)

@@ -1,4 +1,4 @@
-"""Applying a plan: projections whose unit slices live in another layer, and saving/loading the result.
+"""Applying a plan: projections whose unit slices live in another layer.
 
 `share(model, plan)` replaces every attention projection named by the architecture mapping with a
 `SharedProjection`. Each one stores only the slices of the units its layer still owns, in the same
@@ -7,19 +7,11 @@ fewer rows). A borrowed unit holds a reference to the projection that owns its r
 that weight at run time: the slice is a view, so nothing is copied and one tensor serves both
 layers, in memory, in gradients and on disk.
 
-The saved directory is an ordinary transformers checkpoint (config.json + safetensors) whose
-config carries the plan under "headshare" and an `auto_map` pointing at a two-line
-`headshare_modeling.py`, so `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`
-and `headshare.load(dir)` both rebuild the shared structure before reading the weights.
+A plan's fitted weights (unit slices a method refitted) are written into the model first, after a
+check that the model holds the weights they were fitted on. Saving and loading: `headshare.checkpoint`.
 """
 
 from __future__ import annotations
-
-import json
-import os
-import shutil
-import tempfile
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -27,8 +19,8 @@ from torch import nn
 
 from .arch import Layout, ProjSpec, blocks, layout_of
 from .plan import SharePlan
+from .units import refuse_shared, weights_fingerprint, write_fitted
 
-_MODELING_FILE = "headshare_modeling.py"
 # from this many tokens in a call, a shared projection gathers its weight and runs one product; below it
 # (decoding), a product per run reads the weights once without the copy
 GATHER_MIN_TOKENS = 16
@@ -36,6 +28,8 @@ GATHER_MIN_TOKENS = 16
 
 class SharedProjection(nn.Module):
     """A Linear/Conv1D whose per-unit slices are either its own, borrowed from another layer, or pruned."""
+
+    headshare_shared = True  # units.SHARED_MARKER: how the rest of the package tells a shared model
 
     def __init__(self, proj: ProjSpec, units: int, own: list[int], weight: torch.Tensor | None,
                  bias: torch.Tensor | None, out_features: int, in_features: int):
@@ -185,8 +179,6 @@ def _apply_structure(model: nn.Module, plan: SharePlan, layout: Layout, copy_wei
         own = [u for u in range(U) if u not in gone]
         for proj in layout.projections():
             old = block.get_submodule(proj.path)
-            if isinstance(old, SharedProjection):
-                raise ValueError("this model is already shared; load the original model to apply another plan")
             weight, bias = _project_weight(proj, old, own) if copy_weights else _empty_weight(proj, old, own)
             out_f, in_f = _features(proj, old)
             new[(layer, proj.path)] = SharedProjection(proj, U, own, weight, bias, out_f, in_f)
@@ -216,17 +208,23 @@ def unique_parameters(model: nn.Module) -> tuple[int, int]:
 def share(model: nn.Module, plan: SharePlan) -> nn.Module:
     """Apply `plan` to `model` in place and return it; memory drops by the shared units' weights.
 
-    >>> plan = headshare.plan(model, ratio=0.3)   # doctest: +SKIP
+    >>> plan = headshare.make_plan(model, 0.3)     # doctest: +SKIP
     >>> headshare.share(model, plan)              # doctest: +SKIP
     >>> model.save_pretrained("out")              # doctest: +SKIP
     """
-    layout = layout_of(model.config)
-    plan.validate(layout)
-    if plan.notes.get("requires_weights"):  # fitted together with weights (headshare.calibrated)
-        from .calibrated import verify_fitted_weights
+    from .checkpoint import MODELING_FILE, shared_model_class
 
-        verify_fitted_weights(model, plan)
+    layout = layout_of(model.config)
+    refuse_shared(model, "share")
+    plan.validate(layout)
     params0, bytes0 = unique_parameters(model)
+    if plan.fitted:
+        if plan.base_sha1 is not None and weights_fingerprint(model) != plan.base_sha1:
+            raise ValueError(
+                f"this {plan.method!r} plan carries weights fitted on other attention weights than this model's "
+                "(their fingerprints differ): applied here it would give a broken model. Make the plan on this "
+                "model, or apply it to the model it was made on")
+        write_fitted(model, plan.fitted)
     _apply_structure(model, plan, layout)
     params1, bytes1 = unique_parameters(model)
     base = type(model)
@@ -235,206 +233,14 @@ def share(model: nn.Module, plan: SharePlan) -> nn.Module:
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer = None
         model.config.quantization_config = None
-    record = plan.to_dict()
+    record = plan.to_dict()  # the fitted tensors are in the weights now; the record names them
     record.update(base_class=base.__name__, params_original=params0, bytes_original=bytes0,
                   params_shared=params1, bytes_shared=bytes1)
     model.config.headshare = record
     model.config.auto_map = {"AutoModelForCausalLM" if _is_causal_lm(base) else "AutoModel":
-                             f"{_MODELING_FILE[:-3]}.{model.__class__.__name__}"}
+                             f"{MODELING_FILE[:-3]}.{model.__class__.__name__}"}
     return model
 
 
 def _is_causal_lm(cls: type) -> bool:
     return cls.__name__.endswith(("ForCausalLM", "LMHeadModel"))
-
-
-# -- saving and loading ---------------------------------------------------------------------------------
-
-_CLASSES: dict[type, type] = {}
-
-
-def shared_model_class(base: type) -> type:
-    """A subclass of a transformers model class that saves and loads headshare checkpoints."""
-    if base in _CLASSES.values():
-        return base
-    if base not in _CLASSES:
-        def save_pretrained(self, save_directory, *args, **kwargs):
-            """Save like transformers does, atomically, with a modeling file for trust_remote_code."""
-            _save(self, base, save_directory, *args, **kwargs)
-
-        @classmethod
-        def from_pretrained(cls, path, *args, config=None, **kwargs):
-            return load(path, dtype=kwargs.get("dtype") or kwargs.get("torch_dtype"))
-
-        @classmethod
-        def register_for_auto_class(cls, auto_class="AutoModel"):
-            # transformers would copy this package's source next to the weights; the two-line
-            # modeling file written by _save is what a checkpoint needs instead
-            return None
-
-        _CLASSES[base] = type(f"Headshare{base.__name__}", (base,),
-                              {"save_pretrained": save_pretrained, "from_pretrained": from_pretrained,
-                               "register_for_auto_class": register_for_auto_class, "_auto_class": None,
-                               "__module__": __name__})
-    return _CLASSES[base]
-
-
-def _save(model: nn.Module, base: type, save_directory, *args, force: bool = False, tokenizer=None,
-          **kwargs) -> None:
-    """save_pretrained for shared models: written to a temporary directory, then renamed into place.
-
-    `force` replaces an existing directory; `tokenizer`, if given, is saved beside the weights.
-    """
-    out = Path(save_directory).resolve()
-    if out.exists() and not force and any(out.iterdir()):
-        raise FileExistsError(f"{out} exists and is not empty (pass force=True, or --force, to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        super(model.__class__, model).save_pretrained(tmp, *args, **kwargs)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        (tmp / _MODELING_FILE).write_text(
-            '"""Loads a headshare checkpoint with transformers (trust_remote_code=True); needs `pip install '
-            'headshare`."""\n'
-            f"from transformers import {base.__name__}\n\n"
-            "from headshare.share import shared_model_class\n\n"
-            f"{model.__class__.__name__} = shared_model_class({base.__name__})\n"
-        )
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def read_record(path: str | Path) -> dict:
-    """The "headshare" section of a saved model's config.json (a clear error if it is not one)."""
-    cfg = Path(path) / "config.json"
-    if not cfg.is_file():
-        raise FileNotFoundError(f"{path}: no config.json; not a model directory")
-    try:
-        d = json.loads(cfg.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg}: corrupt JSON ({e})") from None
-    if "headshare" not in d:
-        raise ValueError(f"{path} is not a headshare checkpoint (config.json has no 'headshare' section)")
-    return d["headshare"]
-
-
-def _state_dict_files(path: Path) -> list[Path]:
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{path}: no .safetensors weights")
-    return files
-
-
-def load(path: str | Path, dtype: torch.dtype | str | None = None, device: str | torch.device | None = None):
-    """Load a shared checkpoint written by `save_pretrained` after `share`.
-
-    >>> model = headshare.load("out")   # doctest: +SKIP
-    """
-    import transformers
-    from safetensors.torch import load_file
-    from transformers import AutoConfig
-    from transformers.initialization import no_init_weights
-
-    path = Path(path)
-    record = read_record(path)
-    config = AutoConfig.from_pretrained(path)
-    base = getattr(transformers, record["base_class"], None)
-    if base is None:
-        raise ValueError(f"{path}: transformers has no class {record['base_class']!r}; upgrade transformers")
-    if dtype == "auto":
-        dtype = None
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    dtype = dtype or getattr(config, "dtype", None) or torch.float32
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    # no_init_weights leaves parameters as untouched torch.empty pages, and assign=True below swaps in
-    # the loaded tensors instead of copying: the full-size model is never resident, only the checkpoint
-    with no_init_weights():
-        model = base(config)
-    plan = SharePlan.from_dict(record)
-    _apply_structure(model, plan, layout_of(config), copy_weights=False)
-    model.__class__ = shared_model_class(base)
-    state = {}
-    for f in _state_dict_files(path):
-        state.update(load_file(f))
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    del state
-    model.tie_weights()  # tied embeddings are stored once, under the input embedding's key
-    tied = _tied_keys(model)
-    missing = [k for k in missing if k not in tied]
-    if missing or unexpected:
-        raise ValueError(f"{path}: weights do not match the shared structure (missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]})")
-    _cast(model, dtype)
-    if (path / "generation_config.json").is_file():
-        model.generation_config = transformers.GenerationConfig.from_pretrained(path)
-    model.eval()
-    return model.to(device) if device is not None else model
-
-
-def _cast(model: nn.Module, dtype: torch.dtype) -> None:
-    """Cast parameters and saved buffers, as from_pretrained does; buffers that are not saved (RoPE's
-    inv_freq) keep the dtype the model built them in: in bf16 they would round the rotary angles."""
-    for module in model.modules():
-        for p in module.parameters(recurse=False):
-            if p.is_floating_point() and p.dtype != dtype:
-                p.data = p.data.to(dtype)
-        for name, b in module.named_buffers(recurse=False):
-            if b.is_floating_point() and name not in module._non_persistent_buffers_set:
-                module._buffers[name] = b.to(dtype)
-
-
-def _tied_keys(model: nn.Module) -> set[str]:
-    """State-dict keys whose tensor is the same as another key's (tied embeddings)."""
-    by_ptr: dict[int, list[str]] = {}
-    for k, v in model.state_dict(keep_vars=True).items():
-        by_ptr.setdefault(v.data_ptr(), []).append(k)
-    return {k for keys in by_ptr.values() if len(keys) > 1 for k in keys}
-
-
-def info(path: str | Path) -> dict:
-    """What a saved shared checkpoint holds: the plan's counts and the parameters and bytes saved."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    record = read_record(path)
-    params = 0
-    nbytes = 0
-    for f in _state_dict_files(path):
-        with safe_open(f, framework="pt") as sf:
-            for k in sf.keys():
-                sl = sf.get_slice(k)
-                n = 1
-                for s in sl.get_shape():
-                    n *= s
-                params += n
-                nbytes += n * _DTYPE_BYTES[sl.get_dtype()]
-    layout = record["layout"]
-    units_total = layout["num_layers"] * layout["units_per_layer"]
-    return {
-        "method": record["method"],
-        "ratio": record["ratio"],
-        "unit": record.get("unit", ""),
-        "units_total": units_total,
-        "units_shared": len(record["assignments"]),
-        "units_pruned": len(record.get("pruned", [])),
-        "params_original": record["params_original"],
-        "params_shared": params,
-        "bytes_original": record["bytes_original"],
-        "bytes_shared": nbytes,
-        "checkpoint_bytes": sum(f.stat().st_size for f in _state_dict_files(path)),
-    }
-
-
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}

@@ -1,8 +1,8 @@
-"""Baseline plan methods: the honest comparisons a sharing method has to beat.
+"""Baseline methods: the honest comparisons a sharing method has to beat.
 
-Each method removes exactly as many attention units as DirectShare at the same ratio
-(`units_for_ratio`: floor(ratio x all units)), so every method frees the same number of attention
-parameters and only the choice of units differs:
+Each removes exactly as many attention units as DirectShare at the same ratio (`units_for_ratio`:
+floor(ratio x all units)), so every method frees the same attention parameters and only the choice of
+units differs:
 
 - `random`: random units of layers >= 1, each borrowing a random unit of a random earlier layer.
 - `layerwise`: whole attention blocks borrow the block of the most similar earlier layer, unit u
@@ -10,33 +10,45 @@ parameters and only the choice of units differs:
 - `prune`: the units whose output changes the residual stream least on calibration text are
   removed outright.
 
-    >>> plan = headshare.plan(model, ratio=0.3, method="prune", tokenizer=tok)   # doctest: +SKIP
+    >>> plan = headshare.make_plan(model, 0.3, "prune", tokenizer=tok)   # doctest: +SKIP
 """
 
 from __future__ import annotations
 
-import hashlib
 import random as _random
+from dataclasses import dataclass
 
 import torch
 
-from .arch import blocks, layout_of, unit_slices
-from .plan import Assignment, SharePlan, new_plan, register_method, units_for_ratio
+from ..arch import blocks, layout_of
+from ..plan import Assignment, SharePlan, new_plan, units_for_ratio
+from ..similarity import METRICS, similarity_matrix
+from ..units import fingerprint, refuse_shared, unit_slices
+from . import CalibConfig, MethodConfig, check, register_method
+from .calibration import calibration_ids
 
 
-@register_method("random", "baseline: random units borrow a random unit of a random earlier layer (seeded)")
-def random_plan(model, ratio: float, seed: int | None = 0, **_) -> SharePlan:
+@dataclass
+class RandomConfig(MethodConfig):
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self, "seed", isinstance(self.seed, int) and not isinstance(self.seed, bool), "an integer")
+
+
+@register_method("random", RandomConfig, "baseline: random units borrow a random unit of a random earlier layer (seeded)")
+def random_plan(model, cfg: RandomConfig, tokenizer=None, progress: bool = False) -> SharePlan:
     """Random sharing: which units borrow, and from where, drawn with `random.Random(seed)`."""
-    seed = 0 if seed is None else seed
     layout = layout_of(model.config)
-    n = units_for_ratio(ratio, layout)
+    n = units_for_ratio(cfg.ratio, layout)
     U = layout.units_per_layer
-    rng = _random.Random(seed)
+    rng = _random.Random(cfg.seed)
     candidates = [(layer, u) for layer in range(1, layout.num_layers) for u in range(U)]
     chosen = sorted(rng.sample(candidates, n))
     # sources are drawn in sorted order, so the plan depends on the seed alone
     assignments = [Assignment(layer, u, rng.randrange(layer), rng.randrange(U)) for layer, u in chosen]
-    return new_plan(model, "random", ratio, assignments=assignments, notes={"seed": seed})
+    return new_plan(model, "random", cfg.ratio, assignments=assignments)
 
 
 def layer_similarity(sim: torch.Tensor, num_layers: int, units_per_layer: int) -> torch.Tensor:
@@ -49,8 +61,17 @@ def layer_similarity(sim: torch.Tensor, num_layers: int, units_per_layer: int) -
     return torch.diagonal(s, dim1=1, dim2=3).mean(-1)  # (L, L, U) -> (L, L)
 
 
-@register_method("layerwise", "baseline: whole attention blocks borrow the most similar earlier layer")
-def layerwise(model, ratio: float, metric: str | None = "qk", progress: bool = False, **_) -> SharePlan:
+@dataclass
+class LayerwiseConfig(MethodConfig):
+    metric: str = "qk"  # the unit match function whose aligned mean scores a pair of layers
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self, "metric", self.metric in METRICS, f"one of {', '.join(METRICS)}")
+
+
+@register_method("layerwise", LayerwiseConfig, "baseline: whole attention blocks borrow the most similar earlier layer")
+def layerwise(model, cfg: LayerwiseConfig, tokenizer=None, progress: bool = False) -> SharePlan:
     """Whole-layer sharing with the dynamic strategy applied to layers instead of units.
 
     Every layer l >= 1 picks the earlier layer with the highest `layer_similarity` (mean aligned
@@ -58,11 +79,9 @@ def layerwise(model, ratio: float, metric: str | None = "qk", progress: bool = F
     reached. When that count is not a multiple of the units per layer, the last layer taken is
     partial: only its units with the highest aligned cosine to the chosen layer borrow.
     """
-    from .similarity import similarity_matrix
-
-    metric = metric or "qk"
+    metric = cfg.metric
     layout = layout_of(model.config)
-    n = units_for_ratio(ratio, layout)
+    n = units_for_ratio(cfg.ratio, layout)
     L, U = layout.num_layers, layout.units_per_layer
     sim = similarity_matrix(model, metric, progress=progress)
     lsim = layer_similarity(sim, L, U)
@@ -85,40 +104,13 @@ def layerwise(model, ratio: float, metric: str | None = "qk", progress: bool = F
     assignments.sort(key=lambda a: (a.layer, a.unit))
     notes = {"layer_scores": {str(layer): [src, round(s, 6)] for s, layer, src in proposals},
              "partial_layer": partial}
-    return new_plan(model, "layerwise", ratio, metric=metric, assignments=assignments, notes=notes)
-
-
-def calibration_ids(model, tokenizer, calib: str, calib_tokens: int, block_size: int = 512) -> torch.Tensor:
-    """(n, block) token ids of the calibration text, at most `calib_tokens` tokens in all."""
-    from .data import load_text, tokenize
-
-    if tokenizer is None:
-        raise ValueError("this method needs a tokenizer for its calibration text (pass tokenizer=...)")
-    max_pos = getattr(model.config, "max_position_embeddings", None) or block_size
-    block = max(2, min(block_size, max_pos, calib_tokens))
-    ids = tokenize(tokenizer, load_text(calib, split="calib"), bos=False)[:calib_tokens]
-    if len(ids) < 2:
-        raise ValueError(f"calibration text {calib!r} has fewer than 2 tokens")
-    if len(ids) < block:  # a short text still calibrates, as one shorter block
-        return ids[None]
-    n = len(ids) // block
-    return ids[: n * block].view(n, block)
+    return new_plan(model, "layerwise", cfg.ratio, metric=metric, assignments=assignments, notes=notes)
 
 
 # output_energy results by (weights, calibration ids) fingerprint: a benchmark plans several ratios on
 # fresh copies of one model, and the calibration pass is the slow part. Memory only, a few entries.
 _ENERGY_CACHE: dict[tuple[str, str, bool], torch.Tensor] = {}
 _ENERGY_CACHE_SIZE = 4
-
-
-def fingerprint(tensors) -> str:
-    """SHA-1 of (name, tensor) pairs: names, dtypes, shapes and bytes."""
-    h = hashlib.sha1()
-    for name, t in tensors:
-        t = t.detach().contiguous().cpu()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.view(-1).view(torch.uint8).numpy().data if t.numel() else b"")
-    return h.hexdigest()
 
 
 @torch.inference_mode()
@@ -141,14 +133,10 @@ def output_energy(model, tokenizer, calib: str = "builtin:calib", calib_tokens: 
     with w_t = 1 / ||h(t)||^2 or 1: score_u = <W_u^T W_u, G_uu> / tokens. The result is memoised in
     memory for the same weights, calibration tokens and `relative`.
     """
-    from .share import SharedProjection
-
+    refuse_shared(model, "importance")
     layout = layout_of(model.config)
-    o = layout.projections()[-1]
-    assert o.role == "in", o
+    o = layout.o_projection()
     mods = [block.get_submodule(o.path) for block in blocks(model)]
-    if any(isinstance(m, SharedProjection) for m in mods):
-        raise ValueError("this model is already shared; compute importance on the original model")
     ids = calibration_ids(model, tokenizer, calib, calib_tokens, block_size)
     key = (fingerprint(model.state_dict().items()), fingerprint([("ids", ids)]), relative)
     if key not in _ENERGY_CACHE:
@@ -162,7 +150,7 @@ def _output_energy(model, mods, ids: torch.Tensor, relative: bool, progress: boo
     from tqdm.auto import tqdm
 
     layout = layout_of(model.config)
-    o = layout.projections()[-1]
+    o = layout.o_projection()
     U = layout.units_per_layer
     grams: list[torch.Tensor | None] = [None] * layout.num_layers
     stream: dict[int, torch.Tensor] = {}  # layer -> ||h(t)||^2 of the block's input, this forward
@@ -203,27 +191,34 @@ def _output_energy(model, mods, ids: torch.Tensor, relative: bool, progress: boo
     return energy
 
 
-@register_method("prune", "baseline: remove the units that change the residual stream least on calibration text")
-def prune(model, ratio: float, tokenizer=None, calib: str | None = "builtin:calib",
-          calib_tokens: int | None = 8192, relative: bool = True, progress: bool = False, **_) -> SharePlan:
+@dataclass
+class PruneConfig(CalibConfig):
+    calib_tokens: int = 8192
+    relative: bool = True  # rank by output energy relative to the residual stream (False: raw energy)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self, "relative", isinstance(self.relative, bool), "true or false")
+
+
+@register_method("prune", PruneConfig, "baseline: remove the units that change the residual stream least on "
+                                       "calibration text", needs_tokenizer=True)
+def prune(model, cfg: PruneConfig, tokenizer=None, progress: bool = False) -> SharePlan:
     """Head pruning by output energy relative to the residual stream (see `output_energy`), lowest first.
 
     Units of every layer, layer 0 included, are candidates: a pruned unit needs no source, and
     restricting pruning to layers >= 1 would weaken the baseline. Ties go to the earlier unit.
     `relative=False` ranks by raw output energy instead (a weaker score, kept for comparison).
     """
-    calib = calib or "builtin:calib"
-    calib_tokens = calib_tokens or 8192
     layout = layout_of(model.config)
-    n = units_for_ratio(ratio, layout)
-    score = "||unit's o output||^2 / ||residual stream||^2" if relative else "||unit's o output||^2"
-    notes = {"importance": f"mean over calibration tokens of {score}", "calib": calib,
-             "calib_tokens": calib_tokens, "relative": relative}
+    n = units_for_ratio(cfg.ratio, layout)
+    score = "||unit's o output||^2 / ||residual stream||^2" if cfg.relative else "||unit's o output||^2"
+    notes = {"importance": f"mean over calibration tokens of {score}"}
     if n == 0:
-        return new_plan(model, "prune", ratio, notes=notes)
-    energy = output_energy(model, tokenizer, calib, calib_tokens, relative=relative, progress=progress)
+        return new_plan(model, "prune", cfg.ratio, notes=notes)
+    energy = output_energy(model, tokenizer, cfg.calib, cfg.calib_tokens, relative=cfg.relative, progress=progress)
     order = sorted((float(energy[layer, u]), layer, u)
                    for layer in range(layout.num_layers) for u in range(layout.units_per_layer))
     pruned = sorted((layer, u) for _, layer, u in order[:n])
     notes["scores"] = [[layer, u, float(f"{e:.6g}")] for e, layer, u in order[:n]]
-    return new_plan(model, "prune", ratio, pruned=pruned, notes=notes)
+    return new_plan(model, "prune", cfg.ratio, pruned=pruned, notes=notes)

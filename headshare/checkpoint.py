@@ -1,0 +1,208 @@
+"""Saving and loading shared models as ordinary transformers checkpoints.
+
+The saved directory is config.json + safetensors, whose config carries the plan under "headshare" and
+an `auto_map` pointing at a two-line `headshare_modeling.py`, so
+`AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` and `headshare.load(dir)` both
+rebuild the shared structure before reading the weights. The stored plan is validated on load: an
+edited one (a source in a later layer, a unit out of range, a scale that is not finite) is refused.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .arch import layout_of
+from .files import atomic_dir, read_safetensors, safetensors_shapes
+from .plan import SharePlan
+from .sharing import _apply_structure
+from .units import parse_fitted_key
+
+MODELING_FILE = "headshare_modeling.py"
+
+_CLASSES: dict[type, type] = {}
+
+
+def shared_model_class(base: type) -> type:
+    """A subclass of a transformers model class that saves and loads headshare checkpoints."""
+    if base in _CLASSES.values():
+        return base
+    if base not in _CLASSES:
+        def save_pretrained(self, save_directory, *args, **kwargs):
+            """Save like transformers does, atomically, with a modeling file for trust_remote_code."""
+            _save(self, base, save_directory, *args, **kwargs)
+
+        @classmethod
+        def from_pretrained(cls, path, *args, config=None, **kwargs):
+            return load(path, dtype=kwargs.get("dtype") or kwargs.get("torch_dtype"))
+
+        @classmethod
+        def register_for_auto_class(cls, auto_class="AutoModel"):
+            # transformers would copy this package's source next to the weights; the two-line
+            # modeling file written by _save is what a checkpoint needs instead
+            return None
+
+        _CLASSES[base] = type(f"Headshare{base.__name__}", (base,),
+                              {"save_pretrained": save_pretrained, "from_pretrained": from_pretrained,
+                               "register_for_auto_class": register_for_auto_class, "_auto_class": None,
+                               "__module__": __name__})
+    return _CLASSES[base]
+
+
+def _save(model: nn.Module, base: type, save_directory, *args, force: bool = False, tokenizer=None,
+          **kwargs) -> None:
+    """save_pretrained for shared models: written to a temporary directory, then renamed into place.
+
+    `force` replaces an existing directory; `tokenizer`, if given, is saved beside the weights.
+    """
+    with atomic_dir(save_directory, force=force) as tmp:
+        super(model.__class__, model).save_pretrained(tmp, *args, **kwargs)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / MODELING_FILE).write_text(
+            '"""Loads a headshare checkpoint with transformers (trust_remote_code=True); needs `pip install '
+            'headshare`."""\n'
+            f"from transformers import {base.__name__}\n\n"
+            "from headshare.checkpoint import shared_model_class\n\n"
+            f"{model.__class__.__name__} = shared_model_class({base.__name__})\n"
+        )
+
+
+def read_record(path: str | Path) -> dict:
+    """The "headshare" section of a saved model's config.json (a clear error if it is not one)."""
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        raise FileNotFoundError(f"{path}: no config.json; not a model directory")
+    try:
+        d = json.loads(cfg.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg}: corrupt JSON ({e})") from None
+    if "headshare" not in d:
+        raise ValueError(f"{path} is not a headshare checkpoint (config.json has no 'headshare' section)")
+    return d["headshare"]
+
+
+def _state_dict_files(path: Path) -> list[Path]:
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path}: no .safetensors weights")
+    return files
+
+
+def load(path: str | Path, dtype: torch.dtype | str | None = None, device: str | torch.device | None = None):
+    """Load a shared checkpoint written by `save_pretrained` after `share`.
+
+    >>> model = headshare.load("out")   # doctest: +SKIP
+    """
+    import transformers
+    from transformers import AutoConfig
+    from transformers.initialization import no_init_weights
+
+    path = Path(path)
+    record = read_record(path)
+    config = AutoConfig.from_pretrained(path)
+    base = getattr(transformers, record["base_class"], None)
+    if base is None:
+        raise ValueError(f"{path}: transformers has no class {record['base_class']!r}; upgrade transformers")
+    if dtype == "auto":
+        dtype = None
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    dtype = dtype or getattr(config, "dtype", None) or torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    # no_init_weights leaves parameters as untouched torch.empty pages, and assign=True below swaps in
+    # the loaded tensors instead of copying: the full-size model is never resident, only the checkpoint
+    with no_init_weights():
+        model = base(config)
+    plan = stored_plan(path, record, layout_of(config))
+    _apply_structure(model, plan, layout_of(config), copy_weights=False)
+    model.__class__ = shared_model_class(base)
+    state = {}
+    for f in _state_dict_files(path):
+        state.update(read_safetensors(f))
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    del state
+    model.tie_weights()  # tied embeddings are stored once, under the input embedding's key
+    tied = _tied_keys(model)
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise ValueError(f"{path}: weights do not match the shared structure (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]})")
+    _cast(model, dtype)
+    if (path / "generation_config.json").is_file():
+        model.generation_config = transformers.GenerationConfig.from_pretrained(path)
+    model.eval()
+    return model.to(device) if device is not None else model
+
+
+def _cast(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast parameters and saved buffers, as from_pretrained does; buffers that are not saved (RoPE's
+    inv_freq) keep the dtype the model built them in: in bf16 they would round the rotary angles."""
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            if p.is_floating_point() and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+        for name, b in module.named_buffers(recurse=False):
+            if b.is_floating_point() and name not in module._non_persistent_buffers_set:
+                module._buffers[name] = b.to(dtype)
+
+
+def _tied_keys(model: nn.Module) -> set[str]:
+    """State-dict keys whose tensor is the same as another key's (tied embeddings)."""
+    by_ptr: dict[int, list[str]] = {}
+    for k, v in model.state_dict(keep_vars=True).items():
+        by_ptr.setdefault(v.data_ptr(), []).append(k)
+    return {k for keys in by_ptr.values() if len(keys) > 1 for k in keys}
+
+
+def stored_plan(path: Path, record: dict, layout) -> SharePlan:
+    """The plan stored in a checkpoint's config, checked against its layout (an edited one is refused)."""
+    try:
+        plan = SharePlan.from_dict(record)
+        plan.fitted_names = []  # applied before saving: the weights hold them
+        plan.validate(layout)
+    except ValueError as e:
+        raise ValueError(f"{path}: the plan stored in config.json is invalid: {e}") from None
+    return plan
+
+
+def info(path: str | Path) -> dict:
+    """What a saved shared checkpoint holds: the plan's counts and the parameters and bytes saved."""
+    from transformers import AutoConfig
+
+    path = Path(path)
+    record = read_record(path)
+    stored_plan(path, record, layout_of(AutoConfig.from_pretrained(path)))
+    params = 0
+    nbytes = 0
+    for f in _state_dict_files(path):
+        for shape, dtype in safetensors_shapes(f).values():
+            n = 1
+            for s in shape:
+                n *= s
+            params += n
+            nbytes += n * _DTYPE_BYTES[dtype]
+    layout = record["layout"]
+    units_total = layout["num_layers"] * layout["units_per_layer"]
+    return {
+        "method": record["method"],
+        "ratio": record["ratio"],
+        "unit": record.get("unit", ""),
+        "units_total": units_total,
+        "units_shared": len(record["assignments"]),
+        "units_pruned": len(record.get("pruned", [])),
+        "units_refitted": len({(layer, unit) for layer, _, unit in map(parse_fitted_key, record.get("fitted", []))}),
+        "params_original": record["params_original"],
+        "params_shared": params,
+        "bytes_original": record["bytes_original"],
+        "bytes_shared": nbytes,
+        "checkpoint_bytes": sum(f.stat().st_size for f in _state_dict_files(path)),
+    }
+
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}

@@ -1,0 +1,106 @@
+"""Files: output-directory checks, atomic writes and safetensors reads with one-line errors.
+
+Every command writes into a temporary sibling and renames it into place, so a failure leaves either
+the previous state or the finished result, never half of it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+
+def check_output(out: str | Path, model_dir: str | Path | None = None, force: bool = False) -> Path:
+    """Refuse an output directory that would clobber something: inside the input model, an existing
+    file, or a non-empty directory without `force`. Returns the resolved path."""
+    out = Path(out).resolve()
+    if model_dir is not None:
+        src = Path(model_dir).resolve()
+        if out == src or src in out.parents:
+            raise ValueError(f"output {out} is inside the input model directory {src}; choose another place")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a directory")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise FileExistsError(f"{out} exists and is not empty (use --force, or force=True, to replace it)")
+    return out
+
+
+@contextmanager
+def atomic_dir(out: str | Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory beside `out` to write into; on success it replaces `out`.
+
+    An existing non-empty `out` is refused unless `force`; on any error the temporary directory is
+    removed and `out` is left as it was.
+    """
+    out = check_output(out, force=force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], object]) -> None:
+    """Call `write(tmp)` on a temporary file beside `path`, then rename it onto `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def safetensors_error(file: Path, e: Exception) -> ValueError:
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return ValueError(f"{file}: not a readable safetensors file (corrupt or truncated: {first})")
+
+
+def read_safetensors(file: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file; a corrupt or truncated file gives a ValueError naming it."""
+    from safetensors.torch import load_file
+
+    file = Path(file)
+    try:
+        return load_file(file)
+    except Exception as e:  # safetensors raises its own error type (and OSError) for damaged files
+        raise safetensors_error(file, e) from None
+
+
+def safetensors_shapes(file: str | Path) -> dict[str, tuple[list[int], str]]:
+    """{key: (shape, dtype name)} from a safetensors header, without reading the tensors."""
+    from safetensors import safe_open
+
+    file = Path(file)
+    try:
+        with safe_open(file, framework="pt") as sf:
+            out = {}
+            for k in sf.keys():
+                sl = sf.get_slice(k)
+                out[k] = (list(sl.get_shape()), sl.get_dtype())
+    except Exception as e:
+        raise safetensors_error(file, e) from None
+    # the header can be intact while the data is cut short: compare the sizes it promises with the file's
+    return out

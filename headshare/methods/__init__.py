@@ -1,0 +1,212 @@
+"""Plan-making methods: one registry, one typed config per method, and `make_plan`.
+
+A method is a function `fn(model, config, tokenizer, progress) -> SharePlan` registered with its config
+dataclass. It reads the model and never edits it: weights it fits travel with the plan (`SharePlan.fitted`)
+and `headshare.share` applies them. The registry is explicit: the method families import below, each
+registering its methods, and nothing else adds to `METHODS` unless a user registers one.
+
+    >>> plan = make_plan(model, FitShareConfig(ratio=0.3), tokenizer=tok)          # doctest: +SKIP
+    >>> plan = make_plan(model, 0.3, "random", seed=1)                              # doctest: +SKIP
+
+Configs refuse unknown options and bad values with a ValueError that names them; the config a plan was
+made with is recorded in `plan.config`.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import MISSING, asdict, dataclass, fields
+
+from torch import nn
+
+from ..arch import layout_of
+from ..plan import SharePlan, units_for_ratio
+from ..units import refuse_shared
+
+CONFIG_VERSION = 1
+
+
+@dataclass
+class MethodConfig:
+    """Options shared by every method: the fraction of all attention units to remove."""
+
+    ratio: float = 0.0
+
+    def __post_init__(self) -> None:
+        check(self, "ratio", _number(self.ratio) and 0 <= self.ratio < 1, "a number in [0, 1)")
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "version": CONFIG_VERSION}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> MethodConfig:
+        d = dict(d)
+        version = d.pop("version", CONFIG_VERSION)
+        if version > CONFIG_VERSION:
+            raise ValueError(f"method config version {version} is newer than this headshare ({CONFIG_VERSION})")
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"{cls.__name__} has no option {', '.join(map(repr, unknown))}; "
+                             f"its options: {', '.join(f.name for f in fields(cls))}")
+        return cls(**d)
+
+    @classmethod
+    def options(cls) -> dict[str, object]:
+        """{option: default} for every option but the ratio."""
+        return {f.name: (f.default if f.default is not MISSING else None) for f in fields(cls) if f.name != "ratio"}
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _integer(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def check(cfg, name: str, ok: bool, what: str) -> None:
+    """Refuse a config value: `ok` False raises ValueError showing the option and its value."""
+    if not ok:
+        raise ValueError(f"{type(cfg).__name__}: {name} must be {what}, got {getattr(cfg, name)!r}")
+
+
+@dataclass
+class CalibConfig(MethodConfig):
+    """Options of methods that read calibration text."""
+
+    calib: str = "builtin:calib"  # a text source for `headshare.data.load_text`, read with split="calib"
+    calib_tokens: int = 4096
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self, "calib", isinstance(self.calib, str) and self.calib.strip() != "", "a text source")
+        check(self, "calib_tokens", _integer(self.calib_tokens) and self.calib_tokens >= 2, "an integer >= 2")
+
+
+MethodFn = Callable[[nn.Module, MethodConfig, object, bool], SharePlan]
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    config: type[MethodConfig]
+    fn: MethodFn
+    help: str
+    needs_tokenizer: bool
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(name: str, config: type[MethodConfig], help: str = "",
+                    needs_tokenizer: bool = False) -> Callable[[MethodFn], MethodFn]:
+    """Add a method and its config class to the registry; the CLI's --method choices come from here."""
+
+    def deco(fn: MethodFn) -> MethodFn:
+        if name in METHODS:
+            raise ValueError(f"method {name!r} is already registered")
+        METHODS[name] = Method(name, config, fn, help or (fn.__doc__ or "").strip().splitlines()[0], needs_tokenizer)
+        return fn
+
+    return deco
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; registered: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def method_of(config: MethodConfig) -> Method:
+    """The registered method whose config class `config` is."""
+    for m in METHODS.values():
+        if type(config) is m.config:
+            return m
+    raise ValueError(f"{type(config).__name__} is the config of no registered method")
+
+
+def make_config(method: str, ratio: float = 0.0, **options) -> MethodConfig:
+    """The config of `method` with these options; unknown ones are refused with the list of valid ones."""
+    return get_method(method).config.from_dict({"ratio": ratio, **options})
+
+
+def parse_option(config: type[MethodConfig], text: str) -> tuple[str, object]:
+    """KEY=VALUE from the command line, the value parsed by the option's declared type."""
+    key, sep, raw = text.partition("=")
+    key = key.strip().replace("-", "_")
+    known = {f.name: f for f in fields(config)}
+    if not sep or not key:
+        raise ValueError(f"option {text!r}: expected KEY=VALUE")
+    if key not in known or key == "ratio":
+        raise ValueError(f"{config.__name__} has no option {key!r}; its options: "
+                         f"{', '.join(k for k in known if k != 'ratio') or 'none'}")
+    hints = typing.get_type_hints(config)
+    return key, _parse_value(hints[key], raw.strip(), key)
+
+
+def _parse_value(tp, raw: str, key: str):
+    args = typing.get_args(tp) if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union else (tp,)
+    if type(None) in args and raw.lower() in ("none", "null", ""):
+        return None
+    for t in (a for a in args if a is not type(None)):
+        if t is bool:
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+        elif t is int:
+            try:
+                return int(raw)
+            except ValueError:
+                pass
+        elif t is float:
+            try:
+                return float(raw)
+            except ValueError:
+                pass
+        elif t is str:
+            return raw
+    words = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "none"}
+    raise ValueError(f"option {key}: {raw!r} is not {' or '.join(words.get(a, str(a)) for a in args)}")
+
+
+def make_plan(model: nn.Module, ratio: float | MethodConfig = 0.0, method: str | None = None, *,
+              tokenizer=None, progress: bool = False, **options) -> SharePlan:
+    """Make a sharing plan for `model` with a registered method; the model is not changed.
+
+    Either a config (`make_plan(model, FitShareConfig(ratio=0.3), tokenizer=tok)`) or a ratio, a method
+    name (default "directshare") and its options as keywords (`make_plan(model, 0.3, "random", seed=1)`).
+
+    >>> plan = make_plan(model, ratio=0.3)                                   # doctest: +SKIP
+    """
+    if isinstance(ratio, MethodConfig):
+        if options or method is not None:
+            raise ValueError("give either a config or a method name with options, not both")
+        config, m = ratio, method_of(ratio)
+    else:
+        m = get_method(method or "directshare")
+        config = m.config.from_dict({"ratio": ratio, **options})
+    refuse_shared(model, "planning")
+    layout = layout_of(model.config)
+    units_for_ratio(config.ratio, layout)  # fail on a ratio the model cannot take before any work
+    if m.needs_tokenizer and tokenizer is None and units_for_ratio(config.ratio, layout):
+        raise ValueError(f"method {m.name!r} reads calibration text and needs a tokenizer (tokenizer=...)")
+    plan = m.fn(model, config, tokenizer, progress)
+    plan.method, plan.ratio, plan.config = m.name, config.ratio, config.to_dict()
+    plan.validate(layout)
+    return plan
+
+
+# the method families: importing them registers their methods, in this order
+from . import directshare, baselines, actshare, fitshare  # noqa: E402, F401, I001
+from .actshare import ActShareConfig  # noqa: E402
+from .baselines import LayerwiseConfig, PruneConfig, RandomConfig  # noqa: E402
+from .directshare import AlignShareConfig, DirectShareConfig  # noqa: E402
+from .fitshare import FitPruneConfig, FitShareConfig  # noqa: E402
+
+__all__ = ["METHODS", "ActShareConfig", "AlignShareConfig", "CalibConfig", "DirectShareConfig", "FitPruneConfig",
+           "FitShareConfig", "LayerwiseConfig", "Method", "MethodConfig", "PruneConfig", "RandomConfig",
+           "get_method", "make_config", "make_plan", "method_of", "parse_option", "register_method"]

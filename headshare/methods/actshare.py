@@ -1,0 +1,95 @@
+"""`actshare`: activation-aware matching with a fitted output scale, no weight edits.
+
+Unit u may borrow source s at cost ||y_u - a * y_s->u||^2, the change in u's layer output on calibration
+text, with y_s->u the output of s's weights run on u's own layer input and `a` the least-squares scale
+(`Assignment.scale`). The cheapest units borrow. a = 0 would be pruning, so on the same units this is
+never worse than pruning them (on calibration). Errors weigh token t by 1 / ||h_t + a_t||^2.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+from ..arch import blocks, layout_of
+from ..plan import Assignment, SharePlan, new_plan, units_for_ratio
+from ..units import o_columns, unit_z
+from . import CalibConfig, check, register_method
+from .calibration import borrowed_z, calibration_ids, candidate_sources, capture, layer_gram
+from .lstsq import RidgeResidual, fit_scales
+
+WINDOW = 6  # sources are searched in this many preceding layers (the best ones were 1-5 layers back)
+
+
+def window_ok(w) -> bool:
+    return w is None or (isinstance(w, int) and not isinstance(w, bool) and w >= 1)
+
+
+@dataclass
+class ActShareConfig(CalibConfig):
+    window: int | None = WINDOW  # None: search every earlier layer
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self, "window", window_ok(self.window), "an integer >= 1 or none")
+
+
+@register_method("actshare", ActShareConfig, "activation-aware pairs + fitted output scale (calibration text; "
+                                             "no weight edits)", needs_tokenizer=True)
+def actshare(model, cfg: ActShareConfig, tokenizer=None, progress: bool = False) -> SharePlan:
+    """Each unit of layers >= 1 borrows the earlier unit (within `window` layers) whose weights, run on the
+    unit's own layer input, best reproduce its output after a least-squares scale; the units where that
+    leaves the least weighted error borrow. Sources are never themselves removed."""
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    layout = layout_of(model.config)
+    n, window = units_for_ratio(cfg.ratio, layout), cfg.window
+    notes = {"score": "weighted error left after the fitted scale, relative to pruning the unit (1 = no better)"}
+    if n == 0:
+        return new_plan(model, "actshare", cfg.ratio, notes=notes)
+    data = capture(model, calibration_ids(model, tokenizer, cfg.calib, cfg.calib_tokens))
+    U, bl = layout.units_per_layer, blocks(model)
+    options: dict[tuple[int, int], list] = {}  # unit -> [(cost, source, scale)] best first, and prune cost
+    prune_cost: dict[tuple[int, int], float] = {}
+    for layer in tqdm(range(1, layout.num_layers), desc="actshare", disable=not progress, unit="layer"):
+        gram = layer_gram(model, data, layout, layer, candidate_sources(layer, U, window, ()))
+        gram.set_kept([], 0.0)
+        sources = [k for k in gram.z if k[0] != "own"]
+        for u in range(U):
+            p = gram.inner(("own", u), ("own", u)) / gram.n
+            prune_cost[(layer, u)] = p
+            options[(layer, u)] = [(p * (1 - g), s, a) for g, s, a in gram.gains(("own", u), sources)]
+    chosen: dict[tuple[int, int], tuple] = {}  # borrowing unit -> (cost, source, scale)
+    for unit in sorted(options, key=lambda u: (options[u][0][0] if options[u] else math.inf, u)):
+        if len(chosen) == n:
+            break
+        gone = set(chosen) | {unit}
+        # units that borrow from this one move to their next best source, or this one stays
+        moved = {v: next((o for o in options[v] if o[1] not in gone), None) for v, c in chosen.items() if c[1] == unit}
+        own = next((o for o in options[unit] if o[1] not in gone), None)
+        if own is None or any(o is None for o in moved.values()):
+            continue
+        chosen.update(moved)
+        chosen[unit] = own
+    if len(chosen) < n:
+        raise ValueError(f"actshare found only {len(chosen)} of {n} units with a source; lower the ratio "
+                         "or widen the window")
+    assignments = [Assignment(u[0], u[1], src[0], src[1], score=round(cost / prune_cost[u], 6) if prune_cost[u] > 0
+                              else 1.0, scale=scale) for u, (cost, src, scale) in chosen.items()]
+    assignments.sort(key=lambda a: (a.layer, a.unit))
+    # scales fitted jointly per layer: then the layer's error is never above pruning the same units (a = 0)
+    for layer in sorted({a.layer for a in assignments}):
+        mine = [a for a in assignments if a.layer == layer]
+        d, fit = data[layer], RidgeResidual(None, data[layer].w, 0.0)
+        zb = borrowed_z(model, data, layer, [(a.source_layer, a.source_unit) for a in mine])
+        v = sum(unit_z(d.z, layout, a.unit) @ o_columns(bl[layer], layout, a.unit).T for a in mine)
+        ys = [zb[(a.source_layer, a.source_unit)] @ o_columns(bl[a.source_layer], layout, a.source_unit).T
+              for a in mine]
+        for a, scale in zip(mine, fit_scales(fit, v, ys).tolist(), strict=True):
+            a.scale = scale
+    notes["seconds"] = round(time.perf_counter() - t0, 1)
+    return new_plan(model, "actshare", cfg.ratio, assignments=assignments, notes=notes)
+
+

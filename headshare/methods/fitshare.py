@@ -1,0 +1,245 @@
+"""`fitshare` and `fitprune`: choose the units to remove jointly per layer, borrow where a held-out check
+says it helps, and refit the o columns of the units that stay by least squares.
+
+- `fitshare` (combination under one budget): which units go is chosen jointly per layer (every subset of
+  a layer's units, then a knapsack over layers) on the cross-fitted error left after refitting the units
+  that stay; each removed unit borrows its best source or is pruned; then the o-projection columns of the
+  units that stay in those layers are refitted by ridge least squares so that the layer's attention output
+  stays what it was, layer after layer on the modified model's own inputs.
+- `fitprune`: `fitshare` without sharing; the ablation that shows what sharing itself adds.
+
+The refitted columns are the plan's fitted weights (`SharePlan.fitted`, with the fingerprint of the
+weights they were fitted on); `headshare.share` writes them before tying the units.
+
+Every error is measured in units of the residual stream the output is added to: token t weighs
+1 / ||h_t + a_t||^2 (h the block input, a the attention output). Raw output energy, the `prune`
+baseline's importance, is blind to the residual norm growing with depth.
+
+    >>> plan = headshare.make_plan(model, FitShareConfig(ratio=0.3), tokenizer=tok)   # doctest: +SKIP
+    >>> headshare.share(model, plan)                                                  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..arch import blocks, layout_of
+from ..plan import Assignment, SharePlan, new_plan, units_for_ratio
+from ..units import get_slices, o_columns, read_fitted, set_o_columns, set_slices, unit_z, weights_fingerprint
+from . import CalibConfig, check, register_method
+from .actshare import WINDOW, window_ok
+from .calibration import LayerData, calibration_ids, candidate_sources, capture, layer_gram, run_block
+from .lstsq import (
+    RidgeResidual,
+    fit_scales,
+    half,
+    heldout_lenders,
+    heldout_share_costs,
+    knapsack,
+    layer_options,
+)
+
+RHO = 1.0  # ridge, relative to the mean diagonal of the Gram matrix: best held-out error (1e-2 overfitted)
+MIN_GAIN = 0.01  # fitshare shares a unit only if borrowing removes >= 1 % of what the refit leaves
+SELECT = ("heldout", "pruning", "sharing")  # fitshare's subset costs: see heldout_share_costs and _fit_plan
+
+
+@torch.no_grad()
+def refit(model: nn.Module, data: list[LayerData], removed: set, borrow: dict, rho: float = RHO,
+          progress: bool = False, heldout: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The sequential refit: in every layer with removed units, the o columns of the units that stay are
+    refitted so that the layer's attention output matches the original model's, and borrowed units get a
+    fitted scale. Layers run in order on the model as the plan will make it, so each refit also absorbs
+    what earlier layers changed. Borrowed units read their root's weights as `share` will (the root's own
+    layer, earlier, was refitted first).
+
+    The model is edited while this runs and restored before it returns. Returns ({(layer, unit): scale} for
+    the units that borrow, the refitted o columns as `units.read_fitted` names them): a candidate whose
+    borrowing does not lower the cross-fitted error (`heldout_lenders`) is pruned instead.
+    """
+    from tqdm.auto import tqdm
+
+    layout = layout_of(model.config)
+    U = layout.units_per_layer
+    bl = blocks(model)
+    o = layout.o_projection()
+    first = min((lay for lay, _ in removed), default=len(bl))
+    touched = {(lay, u) for lay in {lay for lay, _ in removed} for u in range(U)}  # every unit of those layers
+    original = {u: get_slices(bl[u[0]], layout, u[1]) for u in touched}
+    scales: dict = {}
+    fitted: dict[str, torch.Tensor] = {}
+    h = data[first].h if first < len(bl) else None
+    try:
+        for layer in tqdm(range(first, len(bl)), desc="refit", disable=not progress, unit="layer"):
+            block = bl[layer]
+            gone = [u for u in range(U) if (layer, u) in removed]
+            handle = None
+            if gone:
+                for u in gone:
+                    if (layer, u) in borrow:
+                        sl, su = borrow[(layer, u)]
+                        set_slices(block, layout, u, get_slices(bl[sl], layout, su))
+                handle = block.get_submodule(o.path).register_forward_pre_hook(
+                    _refit_hook(block, layout, layer, data[layer], gone, borrow, bl, rho, scales, heldout))
+            try:
+                h = run_block(block, data[layer].block_call, h)
+            finally:
+                if handle is not None:
+                    handle.remove()
+        fitted = read_fitted(model, sorted(touched - set(removed)), [o.path])
+    finally:
+        for (layer, u), slices in original.items():
+            set_slices(bl[layer], layout, u, slices)
+    return scales, fitted
+
+
+def _refit_hook(block, layout, layer, data, gone, borrow, bl, rho, scales, heldout=True) -> Callable:
+    """A pre-hook on the o projection: sees this layer's heads' outputs on the modified model's input,
+    fits, and writes the o columns before the projection runs (so the block's output already uses them)."""
+    U = layout.units_per_layer
+
+    def hook(_m, args):
+        z = args[0].reshape(-1, args[0].shape[-1])
+        target, w = data.a.double(), data.w
+        bias = block.get_submodule(layout.o_projection().path).bias
+        if bias is not None:  # a per-layer constant that no unit owns: not part of the fit
+            target = target - bias.detach().double()
+        kept = [u for u in range(U) if u not in gone]
+        zs = {u: unit_z(z, layout, u) for u in range(U)}
+        wk = {u: o_columns(block, layout, u) for u in kept}
+        v = target - sum((zs[u] @ wk[u].T for u in kept), torch.zeros_like(target))
+        kz = torch.cat([zs[u] for u in kept], 1) if kept else None
+        fit = RidgeResidual(kz, w, rho)
+        lent = [u for u in gone if (layer, u) in borrow]
+        roots = {u: o_columns(bl[borrow[(layer, u)][0]], layout, borrow[(layer, u)][1]) for u in lent}
+        ys = {u: zs[u] @ roots[u].T for u in lent}
+        # a candidate borrows only if that lowers the cross-fitted error: an in-sample gain of a few
+        # scalars is not enough (on SmolLM2 in-sample sharing made held-out perplexity worse than pruning)
+        split = half(z.shape[0], args[0].shape[0] if args[0].dim() == 3 else 1)
+        if heldout:
+            lent = heldout_lenders(kz, v, w, {u: ys[u] for u in lent}, rho, split)
+        ys = [ys[u] for u in lent]
+        a = fit_scales(fit, v, ys)
+        for u, y, s in zip(lent, ys, a.tolist(), strict=True):
+            v = v - s * y
+            scales[(layer, u)] = s
+            set_o_columns(block, layout, u, roots[u] * s)
+        if kept:
+            d = fit.solve(v)
+            width = d.shape[0] // len(kept)
+            for i, u in enumerate(kept):
+                set_o_columns(block, layout, u, wk[u] + d[i * width:(i + 1) * width].T)
+        for u in gone:
+            if u not in lent:
+                set_o_columns(block, layout, u, torch.zeros_like(o_columns(block, layout, u)))
+    return hook
+
+
+def _fit_plan(model, method: str, cfg: CalibConfig, tokenizer, rho: float, window: int | None,
+              min_gain: float, progress: bool, heldout: bool = True, select: str = "heldout") -> SharePlan:
+    """fitshare / fitprune: knapsack selection, source choice, sequential refit (fitted o columns in the plan)."""
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    layout = layout_of(model.config)
+    n = units_for_ratio(cfg.ratio, layout)
+    if n == 0:
+        return new_plan(model, method, cfg.ratio)
+    ids = calibration_ids(model, tokenizer, cfg.calib, cfg.calib_tokens)
+    base = weights_fingerprint(model)
+    data = capture(model, ids)
+    U, share = layout.units_per_layer, math.isfinite(min_gain)
+    options, costs = [], []
+    for layer in tqdm(range(layout.num_layers), desc="costs", disable=not progress, unit="layer"):
+        sources = candidate_sources(layer, U, window, ()) if share else []
+        gram = layer_gram(model, data, layout, layer, sources)
+        options.append(layer_options(gram, U, sources, rho, min_gain))
+        if share and select == "heldout":
+            costs.append(heldout_share_costs(gram, options[-1], data[layer], layout, rho, len(ids), min_gain))
+            continue
+        # the cross-fitted pruning error: no candidate lends (min_gain infinite)
+        held = heldout_share_costs(gram, options[-1], data[layer], layout, rho, len(ids), math.inf)
+        # select="sharing": the in-sample gain of sharing scales the held-out pruning cost (it moves the choice
+        # towards units with a good source: better at 50 % on SmolLM2, worse at 10-30 %, see BENCHMARKS.md);
+        # "pruning": the held-out pruning cost alone
+        costs.append({r: held[r] * (c / p if p > 0 and select == "sharing" else 1.0)
+                      for r, (c, p, _) in options[-1].items()})
+    removed = set(knapsack(costs, n))
+    borrow: dict = {}
+    gains: dict = {}
+    for layer in range(layout.num_layers):
+        gone = frozenset(u for u in range(U) if (layer, u) in removed)
+        if not gone:
+            continue
+        ranked = options[layer][gone][2]
+        for u in sorted(gone):
+            # the knapsack assumed sources stay; one that was removed after all gives way to the next best
+            pick = next(((g, s) for g, s in ranked.get(u, []) if s not in removed), None)
+            if pick is not None and pick[0] >= min_gain:
+                borrow[(layer, u)], gains[(layer, u)] = pick[1], pick[0]
+    t1 = time.perf_counter()
+    scales, fitted = refit(model, data, removed, borrow, rho, progress, heldout)
+    borrow = {u: src for u, src in borrow.items() if u in scales}  # the others did not pay off held out
+    assignments = [Assignment(layer, u, *borrow[(layer, u)], score=round(gains[(layer, u)], 6),
+                              scale=scales[(layer, u)]) for layer, u in sorted(borrow)]
+    pruned = sorted(u for u in removed if u not in borrow)
+    notes = {"fitted": "o-projection columns of the units that stay in layers with removed units",
+             "score": "share of the refit's leftover error that borrowing removes",
+             "cost": round(sum(costs[layer][frozenset(u for lay, u in removed if lay == layer)]
+                               for layer in {lay for lay, _ in removed}), 9),
+             "select_seconds": round(t1 - t0, 1), "refit_seconds": round(time.perf_counter() - t1, 1)}
+    return new_plan(model, method, cfg.ratio, assignments=assignments, pruned=pruned, notes=notes, fitted=fitted,
+                    base_sha1=base)
+
+
+@dataclass
+class FitPruneConfig(CalibConfig):
+    rho: float = RHO  # ridge of the o refit, relative to the mean diagonal of the Gram matrix
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self, "rho", isinstance(self.rho, (int, float)) and not isinstance(self.rho, bool)
+              and math.isfinite(self.rho) and self.rho >= 0, "a number >= 0")
+
+
+@dataclass
+class FitShareConfig(FitPruneConfig):
+    window: int | None = WINDOW  # sources are searched in this many preceding layers (None: all)
+    min_gain: float = MIN_GAIN  # a removed unit is a candidate to borrow if that removes this share of its error
+    heldout: bool = True  # keep a candidate's source only where it lowers the cross-fitted error
+    select: str = "heldout"  # subset costs: "heldout" (cross-fitted sharing), "pruning", "sharing"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self, "window", window_ok(self.window), "an integer >= 1 or none")
+        check(self, "min_gain", isinstance(self.min_gain, (int, float)) and not isinstance(self.min_gain, bool)
+              and not math.isnan(self.min_gain), "a number")
+        check(self, "heldout", isinstance(self.heldout, bool), "true or false")
+        check(self, "select", self.select in SELECT, f"one of {', '.join(SELECT)}")
+
+
+@register_method("fitshare", FitShareConfig, "share or prune per unit under one budget, refit the o columns that "
+                                             "stay (calibration text; the fitted columns travel with the plan)",
+                 needs_tokenizer=True)
+def fitshare(model, cfg: FitShareConfig, tokenizer=None, progress: bool = False) -> SharePlan:
+    """Units chosen per layer subset with a knapsack over layers on the cross-fitted error left after
+    refitting the units that stay (`select="sharing"`: that error scaled by what sharing would remove); a
+    removed unit is a candidate to borrow its best earlier source when that removes >= `min_gain` of the
+    remaining error; then the sequential refit (`refit`), where a candidate keeps its source only if that
+    lowers the cross-fitted error (`heldout=False`: always), else it is pruned. The refitted o columns are
+    the plan's fitted weights; the model is not changed."""
+    return _fit_plan(model, "fitshare", cfg, tokenizer, cfg.rho, cfg.window, cfg.min_gain, progress, cfg.heldout,
+                     cfg.select)
+
+
+@register_method("fitprune", FitPruneConfig, "fitshare without sharing: prune per layer subset, refit the o "
+                                             "columns that stay (calibration text)", needs_tokenizer=True)
+def fitprune(model, cfg: FitPruneConfig, tokenizer=None, progress: bool = False) -> SharePlan:
+    """The same selection and refit as `fitshare`, every removed unit pruned: what sharing adds is the gap."""
+    return _fit_plan(model, "fitprune", cfg, tokenizer, cfg.rho, None, math.inf, progress)
