@@ -437,7 +437,7 @@ def run_bench(model: str = "smollm2-135m", ratios=DEFAULT_RATIOS, methods=DEFAUL
     rows.sort(key=lambda r: (order.get(r["method"], len(order)), r["method"], r["ratio"]))
     write_rows(out, rows)
     if md is not None:
-        Path(md).write_text(markdown_table(rows))
+        atomic_write_text(md, markdown_table(rows))
     if plot is not None:
         plot_rows(rows, plot)
     return rows

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from .files import check_output
+from .files import atomic_write_text, check_output
 from .methods import METHODS
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, KeyError)
@@ -72,7 +72,7 @@ def _write_json(obj, path: str | None) -> None:
     if path in (None, "-"):
         print(text)
     else:
-        Path(path).write_text(text + "\n")
+        atomic_write_text(path, text + "\n")
 
 
 # -- commands ------------------------------------------------------------------------------------------
@@ -500,7 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                "(default: head 0 of the last layer)")
     p.add_argument("--top", type=int, default=None, help="most similar heads to mark (default: heads per layer)")
     p.add_argument("--out", required=True, help="output directory: index.html, PNGs, report.json")
-    p.add_argument("--force", action="store_true", help="write into an existing non-empty directory")
+    p.add_argument("--force", action="store_true", help="replace an existing non-empty output directory")
     p.set_defaults(fn=cmd_report)
     return ap
 

@@ -61,6 +61,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from .arch import Layout, blocks, layout_of
+from .files import atomic_dir, check_output
 from .plan import SharePlan
 from .units import unit_views
 
@@ -391,8 +392,8 @@ def posttrain(model: nn.Module, tokenizer, plan: SharePlan | None, data, config:
     if plan is not None:
         plan.validate(layout_of(model.config))
     out = Path(cfg.out).resolve() if cfg.out else None
-    if out is not None and out.exists() and any(out.iterdir()) and not cfg.force:
-        raise FileExistsError(f"{out} exists and is not empty (pass force=True, or --force, to replace it)")
+    if out is not None:
+        check_output(out, force=cfg.force)
     if cfg.resume and cfg.work_dir is None and out is None:
         raise ValueError("resume needs the work_dir (or out) of the interrupted run")
     blocks_ = training_blocks(tokenizer, data, cfg.block_size)  # before any directory is made
@@ -491,17 +492,16 @@ def _run(model, tokenizer, plan, blocks_: torch.Tensor, cfg: PostTrainConfig, ou
 
 
 def _save(model, tokenizer, out: Path, cfg: PostTrainConfig, trainer: Trainer, record: dict) -> None:
-    """The checkpoint (atomic for shared models), then the record, log history and plot beside it."""
-    if cfg.mode == "tune-only":
-        if out.exists() and cfg.force:
-            shutil.rmtree(out)
-        model.save_pretrained(out)
-        tokenizer.save_pretrained(out)
-    else:
-        model.save_pretrained(out, force=cfg.force, tokenizer=tokenizer)
-    trainer.state.save_to_json(str(out / "trainer_state.json"))
-    (out / RECORD_FILE).write_text(json.dumps(record, indent=1) + "\n")
-    plot_losses(trainer.state.log_history, out / PLOT_FILE, title=cfg.mode)
+    """The checkpoint, the record, the log history and the plot, written together and renamed into place."""
+    with atomic_dir(out, force=cfg.force) as tmp:
+        if cfg.mode == "tune-only":
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        else:
+            model.save_pretrained(tmp, force=True, tokenizer=tokenizer)  # tmp is ours and empty
+        trainer.state.save_to_json(str(tmp / "trainer_state.json"))
+        (tmp / RECORD_FILE).write_text(json.dumps(record, indent=1) + "\n")
+        plot_losses(trainer.state.log_history, tmp / PLOT_FILE, title=cfg.mode)
 
 
 def plot_losses(log_history: list[dict], path: str | Path, title: str = "") -> None:

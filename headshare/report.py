@@ -56,6 +56,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .arch import blocks, layout_of
+from .files import atomic_dir
 from .similarity import METRICS, metric_parts
 from .units import unit_slices
 
@@ -553,15 +554,15 @@ def write(data: dict, out: str | Path, head_matrix: np.ndarray | None = None) ->
         plt.close(fig)
     data.setdefault("timings", {})["draw_s"] = round(time.time() - t0, 2)
     page = html_page(data, pngs)
-    # everything is drawn before the first file is written, so a failure leaves no half report
+    # everything is drawn first and the files appear together: a failure leaves no half report
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    for name, png in pngs.items():
-        (out / f"{name}.png").write_bytes(png)
-    (out / "report.json").write_text(json.dumps(data, indent=1) + "\n")
-    if head_matrix is not None:
-        np.save(out / "attention_similarity.npy", head_matrix.astype(np.float32))
-    (out / "index.html").write_text(page)
+    with atomic_dir(out, force=True) as tmp:
+        for name, png in pngs.items():
+            (tmp / f"{name}.png").write_bytes(png)
+        (tmp / "report.json").write_text(json.dumps(data, indent=1) + "\n")
+        if head_matrix is not None:
+            np.save(tmp / "attention_similarity.npy", head_matrix.astype(np.float32))
+        (tmp / "index.html").write_text(page)
     return Report(data, figs, out)
 
 

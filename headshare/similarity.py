@@ -19,7 +19,7 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from .arch import Layout, blocks, checkpoint_key_pattern, layout_of
-from .files import safetensors_error, safetensors_shapes
+from .files import atomic_write_text, safetensors_error, safetensors_shapes
 from .units import refuse_shared, unit_slices
 
 METRICS: dict[str, tuple[str, ...]] = {
@@ -214,7 +214,7 @@ def analysis(model_or_path, metric: str = "qk", progress: bool = True, matrix_li
 
 
 def save_analysis(result: dict, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(result, indent=1))
+    atomic_write_text(path, json.dumps(result, indent=1))
 
 
 def cosine_naive(a: torch.Tensor, b: torch.Tensor) -> float:
