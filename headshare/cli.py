@@ -105,31 +105,36 @@ def _load(args, path: str | None = None):
     return path, model, tok
 
 
-def _make_plan(args, model, tok):
-    from .methods import make_plan
+def _plan_source(args):
+    """What the plan will come from, checked before the model loads: the plan file read in full, or the
+    method's config built from the options (bad options fail here), or None when neither is given."""
+    from .methods import make_config
     from .plan import SharePlan
 
     if getattr(args, "plan", None):
         return SharePlan.load(args.plan)
     if args.ratio is None:
+        return None
+    return make_config(args.method, args.ratio, **_method_options(args, args.method))
+
+
+def _make_plan(source, model, tok):
+    from .methods import make_plan
+    from .plan import SharePlan
+
+    if source is None:
         raise ValueError("give --ratio (or --plan FILE)")
-    return make_plan(model, args.ratio, args.method, tokenizer=tok, progress=True, **_method_options(args, args.method))
-
-
-def _check_plan_args(args) -> None:
-    """Refuse bad method options before the model loads (a config is built and dropped)."""
-    from .methods import make_config
-
-    if not getattr(args, "plan", None) and args.ratio is not None:
-        make_config(args.method, args.ratio, **_method_options(args, args.method))
+    if isinstance(source, SharePlan):
+        return source
+    return make_plan(model, source, tokenizer=tok, progress=True)
 
 
 def cmd_plan(args) -> None:
     if Path(args.out).suffix == ".safetensors":
         raise ValueError(f"--out {args.out}: give the plan a .json name; fitted weights go beside it")
-    _check_plan_args(args)
+    source = _plan_source(args)
     _, model, tok = _load(args)
-    plan = _make_plan(args, model, tok)
+    plan = _make_plan(source, model, tok)
     plan.save(args.out)
     fitted = f", {len(plan.fitted)} fitted weights in {plan.fitted_file(args.out)}" if plan.fitted else ""
     _log(f"{plan.method}: {plan.units_shared} units shared, {len(plan.pruned)} pruned of "
@@ -139,15 +144,12 @@ def cmd_plan(args) -> None:
 def cmd_share(args) -> None:
     from .checkpoint import info
     from .fetch import resolve_model
-    from .plan import SharePlan
     from .sharing import share
 
     out = Path(args.out)
     path = resolve_model(args.model)
     check_output(out, path, args.force)  # before the slow part, so a mistake costs nothing
-    if args.plan:
-        SharePlan.load(args.plan)  # a bad plan file fails before the model loads
-    _check_plan_args(args)
+    source = _plan_source(args)  # a bad plan file or option fails before the model loads
     text = None
     before = None
     if args.eval:
@@ -159,7 +161,7 @@ def cmd_share(args) -> None:
     if args.eval:
         _log("evaluating the original model ...")
         before = perplexity(model, tok, text, window=args.window, stride=args.window, max_tokens=args.eval_tokens)
-    plan = _make_plan(args, model, tok)
+    plan = _make_plan(source, model, tok)
     t0 = time.time()
     share(model, plan)
     model.save_pretrained(out, force=args.force, tokenizer=tok)
@@ -226,7 +228,7 @@ def cmd_posttrain(args) -> None:
     out = Path(args.out)
     path = resolve_model(args.model)
     check_output(out, path, args.force)
-    _check_plan_args(args)
+    source = _plan_source(args)
     if args.data.replace(" ", "") != "builtin:eval":  # (refused with its own message in training_blocks)
         from .data import load_text
 
@@ -234,7 +236,7 @@ def cmd_posttrain(args) -> None:
     path, model, tok = _load(args, path)
     plan = None
     if args.mode != "tune-only" or args.ratio is not None or args.plan:
-        plan = _make_plan(args, model, tok)  # before training: the pairs are fixed from the start
+        plan = _make_plan(source, model, tok)  # before training: the pairs are fixed from the start
         if plan.fitted and args.mode != "share-then-tune":
             # postshare learns its own compensation and tune-only is the reference: both train the original weights
             _log(f"{plan.method}: the plan's {len(plan.fitted)} fitted weights are not used; {args.mode} trains "
