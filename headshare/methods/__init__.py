@@ -36,7 +36,7 @@ class MethodConfig:
     ratio: float = 0.0
 
     def __post_init__(self) -> None:
-        check(self, "ratio", _number(self.ratio) and 0 <= self.ratio < 1, "a number in [0, 1)")
+        check(self, "ratio", is_number(self.ratio) and 0 <= self.ratio < 1, "a number in [0, 1)")
 
     def to_dict(self) -> dict:
         return {**asdict(self), "version": CONFIG_VERSION}
@@ -59,11 +59,13 @@ class MethodConfig:
         return {f.name: (f.default if f.default is not MISSING else None) for f in fields(cls) if f.name != "ratio"}
 
 
-def _number(x) -> bool:
+def is_number(x) -> bool:
+    """A finite int or float, not a bool."""
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def _integer(x) -> bool:
+def is_integer(x) -> bool:
+    """An int, not a bool."""
     return isinstance(x, int) and not isinstance(x, bool)
 
 
@@ -83,7 +85,7 @@ class CalibConfig(MethodConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check(self, "calib", isinstance(self.calib, str) and self.calib.strip() != "", "a text source")
-        check(self, "calib_tokens", _integer(self.calib_tokens) and self.calib_tokens >= 2, "an integer >= 2")
+        check(self, "calib_tokens", is_integer(self.calib_tokens) and self.calib_tokens >= 2, "an integer >= 2")
 
 
 MethodFn = Callable[[nn.Module, MethodConfig, object, bool], SharePlan]

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from ..arch import blocks, layout_of
 from ..plan import Assignment, SharePlan, new_plan, units_for_ratio
 from ..units import o_columns, unit_z
-from . import CalibConfig, check, register_method
+from . import CalibConfig, check, is_integer, register_method
 from .calibration import borrowed_z, calibration_ids, candidate_sources, capture, layer_gram
 from .lstsq import RidgeResidual, fit_scales
 
@@ -23,7 +23,7 @@ WINDOW = 6  # sources are searched in this many preceding layers (the best ones 
 
 
 def window_ok(w) -> bool:
-    return w is None or (isinstance(w, int) and not isinstance(w, bool) and w >= 1)
+    return w is None or (is_integer(w) and w >= 1)
 
 
 @dataclass

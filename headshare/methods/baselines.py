@@ -24,7 +24,7 @@ from ..arch import blocks, layout_of
 from ..plan import Assignment, SharePlan, new_plan, units_for_ratio
 from ..similarity import METRICS, similarity_matrix
 from ..units import fingerprint, refuse_shared, unit_slices
-from . import CalibConfig, MethodConfig, check, register_method
+from . import CalibConfig, MethodConfig, check, is_integer, register_method
 from .calibration import calibration_ids
 
 
@@ -34,7 +34,7 @@ class RandomConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check(self, "seed", isinstance(self.seed, int) and not isinstance(self.seed, bool), "an integer")
+        check(self, "seed", is_integer(self.seed), "an integer")
 
 
 @register_method("random", RandomConfig, "baseline: random units borrow a random unit of a random earlier layer (seeded)")

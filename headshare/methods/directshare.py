@@ -20,7 +20,7 @@ from ..arch import layout_of
 from ..plan import SharePlan, dynamic_selection, new_plan
 from ..similarity import METRICS, similarity_matrix
 from ..units import head_weights
-from . import MethodConfig, check, register_method
+from . import MethodConfig, check, is_integer, register_method
 
 
 @dataclass
@@ -96,9 +96,8 @@ class AlignShareConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check(self, "sketch", isinstance(self.sketch, int) and not isinstance(self.sketch, bool) and self.sketch >= 1,
-              "an integer >= 1")
-        check(self, "seed", isinstance(self.seed, int) and not isinstance(self.seed, bool), "an integer")
+        check(self, "sketch", is_integer(self.sketch) and self.sketch >= 1, "an integer >= 1")
+        check(self, "seed", is_integer(self.seed), "an integer")
 
 
 @register_method("alignshare", AlignShareConfig, "DirectShare with a symmetry-aligned weight similarity (data-free, copies)")

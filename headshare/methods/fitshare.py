@@ -32,7 +32,7 @@ from torch import nn
 from ..arch import blocks, layout_of
 from ..plan import Assignment, SharePlan, new_plan, units_for_ratio
 from ..units import get_slices, o_columns, read_fitted, set_o_columns, set_slices, unit_z, weights_fingerprint
-from . import CalibConfig, check, register_method
+from . import CalibConfig, check, is_number, register_method
 from .actshare import WINDOW, window_ok
 from .calibration import LayerData, calibration_ids, candidate_sources, capture, layer_gram, run_block
 from .lstsq import (
@@ -204,8 +204,7 @@ class FitPruneConfig(CalibConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check(self, "rho", isinstance(self.rho, (int, float)) and not isinstance(self.rho, bool)
-              and math.isfinite(self.rho) and self.rho >= 0, "a number >= 0")
+        check(self, "rho", is_number(self.rho) and self.rho >= 0, "a number >= 0")
 
 
 @dataclass
