@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-METHODS = ("directshare", "random", "prune", "actshare", "fitshare", "fitprune")
+METHODS = ("directshare", "random", "prune", "actshare", "fitshare", "fitprune", "basisshare")
 CONTROL = "actshare-as-prune"
 
 
@@ -53,6 +53,11 @@ def run(args) -> list[dict]:
     rows = read_rows(out, settings, resume=args.resume, force=not args.resume)
     done = {(r["method"], r["ratio"]) for r in rows}
     original, tok = load_model(args.model)
+    from headshare.sharing import unique_parameters
+
+    total = unique_parameters(original)[0]
+    for r in rows:  # rows written before params_total was recorded: the same model, so the same total
+        r.setdefault("params_total", total)
     reference = CachedReference(original)
     text = load_text(args.text, split="eval")
 
@@ -148,14 +153,15 @@ def markdown(rows: list[dict]) -> str:
     methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "original"))
     ratios = sorted({r["ratio"] for r in rows if r["method"] != "original"})
     cell = {(r["method"], r["ratio"]): r for r in rows}
-    head = "| units removed | params removed | " + " | ".join(methods) + " |"
+    head = "| units removed | params removed (of model) | " + " | ".join(methods) + " |"
     lines = [head, "|" + "---|" * (len(methods) + 2)]
     lines.append("| 0% | 0 | " + " | ".join(f"{base['perplexity']:.2f}" for _ in methods) + " |")
     for ratio in ratios:
         got = [cell.get((m, ratio)) for m in methods]
         removed = {r["params_removed"] for r in got if r}
         units = next(r["units_removed"] for r in got if r)
-        prm = ", ".join(f"{p:,}" for p in sorted(removed))
+        total = next(r["params_total"] for r in got if r)
+        prm = ", ".join(f"{p:,} ({p / total:.1%})" for p in sorted(removed))
         vals = [f"{r['perplexity']:.2f} (x{r['perplexity'] / base['perplexity']:.2f})" if r else "" for r in got]
         lines.append(f"| {ratio:.0%} ({units}) | {prm} | " + " | ".join(vals) + " |")
     lines += ["", "Plan (calibration) seconds:", "", "| ratio | " + " | ".join(methods) + " |",
@@ -163,6 +169,15 @@ def markdown(rows: list[dict]) -> str:
     for ratio in ratios:
         got = [cell.get((m, ratio)) for m in methods]
         lines.append(f"| {ratio:.0%} | " + " | ".join(f"{r['plan_s']:.0f}" if r else "" for r in got) + " |")
+    from headshare.bench import sharing_gap
+
+    lines += ["", "Best method that shares against the best that only prunes (same parameters removed):", "",
+              "| ratio | of model | best sharing | best pruning | sharing / pruning - 1 | sharing / original |",
+              "|---|---|---|---|---|---|"]
+    for g in sharing_gap(rows):
+        lines.append(f"| {g['ratio']:.0%} | {g['model_fraction']:.1%} | {g['sharing']} {g['sharing_ppl']:.2f} | "
+                     f"{g['pruning']} {g['pruning_ppl']:.2f} | {g['gap']:+.1%} | "
+                     f"x{g['sharing_ppl'] / base['perplexity']:.3f} |")
     tok = base["tokens"]
     loads = [r["loadavg_1min"] for r in rows]
     lines += ["", f"Perplexity on {tok:,} scored tokens of `{base['text']}` (eval half), window {base['window']}; "
@@ -183,6 +198,10 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default="benchmarks/results/beyond.json")
     ap.add_argument("--md", default=None, help="also write the markdown table here")
+    ap.add_argument("--plot", default=None, help="also write the sharing-vs-pruning curve (PNG) here")
+    ap.add_argument("--merge", default=None, metavar="JSON,...",
+                    help="rows of earlier runs (other settings, same model and eval text) to add to the table and "
+                         "plot; this run's rows win where both have a (method, ratio)")
     ap.add_argument("--resume", action="store_true",
                     help="keep rows already in --json made with the same settings (else --json is replaced)")
     ap.add_argument("--pairs", default=None, metavar="JSON",
@@ -195,9 +214,20 @@ def main(argv=None) -> int:
         print(json.dumps(result, indent=1))
         return 0
     rows = run(args)
+    if args.merge:
+        have = {(r["method"], r["ratio"]) for r in rows}
+        for f in args.merge.split(","):
+            rows += [r for r in json.loads(Path(f).read_text()) if (r["method"], r["ratio"]) not in have]
+        total = next(r["params_total"] for r in rows if "params_total" in r)
+        for r in rows:
+            r.setdefault("params_total", total)
     table = markdown(rows)
     if args.md:
         Path(args.md).write_text(table)
+    if args.plot:
+        from headshare.bench import plot_rows
+
+        plot_rows([r for r in rows if r["method"] != "actshare-as-prune"], args.plot)
     print(table)
     return 0 if all(math.isfinite(r["perplexity"]) for r in rows) else 1
 

@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .arch import blocks, layout_of
+from .arch import arch_spec, blocks, layout_of
 from .files import atomic_write_text
 from .methods import METHODS, MethodConfig, get_method, make_plan, parse_option
 from .plan import SharePlan
@@ -150,13 +150,19 @@ class CachedReference(nn.Module):
 
 
 def attention_params(model: nn.Module) -> int:
-    """Parameters stored by the attention projections (each tensor once)."""
+    """Parameters stored by the attention projections and any shared bases they read (each tensor once)."""
+    from .sharing import BASIS_NAME
+
     layout = layout_of(model.config)
+    attn = arch_spec(layout.model_type).attention
     seen: dict[int, int] = {}
     for block in blocks(model):
         for proj in layout.projections():
             for p in block.get_submodule(proj.path).parameters(recurse=False):
                 seen[id(p)] = p.numel()
+        basis = getattr(block.get_submodule(attn), BASIS_NAME, None)
+        if basis is not None:
+            seen[id(basis.weight)] = basis.weight.numel()
     return sum(seen.values())
 
 
@@ -286,6 +292,7 @@ def measure(method: str, ratio: float, original: nn.Module, reference: nn.Module
         "method": method, "ratio": ratio,
         "units_total": layout.units_total, "units_removed": plan.units_removed if plan else 0,
         "units_shared": plan.units_shared if plan else 0, "units_pruned": len(plan.pruned) if plan else 0,
+        "units_based": plan.units_based(layout.units_per_layer) if plan else 0,
         "perplexity": ev["perplexity"], "nll": ev["nll"], "tokens": ev["tokens"],
         "kl": ev["kl"], "top1_agreement": ev["top1_agreement"], "reference_perplexity": ev["reference_perplexity"],
         "attn_params_total": attn0, "attn_params_removed": attn0 - attn,
@@ -351,25 +358,51 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+PRUNING = ("prune", "fitprune", "actshare-as-prune")  # rows that remove units without sharing anything
+
+
+def sharing_gap(rows: list[dict]) -> list[dict]:
+    """Per ratio: the best row that shares against the best that only prunes (same parameters removed).
+
+    `gap` is best sharing perplexity / best pruning perplexity - 1: negative means sharing wins."""
+    out = []
+    for ratio in sorted({r["ratio"] for r in rows if r["method"] != "original"}):
+        here = [r for r in rows if r["ratio"] == ratio and r["method"] != "original"]
+        share = min((r for r in here if r["method"] not in PRUNING), key=lambda r: r["perplexity"], default=None)
+        prune = min((r for r in here if r["method"] in PRUNING), key=lambda r: r["perplexity"], default=None)
+        if share and prune:
+            out.append({"ratio": ratio, "sharing": share["method"], "sharing_ppl": share["perplexity"],
+                        "pruning": prune["method"], "pruning_ppl": prune["perplexity"],
+                        "gap": share["perplexity"] / prune["perplexity"] - 1,
+                        "model_fraction": share["params_removed"] / share["params_total"]})
+    return out
+
+
 def plot_rows(rows: list[dict], path: str | Path, title: str | None = None) -> None:
-    """PNG of perplexity (log scale) against parameters removed, one line per method."""
+    """PNG of perplexity (log scale) against the share of the whole model removed, one line per method;
+    methods that only prune are dashed, so the sharing-vs-pruning comparison reads at a glance."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method in dict.fromkeys(r["method"] for r in rows):
-        pts = sorted((r["params_removed"] / 1e6, r["perplexity"]) for r in rows if r["method"] == method)
-        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=method)
+    base = next((r for r in rows if r["method"] == "original"), None)
+    for method in dict.fromkeys(r["method"] for r in rows if r["method"] != "original"):
+        pts = sorted((100 * r["params_removed"] / r["params_total"], r["perplexity"])
+                     for r in rows if r["method"] == method)
+        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=method,
+                linestyle="--" if method in PRUNING else "-")
+    if base is not None:
+        ax.axhline(base["perplexity"], color="grey", linewidth=0.8, label="original")
     ax.set_yscale("log")
-    ax.set_xlabel("parameters removed (millions)")
+    ax.set_xlabel("parameters removed (% of the whole model)")
     ax.set_ylabel("perplexity (log scale)")
     if rows:
         r = rows[0]
         ax.set_title(title or f"{r['model']}: perplexity on {r['tokens']:,} tokens of {r['text']}", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

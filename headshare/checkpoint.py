@@ -19,7 +19,7 @@ from .arch import layout_of
 from .files import atomic_dir, read_safetensors, safetensors_shapes
 from .plan import SharePlan
 from .sharing import _apply_structure
-from .units import parse_fitted_key
+from .units import is_unit_key, parse_fitted_key
 
 MODELING_FILE = "headshare_modeling.py"
 
@@ -176,7 +176,7 @@ def info(path: str | Path) -> dict:
 
     path = Path(path)
     record = read_record(path)
-    stored_plan(path, record, layout_of(AutoConfig.from_pretrained(path)))
+    plan = stored_plan(path, record, layout_of(AutoConfig.from_pretrained(path)))
     params = 0
     nbytes = 0
     for f in _state_dict_files(path):
@@ -195,7 +195,10 @@ def info(path: str | Path) -> dict:
         "units_total": units_total,
         "units_shared": len(record["assignments"]),
         "units_pruned": len(record.get("pruned", [])),
-        "units_refitted": len({(layer, unit) for layer, _, unit in map(parse_fitted_key, record.get("fitted", []))}),
+        "units_based": plan.units_based(layout["units_per_layer"]),
+        "bases": len(plan.bases),
+        "units_refitted": len({(layer, unit) for layer, _, unit in
+                               map(parse_fitted_key, filter(is_unit_key, record.get("fitted", [])))}),
         "params_original": record["params_original"],
         "params_shared": params,
         "bytes_original": record["bytes_original"],

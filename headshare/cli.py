@@ -137,7 +137,9 @@ def cmd_plan(args) -> None:
     plan = _make_plan(source, model, tok)
     plan.save(args.out)
     fitted = f", {len(plan.fitted)} fitted weights in {plan.fitted_file(args.out)}" if plan.fitted else ""
-    _log(f"{plan.method}: {plan.units_shared} units shared, {len(plan.pruned)} pruned of "
+    based = f", {plan.units_based(plan.layout['units_per_layer'])} on {len(plan.bases)} shared bases" \
+        if plan.bases else ""
+    _log(f"{plan.method}: {plan.units_shared} units shared, {len(plan.pruned)} pruned{based} of "
          f"{plan.layout['num_layers'] * plan.layout['units_per_layer']}; wrote {args.out}{fitted}")
 
 
@@ -183,8 +185,10 @@ def _summary_table(s: dict) -> str:
     saved_b = s["bytes_original"] - s["bytes_shared"]
     rows = [
         ("method", s["method"]),
-        ("units shared", f"{s['units_shared']} / {s['units_total']} ({s['unit']})"),
+        ("units shared (borrowed)", f"{s['units_shared']} / {s['units_total']} ({s['unit']})"),
         *([("units pruned", f"{s['units_pruned']} / {s['units_total']}")] if s.get("units_pruned") else []),
+        *([("units based", f"{s['units_based']} / {s['units_total']} (q/k/v as coefficients on {s['bases']} "
+                            "shared bases)")] if s.get("units_based") else []),
         *([("units refitted", f"{s['units_refitted']} / {s['units_total']} (o columns fitted by the method)")]
           if s.get("units_refitted") else []),
         ("parameters", f"{s['params_original']:,} -> {s['params_shared']:,} (-{saved_p:,}, "

@@ -13,6 +13,10 @@ Rules every plan obeys, whatever made it:
 - Fitted weights (`fitted`) are unit slices, named "{layer}.{projection path}.unit{unit}", that
   replace the model's before the units are tied. They were fitted on particular weights, whose
   fingerprint `base_sha1` records, and are refused on any other.
+- A basis group (`bases`, each {"layers": [...], "rank": r}) expresses the input-side projections
+  (q, k, v) of its layers through one shared (r, hidden) basis: each projection keeps only its own units'
+  (rows, r) coefficients. The group's tensors are fitted weights too: "basis{g}" for the basis and
+  "{layer}.{projection path}.coef" for the coefficients. Units in basis layers neither borrow nor lend.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import torch
 from .arch import Layout, layout_of
 from .similarity import best_earlier_matches
 
-PLAN_VERSION = 2  # 2: method config, fitted weights beside the JSON (version 1 plans still load)
+PLAN_VERSION = 3  # 2: method config, fitted weights beside the JSON; 3: shared bases (older plans still load)
 
 
 @dataclass
@@ -66,6 +70,7 @@ class SharePlan:
     fitted: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     base_sha1: str | None = None  # fingerprint of the attention weights `fitted` was fitted on
     fitted_names: list[str] = field(default_factory=list)  # what the document names; `fitted` holds the tensors
+    bases: list[dict] = field(default_factory=list)  # [{"layers": [...], "rank": r}]: shared input-side bases
     version: int = PLAN_VERSION
 
     def __post_init__(self) -> None:
@@ -80,6 +85,7 @@ class SharePlan:
                 "pruned": [list(p) for p in self.pruned], "metric": self.metric, "unit": self.unit,
                 "config": dict(self.config), "notes": dict(self.notes),
                 "fitted": sorted(self.fitted) or list(self.fitted_names), "base_sha1": self.base_sha1,
+                "bases": [{"layers": list(b["layers"]), "rank": b["rank"]} for b in self.bases],
                 "version": PLAN_VERSION}
 
     @classmethod
@@ -116,12 +122,19 @@ class SharePlan:
             names = ["(not stored: a version 1 plan fitted together with weights)"]
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise ValueError(f"plan 'fitted' must be a list of weight names, got {names!r}")
+        bases = d.get("bases", [])
+        if not isinstance(bases, list) or not all(
+                isinstance(b, dict) and set(b) == {"layers", "rank"} and _int(b["rank"])
+                and isinstance(b["layers"], list) and b["layers"] and all(_int(x) for x in b["layers"])
+                for b in bases):
+            raise ValueError(f"plan 'bases' must be a list of {{'layers': [integers], 'rank': integer}}, got {bases!r}")
         if not _real(d.get("ratio")):
             raise ValueError(f"plan 'ratio' must be a number, got {d.get('ratio')!r}")
         return cls(layout=d["layout"], method=str(d.get("method", "?")), ratio=d["ratio"], assignments=assignments,
                    pruned=[tuple(p) for p in pruned], metric=d.get("metric"), unit=d.get("unit", ""),
                    config=dict(d.get("config") or {}), notes=notes, fitted=dict(fitted or {}),
-                   base_sha1=d.get("base_sha1"), fitted_names=list(names))
+                   base_sha1=d.get("base_sha1"), fitted_names=list(names),
+                   bases=[{"layers": list(b["layers"]), "rank": b["rank"]} for b in bases])
 
     def fitted_file(self, path: str | Path) -> Path:
         """Where the fitted tensors of the plan saved at `path` live: beside it, same stem, .safetensors."""
@@ -176,6 +189,15 @@ class SharePlan:
     def units_removed(self) -> int:
         return len(self.assignments) + len(self.pruned)
 
+    def basis_layers(self) -> dict[int, int]:
+        """Layer -> index of the basis group that holds its input-side projections."""
+        return {layer: g for g, b in enumerate(self.bases) for layer in b["layers"]}
+
+    def units_based(self, units_per_layer: int) -> int:
+        """Units whose q/k/v rows are coefficients on a shared basis (the kept units of basis layers)."""
+        pruned = {tuple(p) for p in self.pruned}
+        return sum(1 for layer in self.basis_layers() for u in range(units_per_layer) if (layer, u) not in pruned)
+
     def roots(self) -> dict[tuple[int, int], tuple[int, int]]:
         """Borrowing unit -> the unit whose stored weights it reads (chains followed to their root)."""
         src = {(a.layer, a.unit): (a.source_layer, a.source_unit) for a in self.assignments}
@@ -220,6 +242,20 @@ class SharePlan:
             check(*p, "a pruned")
         if len(pruned) != len(self.pruned):
             raise ValueError("plan lists a pruned unit twice")
+        in_basis: dict[int, int] = {}
+        for g, b in enumerate(self.bases):
+            if not 1 <= b["rank"] <= layout.hidden_size:
+                raise ValueError(f"basis {g} has rank {b['rank']}; it must be in 1..{layout.hidden_size} (hidden size)")
+            for layer in b["layers"]:
+                if not 0 <= layer < L:
+                    raise ValueError(f"basis {g} names layer {layer}, outside this model's {L} layers")
+                if layer in in_basis:
+                    raise ValueError(f"layer {layer} is in two bases ({in_basis[layer]} and {g})")
+                in_basis[layer] = g
+        for a in self.assignments:
+            if a.layer in in_basis or a.source_layer in in_basis:
+                raise ValueError(f"unit ({a.layer}, {a.unit}) borrows from ({a.source_layer}, {a.source_unit}) "
+                                 "across a basis layer; units of basis layers neither borrow nor lend")
         if self.fitted_names and not self.fitted:
             raise ValueError(f"this {self.method!r} plan names {len(self.fitted_names)} fitted weights but carries "
                              "none: read it with SharePlan.load(path), which takes the .safetensors file beside it")

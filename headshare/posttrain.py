@@ -391,6 +391,10 @@ def posttrain(model: nn.Module, tokenizer, plan: SharePlan | None, data, config:
         raise ValueError(f"mode {cfg.mode!r} needs a plan (pairs to share)")
     if plan is not None:
         plan.validate(layout_of(model.config))
+        if plan.bases and cfg.mode == "postshare":
+            # the weight-similarity pull acts on pairs of units; a basis is fitted, not pulled towards
+            raise ValueError(f"a {plan.method!r} plan puts layers on shared bases, which postshare's pull cannot "
+                             "make; post-train it with mode 'share-then-tune' (--mode share-then-tune)")
     out = Path(cfg.out).resolve() if cfg.out else None
     if out is not None:
         check_output(out, force=cfg.force)

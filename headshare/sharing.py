@@ -9,6 +9,11 @@ layers, in memory, in gradients and on disk.
 
 A plan's fitted weights (unit slices a method refitted) are written into the model first, after a
 check that the model holds the weights they were fitted on. Saving and loading: `headshare.checkpoint`.
+
+In a layer of a basis group (`SharePlan.bases`) the input-side projections store (rows, rank)
+coefficients instead of (rows, hidden) weights, and first project their input onto the group's
+`SharedBasis`, one (rank, hidden) matrix registered once, in the group's first layer, as
+`headshare_basis`; the other layers hold a reference to it, as borrowed units do.
 """
 
 from __future__ import annotations
@@ -17,13 +22,30 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .arch import Layout, ProjSpec, blocks, layout_of
+from .arch import Layout, ProjSpec, arch_spec, blocks, layout_of
 from .plan import SharePlan
-from .units import refuse_shared, weights_fingerprint, write_fitted
+from .units import basis_key, coef_key, is_unit_key, refuse_shared, weights_fingerprint, write_fitted
 
 # from this many tokens in a call, a shared projection gathers its weight and runs one product; below it
 # (decoding), a product per run reads the weights once without the copy
 GATHER_MIN_TOKENS = 16
+
+
+BASIS_NAME = "headshare_basis"  # attribute of the attention module of a basis group's first layer
+
+
+class SharedBasis(nn.Module):
+    """One (rank, hidden) input basis that the q/k/v projections of a group of layers read through."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+    def extra_repr(self) -> str:
+        return f"rank={self.weight.shape[0]}, hidden={self.weight.shape[1]}"
 
 
 class SharedProjection(nn.Module):
@@ -40,6 +62,11 @@ class SharedProjection(nn.Module):
         self.bias = nn.Parameter(bias) if bias is not None else None
         # (module, start, stop, scale) runs in feature order; module None means zeros (a pruned unit)
         self._segments: list[tuple[SharedProjection | None, int, int, float]] = []
+        self.__dict__["_basis"] = None  # a SharedBasis the input is projected on first (basis layers)
+
+    def use_basis(self, basis: SharedBasis) -> None:
+        """Read the input through `basis`: the stored weight is then (rows, rank) coefficients."""
+        self.__dict__["_basis"] = basis  # a reference, not a child: the group's first layer owns it
 
     # Storage layout: own units in increasing order, part by part (q of all own units, then k, ...).
     def own_range(self, unit: int, part: int) -> tuple[int, int]:
@@ -98,6 +125,8 @@ class SharedProjection(nn.Module):
         return torch.cat(ws, dim=dim), bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._basis is not None:
+            x = self._basis(x)
         segs = self._segments
         if len(segs) > 1 and x.numel() >= GATHER_MIN_TOKENS * x.shape[-1] and any(o is not None for o, *_ in segs):
             # many tokens: one matrix product over a gathered weight beats a product per run (and, for
@@ -130,16 +159,22 @@ class SharedProjection(nn.Module):
         return y + self.bias if self.bias is not None else y
 
     def extra_repr(self) -> str:
+        rank = f", basis rank={self._basis.weight.shape[0]}" if self._basis is not None else ""
         return (f"{self.proj.path}, role={self.proj.role}, units={self.units}, own={len(self.own)}, "
-                f"runs={len(self._segments)}")
+                f"runs={len(self._segments)}{rank}")
+
+
+def own_index(proj: ProjSpec, own: list[int]) -> torch.Tensor:
+    """Feature indices of the units `own`, in SharedProjection's storage layout (part by part)."""
+    return torch.cat([torch.cat([torch.arange(off + u * w, off + (u + 1) * w) for u in own])
+                      for _, off, w in proj.parts])
 
 
 def _project_weight(proj: ProjSpec, module: nn.Module, own: list[int]) -> tuple[torch.Tensor | None, ...]:
     """The own-unit slices of a projection's weight (and bias), in SharedProjection's storage layout."""
     if not own:
         return None, (module.bias.detach().clone() if proj.role == "in" and module.bias is not None else None)
-    idx = torch.cat([torch.cat([torch.arange(off + u * w, off + (u + 1) * w) for u in own])
-                     for _, off, w in proj.parts])
+    idx = own_index(proj, own)
     dim = proj.weight_dim()
     weight = module.weight.detach().index_select(dim, idx.to(module.weight.device)).contiguous()
     bias = None
@@ -148,13 +183,17 @@ def _project_weight(proj: ProjSpec, module: nn.Module, own: list[int]) -> tuple[
     return weight, bias
 
 
-def _empty_weight(proj: ProjSpec, module: nn.Module, own: list[int]) -> tuple[torch.Tensor | None, ...]:
-    """Uninitialised tensors of the shapes `_project_weight` would give, for a model about to be loaded."""
+def _empty_weight(proj: ProjSpec, module: nn.Module, own: list[int],
+                  rank: int | None = None) -> tuple[torch.Tensor | None, ...]:
+    """Uninitialised tensors of the shapes `_project_weight` would give (inputs cut to `rank` in a basis
+    layer), for a model about to be loaded."""
     w, b = module.weight, module.bias
     weight = None
     if own:
         shape = list(w.shape)
         shape[proj.weight_dim()] = proj.unit_width * len(own)
+        if rank is not None:
+            shape[1 - proj.weight_dim()] = rank
         weight = torch.empty(shape, dtype=w.dtype, device=w.device)
     if b is not None and (own or proj.role == "in"):
         b = torch.empty(b.shape[0] if proj.role == "in" else proj.unit_width * len(own), dtype=b.dtype)
@@ -168,20 +207,64 @@ def _features(proj: ProjSpec, module: nn.Module) -> tuple[int, int]:
     return (w.shape[1], w.shape[0]) if proj.conv1d else (w.shape[0], w.shape[1])
 
 
+def _make_bases(model: nn.Module, plan: SharePlan, layout: Layout, copy_weights: bool) -> dict[int, SharedBasis]:
+    """Layer -> its group's SharedBasis, each registered once in its group's first layer."""
+    out = {}
+    apath = arch_spec(layout.model_type).attention
+    ref = blocks(model)[0].get_submodule(layout.o_projection().path).weight
+    for g, b in enumerate(plan.bases):
+        if copy_weights:
+            w = plan.fitted[basis_key(g)].detach().to(device=ref.device, dtype=ref.dtype).clone()
+        else:
+            w = torch.empty(b["rank"], layout.hidden_size, dtype=ref.dtype, device=ref.device)
+        basis = SharedBasis(w)
+        first = min(b["layers"])
+        blocks(model)[first].get_submodule(apath).add_module(BASIS_NAME, basis)
+        out.update(dict.fromkeys(b["layers"], basis))
+    return out
+
+
+def check_basis_tensors(plan: SharePlan, layout: Layout) -> None:
+    """Refuse a plan whose bases lack their tensors or whose tensors have the wrong shapes."""
+    pruned = {tuple(p) for p in plan.pruned}
+    for g, b in enumerate(plan.bases):
+        want = {basis_key(g): (b["rank"], layout.hidden_size)}
+        for layer in b["layers"]:
+            own = [u for u in range(layout.units_per_layer) if (layer, u) not in pruned]
+            for proj in layout.in_projections():
+                if own:
+                    rows = proj.unit_width * len(own)
+                    want[coef_key(layer, proj.path)] = (rows, b["rank"]) if not proj.conv1d else (b["rank"], rows)
+        for key, shape in want.items():
+            if key not in plan.fitted:
+                raise ValueError(f"basis {g} needs the fitted tensor {key!r}, which the plan does not carry")
+            if tuple(plan.fitted[key].shape) != shape:
+                raise ValueError(f"fitted tensor {key!r} has shape {tuple(plan.fitted[key].shape)}, basis {g} "
+                                 f"needs {shape}")
+
+
 def _apply_structure(model: nn.Module, plan: SharePlan, layout: Layout, copy_weights: bool = True) -> None:
     roots = plan.roots()
     scales = {(a.layer, a.unit): a.scale for a in plan.assignments}
     pruned = {tuple(p) for p in plan.pruned}
     U = layout.units_per_layer
+    bases = _make_bases(model, plan, layout, copy_weights)
     new: dict[tuple[int, str], SharedProjection] = {}
     for layer, block in enumerate(blocks(model)):
         gone = {u for u in range(U) if (layer, u) in roots or (layer, u) in pruned}
         own = [u for u in range(U) if u not in gone]
         for proj in layout.projections():
             old = block.get_submodule(proj.path)
-            weight, bias = _project_weight(proj, old, own) if copy_weights else _empty_weight(proj, old, own)
+            based = layer in bases and proj.role == "out"
+            rank = bases[layer].weight.shape[0] if based else None
+            weight, bias = _project_weight(proj, old, own) if copy_weights else _empty_weight(proj, old, own, rank)
+            if based and copy_weights and own:
+                weight = plan.fitted[coef_key(layer, proj.path)].detach().to(
+                    device=old.weight.device, dtype=old.weight.dtype).clone()
             out_f, in_f = _features(proj, old)
             new[(layer, proj.path)] = SharedProjection(proj, U, own, weight, bias, out_f, in_f)
+            if based:
+                new[(layer, proj.path)].use_basis(bases[layer])
     for (layer, path), mod in new.items():
         sources = {}
         for u in range(U):
@@ -224,7 +307,10 @@ def share(model: nn.Module, plan: SharePlan) -> nn.Module:
                 f"this {plan.method!r} plan carries weights fitted on other attention weights than this model's "
                 "(their fingerprints differ): applied here it would give a broken model. Make the plan on this "
                 "model, or apply it to the model it was made on")
-        write_fitted(model, plan.fitted)
+        check_basis_tensors(plan, layout)
+        write_fitted(model, {k: v for k, v in plan.fitted.items() if is_unit_key(k)})
+    elif plan.bases:
+        check_basis_tensors(plan, layout)  # refuses: a plan with bases always carries their tensors
     _apply_structure(model, plan, layout)
     params1, bytes1 = unique_parameters(model)
     base = type(model)

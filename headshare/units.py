@@ -148,6 +148,21 @@ def fitted_key(layer: int, path: str, unit: int) -> str:
     return f"{layer}.{path}.unit{unit}"
 
 
+def basis_key(group: int) -> str:
+    """Name of a shared basis in a plan's fitted tensors: "basis{group}", an (rank, hidden) matrix."""
+    return f"basis{group}"
+
+
+def coef_key(layer: int, path: str) -> str:
+    """Name of one projection's coefficients on its layer's basis: (own rows, rank) in storage orientation."""
+    return f"{layer}.{path}.coef"
+
+
+def is_unit_key(key: str) -> bool:
+    """Whether a fitted tensor's name is a unit slice (`fitted_key`), not a basis or its coefficients."""
+    return _FITTED_KEY.match(key) is not None
+
+
 def read_fitted(model: nn.Module, units: Iterable[tuple[int, int]], paths: Iterable[str]) -> dict[str, torch.Tensor]:
     """The current weight slices of `units` in the projections `paths`, keyed by `fitted_key`."""
     layout, bl = layout_of(model.config), blocks(model)

@@ -222,3 +222,16 @@ def test_cli_bench(tiny_dir, tmp_path, capsys):
 def test_cli_bench_rejects_a_bad_ratio(tmp_path, capsys):
     assert main(["bench", "--json", str(tmp_path / "o.json"), "--ratios", "0,1.5"]) == 2
     assert "1.5" in capsys.readouterr().err and not (tmp_path / "o.json").exists()
+
+
+def test_sharing_gap_compares_the_best_of_each_kind_at_each_ratio():
+    from headshare.bench import sharing_gap
+
+    def row(method, ratio, ppl):
+        return {"method": method, "ratio": ratio, "perplexity": ppl, "params_removed": 10, "params_total": 100}
+
+    rows = [row("original", 0.0, 10.0), row("prune", 0.3, 20.0), row("fitprune", 0.3, 16.0),
+            row("random", 0.3, 30.0), row("basisshare", 0.3, 15.2), row("fitprune", 0.5, 30.0)]
+    (g,) = sharing_gap(rows)  # 0.5 has no sharing row: no comparison
+    assert (g["sharing"], g["pruning"]) == ("basisshare", "fitprune")
+    assert abs(g["gap"] - (15.2 / 16.0 - 1)) < 1e-12 and g["model_fraction"] == 0.1

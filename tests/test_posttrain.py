@@ -571,3 +571,20 @@ def test_cli_help_lists_posttrain_flags(capsys):
     for flag in ("--lambda", "--constraint", "--lr", "--block-size", "--batch-size", "--steps", "--mode",
                  "--resume", "--seed", "--method", "--save-steps", "--data", "--option", "--pull-until"):
         assert flag in text
+
+
+def test_basis_plans_train_with_share_then_tune_and_the_basis_stays_one_tensor(tiny_tokenizer, blocks16,
+                                                                                   calib_file):
+    from headshare.methods import BasisShareConfig
+    from headshare.sharing import BASIS_NAME
+
+    model = tiny()
+    plan = headshare.make_plan(model, BasisShareConfig(ratio=0.3, group=3, prune=0.0, calib=calib_file,
+                                                       calib_tokens=128), tokenizer=tiny_tokenizer)
+    with pytest.raises(ValueError, match="share-then-tune"):
+        posttrain(tiny(), tiny_tokenizer, plan, blocks16, cfg(steps=1))
+    model = posttrain(model, tiny_tokenizer, plan, blocks16, cfg(steps=2, mode="share-then-tune"))
+    basis = getattr(blocks(model)[0].self_attn, BASIS_NAME)
+    assert not torch.equal(basis.weight, plan.fitted["basis0"])  # trained
+    for block in blocks(model):
+        assert block.self_attn.v_proj._basis.weight is basis.weight  # still the one tensor every layer reads

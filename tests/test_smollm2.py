@@ -40,3 +40,34 @@ def test_directshare_30_percent_on_smollm2(smollm2_dir, tmp_path):
         gen = remote.generate(ids, max_new_tokens=8, do_sample=False)
     text = tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)
     assert gen.shape[1] == ids.shape[1] + 8 and text.strip()
+
+
+def test_basisshare_30_percent_on_smollm2_saves_reloads_and_holds_quality(smollm2_dir, tmp_path):
+    from headshare.data import load_text
+    from headshare.evaluate import perplexity
+    from headshare.methods import BasisShareConfig
+
+    model, tok = load_model(str(smollm2_dir))
+    layout = headshare.layout_of(model.config)
+    text = load_text("builtin:eval", split="eval")
+    before = perplexity(model, tok, text, max_tokens=2048, progress=False)["perplexity"]
+    p0, _ = headshare.unique_parameters(model)
+    plan = headshare.make_plan(model, BasisShareConfig(ratio=0.3), tokenizer=tok)
+    assert len(plan.pruned) == 18 and len(plan.bases) == 8  # 2/3 of 27 units pruned; 30 layers in groups of 4
+    headshare.share(model, plan)
+    p1, b1 = headshare.unique_parameters(model)
+    assert p0 - p1 >= 27 * layout.unit_params()  # at least what pruning 27 units removes
+    after = perplexity(model, tok, text, max_tokens=2048, progress=False)["perplexity"]
+    assert after < 1.3 * before  # `prune` of 27 units: 1.38x on 8,192 tokens of this text (BENCHMARKS.md)
+
+    out = tmp_path / "smol-based"
+    model.save_pretrained(out, tokenizer=tok)
+    info = headshare.info(out)
+    assert info["params_shared"] == p1 and info["bytes_shared"] == b1 and info["units_based"] == 90 - 18
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    with torch.inference_mode():
+        expected = model(ids).logits
+        assert torch.equal(headshare.load(out)(ids).logits, expected)
+        gen = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).generate(
+            ids, max_new_tokens=8, do_sample=False)
+    assert tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True).strip()

@@ -1,0 +1,219 @@
+"""basisshare: shared input-side bases, exact parameter accounting, bit-exact share/save/load, refusals."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from archs import outputs, tiny_model
+from conftest import TINY_CORPUS
+
+import headshare
+from headshare.arch import blocks, layout_of
+from headshare.checkpoint import info
+from headshare.methods import BasisShareConfig
+from headshare.methods.basis import _rank_for_budget, _whitened_basis
+from headshare.plan import SharePlan, units_for_ratio
+from headshare.sharing import BASIS_NAME, SharedBasis, unique_parameters
+from headshare.units import basis_key, coef_key
+
+ARCHS = ("llama-gqa", "llama-mha", "llama-mqa", "qwen2-bias", "qwen3-norm", "gpt2")
+
+
+def _ids(tok) -> torch.Tensor:
+    return torch.tensor([tok(" ".join(TINY_CORPUS))["input_ids"][:48]])
+
+
+def _plan(model, tok, calib, ratio=0.5, **kw):
+    return headshare.make_plan(model, BasisShareConfig(ratio=ratio, calib=calib, calib_tokens=128, **kw),
+                               tokenizer=tok)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_removes_at_least_the_units_budget_and_counts_every_parameter(arch, tiny_tokenizer, calib_file):
+    model = tiny_model(arch)
+    layout = layout_of(model.config)
+    before = copy.deepcopy(model.state_dict())
+    plan = _plan(model, tiny_tokenizer, calib_file, prune=0.5)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "make_plan edited the model"
+    assert plan.bases and all(b["rank"] >= 1 for b in plan.bases)
+    budget = units_for_ratio(0.5, layout) * layout.unit_params()
+    p0, b0 = unique_parameters(model)
+    bias = {p.path: blocks(model)[0].get_submodule(p.path).bias is not None for p in layout.projections()}
+    headshare.share(model, plan)
+    p1, b1 = unique_parameters(model)
+    # exactly what the plan's tensors say: pruned units gone, each basis once, coefficients per layer
+    U, H = layout.units_per_layer, layout.hidden_size
+    pruned = {tuple(p) for p in plan.pruned}
+    expect, per_rank = len(pruned) * layout.unit_params(bias), 0
+    for b in plan.bases:
+        rows = sum(p.unit_width * sum((layer, u) not in pruned for u in range(U))
+                   for layer in b["layers"] for p in layout.in_projections())
+        expect += rows * H - b["rank"] * (H + rows)
+        per_rank += H + rows
+    assert p0 - p1 == expect
+    assert b0 - b1 == 4 * expect  # float32
+    assert expect >= budget
+    assert expect - budget < per_rank  # the largest rank that meets the budget: one more would miss it
+    assert torch.isfinite(outputs(model, _ids(tiny_tokenizer))).all()
+
+
+def test_the_basis_is_stored_once_and_read_by_every_layer_of_its_group(tiny_tokenizer, calib_file):
+    model = tiny_model("llama-gqa")
+    plan = _plan(model, tiny_tokenizer, calib_file, group=3, prune=0.0)
+    assert [b["layers"] for b in plan.bases] == [[0, 1, 2]]
+    headshare.share(model, plan)
+    found = [m for m in model.modules() if isinstance(m, SharedBasis)]
+    assert len(found) == 1
+    assert getattr(blocks(model)[0].self_attn, BASIS_NAME) is found[0]
+    for block in blocks(model):
+        for name in ("q_proj", "k_proj", "v_proj"):
+            assert getattr(block.self_attn, name)._basis is found[0]
+    keys = [k for k in model.state_dict() if BASIS_NAME in k]
+    assert keys == [f"model.layers.0.self_attn.{BASIS_NAME}.weight"]
+
+
+def test_forward_is_what_the_plan_tensors_compute(tiny_tokenizer, calib_file):
+    """A q/k/v output of a basis layer is x @ basis^T @ coef^T on the kept rows and zero on pruned rows."""
+    model = tiny_model("llama-gqa")
+    layout = layout_of(model.config)
+    plan = _plan(model, tiny_tokenizer, calib_file, prune=0.5)
+    headshare.share(model, plan)
+    x = torch.randn(5, layout.hidden_size)
+    g = plan.basis_layers()
+    pruned = {tuple(p) for p in plan.pruned}
+    for layer, gi in g.items():
+        basis = plan.fitted[basis_key(gi)]
+        for p in layout.in_projections():
+            y = blocks(model)[layer].get_submodule(p.path)(x)
+            own = [u for u in range(layout.units_per_layer) if (layer, u) not in pruned]
+            w = p.unit_width
+            if own:
+                want = x @ basis.T @ plan.fitted[coef_key(layer, p.path)].T
+                got = torch.cat([y[:, u * w:(u + 1) * w] for u in own], 1)
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+            for u in range(layout.units_per_layer):
+                if (layer, u) in pruned:
+                    assert not y[:, u * w:(u + 1) * w].any()
+
+
+def test_full_rank_basis_changes_nothing(tiny_tokenizer):
+    """The whitened factorisation at full rank reproduces the weights (the basis loses only what rank cuts)."""
+    torch.manual_seed(0)
+    x = torch.randn(200, 16, dtype=torch.float64)
+    w = torch.randn(24, 16, dtype=torch.float64)
+    basis, coef = _whitened_basis(x, w, 16)
+    torch.testing.assert_close(coef @ basis, w)
+    # a lower rank is the best one in the whitened norm: better on x than the plain SVD of w
+    b8, c8 = _whitened_basis(x, w, 8)
+    u, s, vh = torch.linalg.svd(w)
+    plain = (u[:, :8] * s[:8]) @ vh[:8]
+    assert (x @ (w - c8 @ b8).T).norm() <= (x @ (w - plain).T).norm()
+
+
+def test_rank_for_budget_is_the_largest_that_meets_it():
+    dense = [(32, 96), (32, 96)]
+    for budget in (1, 500, 3000, 5000):
+        r = _rank_for_budget(dense, budget)
+        assert sum(h * n - r * (h + n) for h, n in dense) >= budget
+        assert sum(h * n - (r + 1) * (h + n) for h, n in dense) < budget
+
+
+def test_share_save_load_round_trip_is_bit_exact(tiny_tokenizer, calib_file, tmp_path):
+    model = tiny_model("llama-gqa")
+    plan = _plan(model, tiny_tokenizer, calib_file, prune=0.5)
+    headshare.share(model, plan)
+    ids = _ids(tiny_tokenizer)
+    ref = outputs(model, ids)
+    model.save_pretrained(tmp_path / "s")
+    again = headshare.load(tmp_path / "s")
+    assert torch.equal(outputs(again, ids), ref)
+    assert unique_parameters(again) == unique_parameters(model)
+    s = info(tmp_path / "s")
+    assert s["bases"] == len(plan.bases)
+    assert s["units_based"] == plan.units_based(layout_of(model.config).units_per_layer) > 0
+    assert s["units_pruned"] == len(plan.pruned)
+    assert s["params_shared"] == unique_parameters(model)[0]
+    # and through transformers' own loader
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "s", trust_remote_code=True)
+    assert torch.equal(outputs(hf, ids), ref)
+
+
+def test_plan_file_round_trip_and_share_from_it(tiny_tokenizer, calib_file, tmp_path):
+    model = tiny_model("llama-gqa")
+    plan = _plan(model, tiny_tokenizer, calib_file)
+    plan.save(tmp_path / "p.json")
+    again = SharePlan.load(tmp_path / "p.json")
+    assert again.bases == plan.bases and sorted(again.fitted) == sorted(plan.fitted)
+    a, b = headshare.share(copy.deepcopy(model), plan), headshare.share(copy.deepcopy(model), again)
+    ids = _ids(tiny_tokenizer)
+    assert torch.equal(outputs(a, ids), outputs(b, ids))
+
+
+def test_basis_gradients_reach_one_tensor_through_every_layer(tiny_tokenizer, calib_file):
+    """Post-training a based model trains one basis per group: the tie holds through an optimiser step."""
+    model = tiny_model("llama-gqa")
+    headshare.share(model, _plan(model, tiny_tokenizer, calib_file, group=3, prune=0.0))
+    basis = getattr(blocks(model)[0].self_attn, BASIS_NAME)
+    before = basis.weight.detach().clone()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    out = model(input_ids=_ids(tiny_tokenizer), labels=_ids(tiny_tokenizer))
+    out.loss.backward()
+    assert basis.weight.grad is not None and basis.weight.grad.abs().sum() > 0
+    opt.step()
+    assert not torch.equal(basis.weight, before)
+    for block in blocks(model):
+        assert block.self_attn.k_proj._basis.weight is basis.weight
+
+
+def test_refusals(tiny_tokenizer, calib_file):
+    model = tiny_model("llama-gqa")
+    layout = layout_of(model.config)
+    with pytest.raises(ValueError, match="group"):
+        BasisShareConfig(ratio=0.3, group=0)
+    with pytest.raises(ValueError, match="prune"):
+        BasisShareConfig(ratio=0.3, prune=1.5)
+    plan = _plan(model, tiny_tokenizer, calib_file)
+    d = plan.to_dict()
+    with pytest.raises(ValueError, match="rank"):
+        SharePlan.from_dict({**d, "bases": [{"layers": [0], "rank": layout.hidden_size + 1}]}).validate(layout)
+    with pytest.raises(ValueError, match="two bases"):
+        SharePlan.from_dict({**d, "bases": [{"layers": [0, 1], "rank": 2}, {"layers": [1], "rank": 2}]}).validate(layout)
+    with pytest.raises(ValueError, match="bases"):
+        SharePlan.from_dict({**d, "bases": [{"layers": "0", "rank": 2}]})
+    missing = SharePlan.from_dict(d, fitted={k: v for k, v in plan.fitted.items() if k != basis_key(0)})
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="basis0"):
+        headshare.share(model, missing)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_plan_written_before_bases_existed_still_loads():
+    model = tiny_model("llama-gqa")
+    d = headshare.make_plan(model, 0.3, "random").to_dict()
+    d.pop("bases")
+    d["version"] = 2
+    old = SharePlan.from_dict(d)
+    assert old.bases == [] and old.basis_layers() == {}
+    old.validate(layout_of(model.config))
+
+
+def test_cli_share_and_info_count_based_units(tmp_path, tiny_tokenizer, calib_file, capsys):
+    import json
+
+    from conftest import build_tiny_llama
+
+    from headshare.cli import main
+
+    build_tiny_llama().save_pretrained(tmp_path / "m")
+    tiny_tokenizer.save_pretrained(tmp_path / "m")
+    main(["share", str(tmp_path / "m"), "--method", "basisshare", "--ratio", "0.5", "-o", f"calib={calib_file}",
+          "-o", "calib_tokens=128", "-o", "group=2", "--out", str(tmp_path / "o")])
+    assert "units based" in capsys.readouterr().out
+    main(["info", str(tmp_path / "o"), "--json"])
+    s = json.loads(capsys.readouterr().out)
+    assert s["method"] == "basisshare" and s["bases"] >= 1
+    assert s["units_based"] + s["units_pruned"] == s["units_total"]  # one group of 2 layers: every unit based or pruned
