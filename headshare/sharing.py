@@ -166,6 +166,8 @@ class SharedProjection(nn.Module):
 
 def own_index(proj: ProjSpec, own: list[int]) -> torch.Tensor:
     """Feature indices of the units `own`, in SharedProjection's storage layout (part by part)."""
+    if not own:
+        return torch.zeros(0, dtype=torch.long)
     return torch.cat([torch.cat([torch.arange(off + u * w, off + (u + 1) * w) for u in own])
                       for _, off, w in proj.parts])
 

@@ -217,3 +217,27 @@ def test_cli_share_and_info_count_based_units(tmp_path, tiny_tokenizer, calib_fi
     s = json.loads(capsys.readouterr().out)
     assert s["method"] == "basisshare" and s["bases"] >= 1
     assert s["units_based"] + s["units_pruned"] == s["units_total"]  # one group of 2 layers: every unit based or pruned
+
+
+def test_a_layer_whose_units_are_all_pruned_can_sit_in_a_basis_group(tiny_tokenizer, calib_file):
+    """Gemma 3 270M at 30 % pruned every query head of a layer; its group's basis then serves the others."""
+    from headshare.methods import basis as basis_module
+
+    model = tiny_model("llama-mqa")
+    layout = layout_of(model.config)
+    U = layout.units_per_layer
+    real = basis_module._pruning_costs
+
+    def layer0_free(*a, **k):  # make pruning all of layer 0 the cheapest choice
+        costs = real(*a, **k)
+        costs[0] = {r: (0.0 if len(r) == U else c) for r, c in costs[0].items()}
+        return costs
+
+    basis_module._pruning_costs = layer0_free
+    try:
+        plan = _plan(model, tiny_tokenizer, calib_file, ratio=0.5, prune=0.7, group=3)
+    finally:
+        basis_module._pruning_costs = real
+    assert {(0, u) for u in range(U)} <= set(plan.pruned) and plan.bases
+    headshare.share(model, plan)
+    assert torch.isfinite(outputs(model, _ids(tiny_tokenizer))).all()
