@@ -159,7 +159,7 @@ def markdown(rows: list[dict]) -> str:
     for ratio in ratios:
         got = [cell.get((m, ratio)) for m in methods]
         removed = {r["params_removed"] for r in got if r}
-        units = next(r["units_removed"] for r in got if r)
+        units = max(r["units_removed"] for r in got if r)  # basisshare prunes only part of its budget
         total = next(r["params_total"] for r in got if r)
         prm = ", ".join(f"{p:,} ({p / total:.1%})" for p in sorted(removed))
         vals = [f"{r['perplexity']:.2f} (x{r['perplexity'] / base['perplexity']:.2f})" if r else "" for r in got]

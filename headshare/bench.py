@@ -393,9 +393,12 @@ def plot_rows(rows: list[dict], path: str | Path, title: str | None = None) -> N
                      for r in rows if r["method"] == method)
         ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=method,
                 linestyle="--" if method in PRUNING else "-")
+    ax.set_yscale("log")
     if base is not None:
         ax.axhline(base["perplexity"], color="grey", linewidth=0.8, label="original")
-    ax.set_yscale("log")
+        # the methods worth comparing sit within a few times the original; far worse ones leave the top
+        top = max(r["perplexity"] for r in rows)
+        ax.set_ylim(0.95 * base["perplexity"], min(top * 1.1, 4 * base["perplexity"]))
     ax.set_xlabel("parameters removed (% of the whole model)")
     ax.set_ylabel("perplexity (log scale)")
     if rows:

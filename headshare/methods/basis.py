@@ -143,8 +143,15 @@ def basisshare(model, cfg: BasisShareConfig, tokenizer=None, progress: bool = Fa
                for p in ins for key, idx in rows.items() if key[1] == p.path}
     groups = [list(range(s, min(L, s + cfg.group))) for s in range(0, L, cfg.group)]
     groups = [g for g in groups if any(own[layer] for layer in g)]
-    dense = [(layout.hidden_size, sum(len(rows[(layer, p.path)]) for layer in g for p in ins)) for g in groups]
-    rank = min(_rank_for_budget(dense, left), layout.hidden_size) if left > 0 else 0
+    rank = 0
+    while left > 0 and groups:
+        dense = [(layout.hidden_size, sum(len(rows[(layer, p.path)]) for layer in g for p in ins)) for g in groups]
+        rank = _rank_for_budget(dense, left)
+        # a group whose factors would not be smaller than its weights (few rows left after pruning) stays dense
+        worth = [g for g, (h, m) in zip(groups, dense, strict=True) if rank * (h + m) < h * m]
+        if len(worth) == len(groups):
+            break
+        groups, rank = worth, 0
     if left > 0 and rank == 0:
         raise ValueError(f"ratio {cfg.ratio} with prune={cfg.prune} leaves the bases a budget no rank >= 1 meets; "
                          "raise prune or lower the ratio")
