@@ -53,7 +53,12 @@ def test_basisshare_30_percent_on_smollm2_saves_reloads_and_holds_quality(smollm
     before = perplexity(model, tok, text, max_tokens=2048, progress=False)["perplexity"]
     p0, _ = headshare.unique_parameters(model)
     plan = headshare.make_plan(model, BasisShareConfig(ratio=0.3), tokenizer=tok)
-    assert len(plan.pruned) == 18 and len(plan.bases) == 8  # 2/3 of 27 units pruned; 30 layers in groups of 4
+    assert len(plan.pruned) == 18  # 2/3 of the 27 units' budget
+    pruned, H = set(plan.pruned), layout.hidden_size
+    for b in plan.bases:  # groups of 4 layers, each smaller as factors than as weights (else it stays dense)
+        assert len(b["layers"]) <= 4
+        rows = 320 * sum((layer, u) not in pruned for layer in b["layers"] for u in range(3))
+        assert b["rank"] * (H + rows) < H * rows
     headshare.share(model, plan)
     p1, b1 = headshare.unique_parameters(model)
     assert p0 - p1 >= 27 * layout.unit_params()  # at least what pruning 27 units removes
@@ -63,7 +68,8 @@ def test_basisshare_30_percent_on_smollm2_saves_reloads_and_holds_quality(smollm
     out = tmp_path / "smol-based"
     model.save_pretrained(out, tokenizer=tok)
     info = headshare.info(out)
-    assert info["params_shared"] == p1 and info["bytes_shared"] == b1 and info["units_based"] == 90 - 18
+    assert info["params_shared"] == p1 and info["bytes_shared"] == b1
+    assert info["units_based"] == plan.units_based(3) >= 60
     ids = tok("The capital of France is", return_tensors="pt").input_ids
     with torch.inference_mode():
         expected = model(ids).logits
