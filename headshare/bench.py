@@ -46,7 +46,7 @@ from .arch import arch_spec, blocks, layout_of
 from .files import atomic_write_text
 from .methods import METHODS, MethodConfig, get_method, make_plan, parse_option
 from .plan import SharePlan
-from .sharing import share, unique_parameters
+from .sharing import BASIS_NAME, share, unique_parameters
 
 DEFAULT_RATIOS = (0.0, 0.1, 0.2, 0.3, 0.5)
 DEFAULT_METHODS = ("directshare", "random", "layerwise", "prune")
@@ -151,8 +151,6 @@ class CachedReference(nn.Module):
 
 def attention_params(model: nn.Module) -> int:
     """Parameters stored by the attention projections and any shared bases they read (each tensor once)."""
-    from .sharing import BASIS_NAME
-
     layout = layout_of(model.config)
     attn = arch_spec(layout.model_type).attention
     seen: dict[int, int] = {}

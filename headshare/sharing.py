@@ -303,16 +303,13 @@ def share(model: nn.Module, plan: SharePlan) -> nn.Module:
     refuse_shared(model, "share")
     plan.validate(layout)
     params0, bytes0 = unique_parameters(model)
-    if plan.fitted:
-        if plan.base_sha1 is not None and weights_fingerprint(model) != plan.base_sha1:
-            raise ValueError(
-                f"this {plan.method!r} plan carries weights fitted on other attention weights than this model's "
-                "(their fingerprints differ): applied here it would give a broken model. Make the plan on this "
-                "model, or apply it to the model it was made on")
-        check_basis_tensors(plan, layout)
-        write_fitted(model, {k: v for k, v in plan.fitted.items() if is_unit_key(k)})
-    elif plan.bases:
-        check_basis_tensors(plan, layout)  # refuses: a plan with bases always carries their tensors
+    if plan.fitted and plan.base_sha1 is not None and weights_fingerprint(model) != plan.base_sha1:
+        raise ValueError(
+            f"this {plan.method!r} plan carries weights fitted on other attention weights than this model's "
+            "(their fingerprints differ): applied here it would give a broken model. Make the plan on this "
+            "model, or apply it to the model it was made on")
+    check_basis_tensors(plan, layout)  # before anything is written: a plan with bases carries their tensors
+    write_fitted(model, {k: v for k, v in plan.fitted.items() if is_unit_key(k)})
     _apply_structure(model, plan, layout)
     params1, bytes1 = unique_parameters(model)
     base = type(model)

@@ -139,8 +139,8 @@ def basisshare(model, cfg: BasisShareConfig, tokenizer=None, progress: bool = Fa
     ins = layout.in_projections()
     own = {layer: [u for u in range(U) if (layer, u) not in pruned] for layer in range(L)}
     rows = {(layer, p.path): own_index(p, own[layer]) for layer in range(L) for p in ins}
-    weights = {key: _orient(bl[key[0]].get_submodule(key[1]).weight, p.conv1d).double()[idx]
-               for p in ins for key, idx in rows.items() if key[1] == p.path}
+    weights = {(layer, p.path): _orient(bl[layer].get_submodule(p.path).weight, p.conv1d).double()[rows[(layer, p.path)]]
+               for layer in range(L) for p in ins}
     groups = [list(range(s, min(L, s + cfg.group))) for s in range(0, L, cfg.group)]
     groups = [g for g in groups if any(own[layer] for layer in g)]
     rank = 0
@@ -202,10 +202,10 @@ def basisshare(model, cfg: BasisShareConfig, tokenizer=None, progress: bool = Fa
     dtype = bl[0].get_submodule(layout.o_projection().path).weight.dtype
     for i, (_, basis) in enumerate(bases):
         fitted[basis_key(i)] = basis.to(dtype).contiguous()
+    conv1d = {p.path: p.conv1d for p in ins}
     for (layer, path), c in coefs.items():
         if len(c):
-            conv1d = next(p.conv1d for p in ins if p.path == path)
-            fitted[coef_key(layer, path)] = _orient(c, conv1d).to(dtype).contiguous()
+            fitted[coef_key(layer, path)] = _orient(c, conv1d[path]).to(dtype).contiguous()
     notes = {"fitted": "o columns of the units that stay in touched layers; bases and their coefficients",
              "rank": rank, "groups": len(bases), "units_pruned": len(pruned),
              "params_budget": budget, "params_by_bases": sum(h * m - rank * (h + m) for h, m in dense) if rank else 0,
