@@ -148,27 +148,32 @@ def pair_analysis(args) -> dict:
 
 
 def markdown(rows: list[dict]) -> str:
-    """Perplexity by ratio (columns: methods), with x original, then parameters removed and plan seconds."""
+    """Perplexity per budget (rows: parameters removed; columns: methods), with x original, then plan
+    seconds. Rows of query-head units ("METHOD@query") sit in the group that removes what they remove."""
+    from headshare.bench import budget_groups, group_ratio
+
     base = next(r for r in rows if r["method"] == "original")
     methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "original"))
-    ratios = sorted({r["ratio"] for r in rows if r["method"] != "original"})
-    cell = {(r["method"], r["ratio"]): r for r in rows}
+    groups = budget_groups(rows)
     head = "| units removed | params removed (of model) | " + " | ".join(methods) + " |"
     lines = [head, "|" + "---|" * (len(methods) + 2)]
     lines.append("| 0% | 0 | " + " | ".join(f"{base['perplexity']:.2f}" for _ in methods) + " |")
-    for ratio in ratios:
-        got = [cell.get((m, ratio)) for m in methods]
-        removed = {r["params_removed"] for r in got if r}
-        units = max(r["units_removed"] for r in got if r)  # basisshare prunes only part of its budget
-        total = next(r["params_total"] for r in got if r)
+    for group in groups:
+        cell = {r["method"]: r for r in group}
+        got = [cell.get(m) for m in methods]
+        removed = {r["params_removed"] for r in group}
+        plain = [r for r in group if "@" not in r["method"]] or group
+        units = max(r["units_removed"] for r in plain)  # basisshare prunes only part of its budget
+        total = group[0]["params_total"]
         prm = ", ".join(f"{p:,} ({p / total:.1%})" for p in sorted(removed))
         vals = [f"{r['perplexity']:.2f} (x{r['perplexity'] / base['perplexity']:.2f})" if r else "" for r in got]
-        lines.append(f"| {ratio:.0%} ({units}) | {prm} | " + " | ".join(vals) + " |")
+        lines.append(f"| {group_ratio(group):.0%} ({units}) | {prm} | " + " | ".join(vals) + " |")
     lines += ["", "Plan (calibration) seconds:", "", "| ratio | " + " | ".join(methods) + " |",
               "|" + "---|" * (len(methods) + 1)]
-    for ratio in ratios:
-        got = [cell.get((m, ratio)) for m in methods]
-        lines.append(f"| {ratio:.0%} | " + " | ".join(f"{r['plan_s']:.0f}" if r else "" for r in got) + " |")
+    for group in groups:
+        cell = {r["method"]: r for r in group}
+        lines.append(f"| {group_ratio(group):.0%} | "
+                     + " | ".join(f"{cell[m]['plan_s']:.0f}" if m in cell else "" for m in methods) + " |")
     from headshare.bench import sharing_gap
 
     lines += ["", "Best method that shares against the best that only prunes (same parameters removed):", "",

@@ -23,7 +23,7 @@ import time
 
 import torch
 
-CALIBRATED = ("prune", "actshare", "fitprune", "fitshare")
+CALIBRATED = ("prune", "actshare", "fitprune", "fitshare", "basisshare")
 
 
 def state_hash(model) -> str:

@@ -9,6 +9,10 @@ Everything headshare knows about a model family is one `ArchSpec` in `ARCHITECTU
   H/K query heads that read it, because those query heads cannot be moved without their key/value head.
   With multi-query attention (K == 1 < H) it is one query head and its output slice; the single
   key/value head stays with its layer.
+- With `unit="query"` (separate q/k/v projections only) a unit is one query head and its o columns on any
+  model: the key/value heads stay with their layer, so a grouped-query model has H units per layer
+  instead of K (SmolLM2: 270 instead of 90) and a borrowed query head reads its own layer's key/value
+  head. A shared model records its unit kind, so `layout_of` on its config finds it again.
 - A **projection** is a module whose weight is cut into per-unit slices: along its outputs (q, k, v,
   fused qkv) or along its inputs (o). `ProjSpec.parts` says which part (q, k or v) each slice holds.
 """
@@ -16,6 +20,8 @@ Everything headshare knows about a model family is one `ArchSpec` in `ARCHITECTU
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -108,6 +114,9 @@ class ProjSpec:
         return torch.cat([torch.arange(off + unit * w, off + (unit + 1) * w) for _, off, w in self.parts])
 
 
+UNIT_KINDS = ("kv", "query")  # a key/value head with its query heads (the default), or one query head
+
+
 @dataclass(frozen=True)
 class Layout:
     """Head counts of a model, read from its config, and the unit they imply."""
@@ -118,22 +127,39 @@ class Layout:
     num_kv_heads: int
     head_dim: int
     hidden_size: int
+    unit_kind: str = "kv"
+
+    def __post_init__(self) -> None:
+        if self.unit_kind not in UNIT_KINDS:
+            raise ValueError(f"unit must be one of {', '.join(UNIT_KINDS)}, got {self.unit_kind!r}")
+        if self.unit_kind == "query" and arch_spec(self.model_type).qkv is not None:
+            raise UnsupportedModelError(f"unit 'query' needs separate q/k/v projections; {self.model_type!r} "
+                                        "fuses them (use the default unit)")
 
     @property
     def multi_query(self) -> bool:
         return self.num_kv_heads == 1 and self.num_heads > 1
 
     @property
+    def query_units(self) -> bool:
+        """Units are single query heads whose key/value heads stay with their layer."""
+        return self.multi_query or self.unit_kind == "query"
+
+    @property
     def units_per_layer(self) -> int:
-        return self.num_heads if self.multi_query else self.num_kv_heads
+        return self.num_heads if self.query_units else self.num_kv_heads
 
     @property
     def q_heads_per_unit(self) -> int:
-        return 1 if self.multi_query else self.num_heads // self.num_kv_heads
+        return 1 if self.query_units else self.num_heads // self.num_kv_heads
 
     @property
     def kv_heads_per_unit(self) -> int:
-        return 0 if self.multi_query else 1
+        return 0 if self.query_units else 1
+
+    def kv_group(self, unit: int) -> int:
+        """The key/value head a unit's query heads read (0 for every unit of a multi-query model)."""
+        return unit * self.q_heads_per_unit * self.num_kv_heads // self.num_heads
 
     @property
     def units_total(self) -> int:
@@ -144,6 +170,8 @@ class Layout:
             return "one attention head (q, k, v rows and o columns)"
         if self.multi_query:
             return "one query head and its o columns (the single key/value head stays per layer)"
+        if self.query_units:
+            return "one query head and its o columns (the key/value heads stay with their layer)"
         return (f"one key/value head with its {self.q_heads_per_unit} query heads "
                 "(q, k, v rows and o columns)")
 
@@ -184,11 +212,34 @@ class Layout:
     def to_dict(self) -> dict:
         return {"model_type": self.model_type, "num_layers": self.num_layers, "num_heads": self.num_heads,
                 "num_kv_heads": self.num_kv_heads, "head_dim": self.head_dim, "hidden_size": self.hidden_size,
-                "units_per_layer": self.units_per_layer}
+                "units_per_layer": self.units_per_layer, "unit_kind": self.unit_kind}
 
 
-def layout_of(config) -> Layout:
-    """Read the attention layout from a transformers config; head_dim is taken from the config when given."""
+# The unit kind of an unshared model is not in its config: the step that plans or applies a plan says it
+# (`unit_kind`), and every `layout_of` under it, however deep, cuts the same units.
+_UNIT: ContextVar[str] = ContextVar("headshare_unit", default="kv")
+
+
+@contextmanager
+def unit_kind(kind: str | None):
+    """Cut units of this kind (`UNIT_KINDS`) in `layout_of` calls inside the block; None changes nothing."""
+    if kind is None:
+        yield
+        return
+    if kind not in UNIT_KINDS:
+        raise ValueError(f"unit must be one of {', '.join(UNIT_KINDS)}, got {kind!r}")
+    token = _UNIT.set(kind)
+    try:
+        yield
+    finally:
+        _UNIT.reset(token)
+
+
+def layout_of(config, unit: str | None = None) -> Layout:
+    """Read the attention layout from a transformers config; head_dim is taken from the config when given.
+
+    The unit kind is `unit` if given, else the one a shared model's record names, else the one of the
+    enclosing `unit_kind` block (default "kv")."""
     model_type = getattr(config, "model_type", None)
     arch_spec(model_type)
     heads = config.num_attention_heads
@@ -197,7 +248,11 @@ def layout_of(config) -> Layout:
     head_dim = getattr(config, "head_dim", None) or hidden // heads
     if heads % kv:
         raise UnsupportedModelError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
-    return Layout(model_type, config.num_hidden_layers, heads, kv, head_dim, hidden)
+    if unit is None:
+        record = getattr(config, "headshare", None)
+        unit = record["layout"].get("unit_kind", "kv") if isinstance(record, dict) and "layout" in record \
+            else _UNIT.get()
+    return Layout(model_type, config.num_hidden_layers, heads, kv, head_dim, hidden, unit)
 
 
 def blocks(model: nn.Module) -> nn.ModuleList:

@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .arch import arch_spec, blocks, layout_of
+from .arch import UNIT_KINDS, arch_spec, blocks, layout_of
 from .files import atomic_write_text
 from .methods import METHODS, MethodConfig, get_method, make_plan, parse_option
 from .plan import SharePlan
@@ -56,14 +56,24 @@ PROBE_KEYS = ("rss_after_load_bytes", "peak_rss_bytes", "peak_excludes_load", "p
               "prefill_tokens", "decode_tokens", "decode_prompt_tokens")
 
 
+def split_method(name: str) -> tuple[str, str | None]:
+    """A row's method name as (registered method, unit kind or None): "fitprune@query" is fitprune with
+    query-head units, so rows of both unit kinds sit side by side in one run."""
+    method, sep, unit = name.partition("@")
+    if sep and unit not in UNIT_KINDS:
+        raise ValueError(f"method {name!r}: the unit after '@' must be one of {', '.join(UNIT_KINDS)}")
+    return method, (unit if sep else None)
+
+
 def resolve_methods(names) -> list[str]:
-    """Method names with "all" expanded to every registered method, in registration order."""
+    """Method names with "all" expanded to every registered method, in registration order; a name may end
+    in "@UNIT" (`split_method`)."""
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",") if n.strip()]
     out: list[str] = []
     for name in names:
         for m in (list(METHODS) if name == "all" else [name]):
-            if m not in METHODS:
+            if split_method(m)[0] not in METHODS:
                 raise ValueError(f"unknown method {m!r}; registered: {', '.join(METHODS)}")
             if m not in out:
                 out.append(m)
@@ -79,13 +89,14 @@ def parse_options(texts, methods) -> dict[str, object] | None:
     for text in texts or ():
         key = text.partition("=")[0].strip()
         scope, _, name = key.rpartition(".")
-        targets = [scope] if scope else [m for m in methods if name.replace("-", "_") in get_method(m).config.options()]
+        targets = [scope] if scope else [m for m in methods
+                                         if name.replace("-", "_") in get_method(split_method(m)[0]).config.options()]
         if scope and scope not in methods:
             raise ValueError(f"option {text!r} is for method {scope!r}, which this run does not include")
         if not targets:
             raise ValueError(f"option {name!r} belongs to none of the methods {', '.join(methods)}")
         for m in targets:
-            k, v = parse_option(get_method(m).config, f"{name}={text.partition('=')[2]}")
+            k, v = parse_option(get_method(split_method(m)[0]).config, f"{name}={text.partition('=')[2]}")
             out[f"{scope}.{k}" if scope else k] = v
     return out or None
 
@@ -93,13 +104,16 @@ def parse_options(texts, methods) -> dict[str, object] | None:
 def bench_config(method: str, ratio: float, settings: dict) -> MethodConfig:
     """The config one row runs: the shared settings (calib, calib_tokens, seed) and the --option values,
     each given to the methods whose config has that option."""
-    cfg = get_method(method).config
+    base, unit = split_method(method)
+    cfg = get_method(base).config
     names = cfg.options()
     kw = {k: settings[k] for k in ("calib", "calib_tokens", "seed") if k in names and settings.get(k) is not None}
     for key, v in (settings.get("options") or {}).items():
         scope, _, name = key.rpartition(".")
         if name in names and scope in ("", method):
             kw[name] = v
+    if unit is not None:
+        kw["unit"] = unit
     return cfg.from_dict({"ratio": ratio, **kw})
 
 
@@ -150,8 +164,11 @@ class CachedReference(nn.Module):
 
 
 def attention_params(model: nn.Module) -> int:
-    """Parameters stored by the attention projections and any shared bases they read (each tensor once)."""
-    layout = layout_of(model.config)
+    """Parameters stored by the attention projections and any shared bases they read (each tensor once).
+
+    The projections are those of the default unit, whatever unit a plan cuts: a grouped-query model's k/v
+    count with query-head units too, so rows of either unit kind share one total."""
+    layout = layout_of(model.config, "kv")
     attn = arch_spec(layout.model_type).attention
     seen: dict[int, int] = {}
     for block in blocks(model):
@@ -261,7 +278,6 @@ def measure(method: str, ratio: float, original: nn.Module, reference: nn.Module
     the row."""
     from .evaluate import compare
 
-    layout = layout_of(original.config)
     params0, _ = unique_parameters(original)
     attn0 = attention_params(original)
     t0 = time.perf_counter()
@@ -273,6 +289,7 @@ def measure(method: str, ratio: float, original: nn.Module, reference: nn.Module
                                                                 tokenizer=tokenizer, progress=progress)
         share(model, plan)
     plan_s = time.perf_counter() - t0
+    layout = layout_of(original.config, plan.unit_kind if plan else None)
     params, nbytes = unique_parameters(model)
     attn = attention_params(model)
     # ratio 0 compares the original with itself: its windows then run once, the second pass is replayed
@@ -359,17 +376,40 @@ def markdown_table(rows: list[dict]) -> str:
 PRUNING = ("prune", "fitprune", "actshare-as-prune")  # rows that remove units without sharing anything
 
 
+def is_pruning(method: str) -> bool:
+    """Whether a row's method only prunes (whatever its unit kind)."""
+    return split_method(method)[0] in PRUNING
+
+
+def budget_groups(rows: list[dict], tolerance: float = 0.01) -> list[list[dict]]:
+    """The rows (original left out) in groups that remove the same parameters, smallest first: within
+    `tolerance` of the group's smallest. Ratios alone do not say it: 40 % of SmolLM2's query-head units
+    remove what 30 % of its key/value units do, and a basis spends its budget to within a few rows."""
+    groups: list[list[dict]] = []
+    for r in sorted((r for r in rows if r["method"] != "original"), key=lambda r: (r["params_removed"], r["ratio"])):
+        if groups and r["params_removed"] <= groups[-1][0]["params_removed"] * (1 + tolerance):
+            groups[-1].append(r)
+        else:
+            groups.append([r])
+    return groups
+
+
+def group_ratio(group: list[dict]) -> float:
+    """The ratio that names a budget group: that of its default-unit rows where it has any."""
+    plain = [r["ratio"] for r in group if split_method(r["method"])[1] is None]
+    return min(plain or [r["ratio"] for r in group])
+
+
 def sharing_gap(rows: list[dict]) -> list[dict]:
-    """Per ratio: the best row that shares against the best that only prunes (same parameters removed).
+    """Per budget (`budget_groups`): the best row that shares against the best that only prunes.
 
     `gap` is best sharing perplexity / best pruning perplexity - 1: negative means sharing wins."""
     out = []
-    for ratio in sorted({r["ratio"] for r in rows if r["method"] != "original"}):
-        here = [r for r in rows if r["ratio"] == ratio and r["method"] != "original"]
-        share = min((r for r in here if r["method"] not in PRUNING), key=lambda r: r["perplexity"], default=None)
-        prune = min((r for r in here if r["method"] in PRUNING), key=lambda r: r["perplexity"], default=None)
+    for here in budget_groups(rows):
+        share = min((r for r in here if not is_pruning(r["method"])), key=lambda r: r["perplexity"], default=None)
+        prune = min((r for r in here if is_pruning(r["method"])), key=lambda r: r["perplexity"], default=None)
         if share and prune:
-            out.append({"ratio": ratio, "sharing": share["method"], "sharing_ppl": share["perplexity"],
+            out.append({"ratio": group_ratio(here), "sharing": share["method"], "sharing_ppl": share["perplexity"],
                         "pruning": prune["method"], "pruning_ppl": prune["perplexity"],
                         "gap": share["perplexity"] / prune["perplexity"] - 1,
                         "model_fraction": share["params_removed"] / share["params_total"]})
@@ -390,7 +430,7 @@ def plot_rows(rows: list[dict], path: str | Path, title: str | None = None) -> N
         pts = sorted((100 * r["params_removed"] / r["params_total"], r["perplexity"])
                      for r in rows if r["method"] == method)
         ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=method,
-                linestyle="--" if method in PRUNING else "-")
+                linestyle="--" if is_pruning(method) else "-")
     ax.set_yscale("log")
     if base is not None:
         ax.axhline(base["perplexity"], color="grey", linewidth=0.8, label="original")

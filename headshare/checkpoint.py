@@ -192,6 +192,7 @@ def info(path: str | Path) -> dict:
         "method": record["method"],
         "ratio": record["ratio"],
         "unit": record.get("unit", ""),
+        "unit_kind": plan.unit_kind,
         "units_total": units_total,
         "units_shared": len(record["assignments"]),
         "units_pruned": len(record.get("pruned", [])),

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+from .arch import UNIT_KINDS
 from .files import atomic_write_text, check_output
 from .methods import METHODS
 
@@ -64,6 +65,8 @@ def _method_options(args, method: str) -> dict:
     for text in getattr(args, "option", None) or ():
         k, v = parse_option(config, text)
         kw[k] = v
+    if getattr(args, "unit", None) is not None:
+        kw["unit"] = args.unit
     return kw
 
 
@@ -363,6 +366,9 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--option", action="append", default=None, metavar="KEY=VALUE",
                    help="an option of the method's config, repeatable; " + _options_help())
     p.add_argument("--metric", default=None, help="match function for weight similarity: q, k, v, qk, qkv")
+    p.add_argument("--unit", default=None,
+                   help=f"what a unit is, {' or '.join(UNIT_KINDS)}: kv (default; a key/value head with its query heads) or query (one "
+                        "query head; its key/value head stays with its layer)")
     p.add_argument("--seed", type=int, default=None, help="seed for randomised methods")
     p.add_argument("--calib", default=None, help="calibration text for data-aware methods (default: builtin:calib)")
     p.add_argument("--calib-tokens", type=int, default=None,

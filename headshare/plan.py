@@ -17,6 +17,8 @@ Rules every plan obeys, whatever made it:
   (q, k, v) of its layers through one shared (r, hidden) basis: each projection keeps only its own units'
   (rows, r) coefficients. The group's tensors are fitted weights too: "basis{g}" for the basis and
   "{layer}.{projection path}.coef" for the coefficients. Units in basis layers neither borrow nor lend.
+- The layout names the unit kind (`layout["unit_kind"]`, "kv" or "query", see `headshare.arch`);
+  `headshare.share` cuts the model's units the way the plan does.
 """
 
 from __future__ import annotations
@@ -28,10 +30,12 @@ from pathlib import Path
 
 import torch
 
-from .arch import Layout, layout_of
+from .arch import UNIT_KINDS, Layout, layout_of
 from .similarity import best_earlier_matches
 
-PLAN_VERSION = 3  # 2: method config, fitted weights beside the JSON; 3: shared bases (older plans still load)
+# 2: method config, fitted weights beside the JSON; 3: shared bases; 4: the unit kind in the layout (older
+# plans still load, as "kv" plans)
+PLAN_VERSION = 4
 
 
 @dataclass
@@ -128,6 +132,9 @@ class SharePlan:
                 and isinstance(b["layers"], list) and b["layers"] and all(_int(x) for x in b["layers"])
                 for b in bases):
             raise ValueError(f"plan 'bases' must be a list of {{'layers': [integers], 'rank': integer}}, got {bases!r}")
+        if d["layout"].get("unit_kind", "kv") not in UNIT_KINDS:
+            raise ValueError(f"plan layout 'unit_kind' must be one of {', '.join(UNIT_KINDS)}, "
+                             f"got {d['layout']['unit_kind']!r}")
         if not _real(d.get("ratio")):
             raise ValueError(f"plan 'ratio' must be a number, got {d.get('ratio')!r}")
         return cls(layout=d["layout"], method=str(d.get("method", "?")), ratio=d["ratio"], assignments=assignments,
@@ -182,6 +189,11 @@ class SharePlan:
 
     # -- meaning --------------------------------------------------------------------------------------
     @property
+    def unit_kind(self) -> str:
+        """What a unit of this plan is (`headshare.arch.UNIT_KINDS`); plans before unit kinds cut "kv" units."""
+        return self.layout.get("unit_kind", "kv")
+
+    @property
     def units_shared(self) -> int:
         return len(self.assignments)
 
@@ -212,6 +224,9 @@ class SharePlan:
     def validate(self, layout: Layout) -> None:
         """Refuse a plan that does not fit `layout`, with a message naming the first problem."""
         mine = layout.to_dict()
+        if self.unit_kind != layout.unit_kind:
+            raise ValueError(f"plan cuts {self.unit_kind!r} units, this layout {layout.unit_kind!r} units: apply it "
+                             "with headshare.share, which reads the plan's unit kind")
         for key in ("model_type", "num_layers", "units_per_layer", "head_dim", "hidden_size"):
             if key in self.layout and self.layout[key] != mine[key]:
                 raise ValueError(f"plan does not fit this model: plan has {key}={self.layout[key]}, "

@@ -60,7 +60,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
-from .arch import Layout, blocks, layout_of
+from .arch import Layout, blocks, layout_of, unit_kind
 from .files import atomic_dir, check_output
 from .plan import SharePlan
 from .units import unit_views
@@ -386,6 +386,11 @@ def posttrain(model: nn.Module, tokenizer, plan: SharePlan | None, data, config:
     >>> model = posttrain(model, tok, headshare.make_plan(model, 0.3), "builtin:calib",
     ...                   PostTrainConfig(steps=200, out="out"))   # doctest: +SKIP
     """
+    with unit_kind(plan.unit_kind if plan is not None else None):  # the plan's units, down to the pull
+        return _posttrain(model, tokenizer, plan, data, config, callbacks)
+
+
+def _posttrain(model, tokenizer, plan, data, config, callbacks) -> nn.Module:
     cfg = config or PostTrainConfig()
     if plan is None and cfg.mode != "tune-only":
         raise ValueError(f"mode {cfg.mode!r} needs a plan (pairs to share)")

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .arch import Layout, ProjSpec, arch_spec, blocks, layout_of
+from .arch import Layout, ProjSpec, arch_spec, blocks, layout_of, unit_kind
 from .plan import SharePlan
 from .units import basis_key, coef_key, is_unit_key, refuse_shared, weights_fingerprint, write_fitted
 
@@ -297,6 +297,11 @@ def share(model: nn.Module, plan: SharePlan) -> nn.Module:
     >>> headshare.share(model, plan)              # doctest: +SKIP
     >>> model.save_pretrained("out")              # doctest: +SKIP
     """
+    with unit_kind(plan.unit_kind):  # every helper below cuts the plan's units
+        return _share(model, plan)
+
+
+def _share(model: nn.Module, plan: SharePlan) -> nn.Module:
     from .checkpoint import MODELING_FILE, shared_model_class
 
     layout = layout_of(model.config)

@@ -35,11 +35,12 @@ def metric_parts(metric: str, layout: Layout) -> tuple[str, ...]:
     if metric not in METRICS:
         raise ValueError(f"unknown match function {metric!r}; choose one of {', '.join(METRICS)}")
     parts = METRICS[metric]
-    if layout.multi_query and any(p in ("k", "v") for p in parts):
-        # with multi-query attention the key/value head is not part of any unit
+    if layout.query_units and any(p in ("k", "v") for p in parts):
+        # with query-head units (multi-query attention, or unit "query") no unit owns a key/value head
         parts = tuple(p for p in parts if p == "q")
         if not parts:
-            raise ValueError(f"match function {metric!r} needs per-unit k/v, which multi-query attention lacks")
+            raise ValueError(f"match function {metric!r} needs per-unit k/v, which query-head units "
+                             "(multi-query attention, or unit 'query') lack")
     return parts
 
 

@@ -56,7 +56,7 @@ def copy_in(model, plan) -> None:
 
     Written against the plain modules (no SharedProjection), so that it checks sharing independently.
     """
-    layout = layout_of(model.config)
+    layout = layout_of(model.config, plan.unit_kind)
     bl = blocks(model)
     pruned = {tuple(p) for p in plan.pruned}
     scales = {(a.layer, a.unit): a.scale for a in plan.assignments}

@@ -22,7 +22,7 @@ from dataclasses import MISSING, asdict, dataclass, fields
 
 from torch import nn
 
-from ..arch import layout_of
+from ..arch import UNIT_KINDS, layout_of, unit_kind
 from ..plan import SharePlan, units_for_ratio
 from ..units import refuse_shared
 
@@ -31,15 +31,21 @@ CONFIG_VERSION = 1
 
 @dataclass
 class MethodConfig:
-    """Options shared by every method: the fraction of all attention units to remove."""
+    """Options shared by every method: the fraction of all attention units to remove, and what a unit is
+    ("kv": a key/value head with its query heads; "query": one query head, see `headshare.arch`)."""
 
     ratio: float = 0.0
+    unit: str = "kv"
 
     def __post_init__(self) -> None:
         check(self, "ratio", is_number(self.ratio) and 0 <= self.ratio < 1, "a number in [0, 1)")
+        check(self, "unit", self.unit in UNIT_KINDS, f"one of {', '.join(UNIT_KINDS)}")
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "version": CONFIG_VERSION}
+        d = asdict(self)
+        if d["unit"] == "kv":  # the default unit, as configs from before unit kinds read
+            del d["unit"]
+        return {**d, "version": CONFIG_VERSION}
 
     @classmethod
     def from_dict(cls, d: dict) -> MethodConfig:
@@ -55,8 +61,9 @@ class MethodConfig:
 
     @classmethod
     def options(cls) -> dict[str, object]:
-        """{option: default} for every option but the ratio."""
-        return {f.name: (f.default if f.default is not MISSING else None) for f in fields(cls) if f.name != "ratio"}
+        """{option: default} for every option but the ratio and the unit."""
+        return {f.name: (f.default if f.default is not MISSING else None) for f in fields(cls)
+                if f.name not in ("ratio", "unit")}
 
 
 def is_number(x) -> bool:
@@ -192,11 +199,12 @@ def make_plan(model: nn.Module, ratio: float | MethodConfig = 0.0, method: str |
         m = get_method(method or "directshare")
         config = m.config.from_dict({"ratio": ratio, **options})
     refuse_shared(model, "planning")
-    layout = layout_of(model.config)
+    layout = layout_of(model.config, config.unit)
     units_for_ratio(config.ratio, layout)  # fail on a ratio the model cannot take before any work
     if m.needs_tokenizer and tokenizer is None and units_for_ratio(config.ratio, layout):
         raise ValueError(f"method {m.name!r} reads calibration text and needs a tokenizer (tokenizer=...)")
-    plan = m.fn(model, config, tokenizer, progress)
+    with unit_kind(config.unit):  # the method and every helper it calls cut these units
+        plan = m.fn(model, config, tokenizer, progress)
     plan.method, plan.ratio, plan.config = m.name, config.ratio, config.to_dict()
     plan.validate(layout)
     return plan

@@ -16,7 +16,7 @@ from ..arch import blocks, layout_of
 from ..plan import Assignment, SharePlan, new_plan, units_for_ratio
 from ..units import o_columns, unit_z
 from . import CalibConfig, check, is_integer, register_method
-from .calibration import borrowed_z, calibration_ids, candidate_sources, capture, layer_gram
+from .calibration import borrowed_z, calibration_ids, candidate_sources, capture, layer_gram, source_key
 from .lstsq import RidgeResidual, fit_scales
 
 WINDOW = 6  # sources are searched in this many preceding layers (the best ones were 1-5 layers back)
@@ -56,11 +56,12 @@ def actshare(model, cfg: ActShareConfig, tokenizer=None, progress: bool = False)
     for layer in tqdm(range(1, layout.num_layers), desc="actshare", disable=not progress, unit="layer"):
         gram = layer_gram(model, data, layout, layer, candidate_sources(layer, U, window, ()))
         gram.set_kept([], 0.0)
-        sources = [k for k in gram.z if k[0] != "own"]
+        sources = candidate_sources(layer, U, window, ())
         for u in range(U):
             p = gram.inner(("own", u), ("own", u)) / gram.n
             prune_cost[(layer, u)] = p
-            options[(layer, u)] = [(p * (1 - g), s, a) for g, s, a in gram.gains(("own", u), sources)]
+            options[(layer, u)] = [(p * (1 - g), s[:2], a)
+                                   for g, s, a in gram.gains(("own", u), [gram.key(x, u) for x in sources])]
     chosen: dict[tuple[int, int], tuple] = {}  # borrowing unit -> (cost, source, scale)
     for unit in sorted(options, key=lambda u: (options[u][0][0] if options[u] else math.inf, u)):
         if len(chosen) == n:
@@ -83,10 +84,10 @@ def actshare(model, cfg: ActShareConfig, tokenizer=None, progress: bool = False)
     for layer in sorted({a.layer for a in assignments}):
         mine = [a for a in assignments if a.layer == layer]
         d, fit = data[layer], RidgeResidual(None, data[layer].w, 0.0)
-        zb = borrowed_z(model, data, layer, [(a.source_layer, a.source_unit) for a in mine])
+        keys = [source_key(layout, (a.source_layer, a.source_unit), a.unit) for a in mine]
+        zb = borrowed_z(model, data, layer, list(dict.fromkeys(keys)))
         v = sum(unit_z(d.z, layout, a.unit) @ o_columns(bl[layer], layout, a.unit).T for a in mine)
-        ys = [zb[(a.source_layer, a.source_unit)] @ o_columns(bl[a.source_layer], layout, a.source_unit).T
-              for a in mine]
+        ys = [zb[k] @ o_columns(bl[a.source_layer], layout, a.source_unit).T for a, k in zip(mine, keys, strict=True)]
         for a, scale in zip(mine, fit_scales(fit, v, ys).tolist(), strict=True):
             a.scale = scale
     notes["seconds"] = round(time.perf_counter() - t0, 1)

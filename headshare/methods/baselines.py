@@ -109,7 +109,7 @@ def layerwise(model, cfg: LayerwiseConfig, tokenizer=None, progress: bool = Fals
 
 # output_energy results by (weights, calibration ids) fingerprint: a benchmark plans several ratios on
 # fresh copies of one model, and the calibration pass is the slow part. Memory only, a few entries.
-_ENERGY_CACHE: dict[tuple[str, str, bool], torch.Tensor] = {}
+_ENERGY_CACHE: dict[tuple[str, str, bool, str], torch.Tensor] = {}
 _ENERGY_CACHE_SIZE = 4
 
 
@@ -138,7 +138,7 @@ def output_energy(model, tokenizer, calib: str = "builtin:calib", calib_tokens: 
     o = layout.o_projection()
     mods = [block.get_submodule(o.path) for block in blocks(model)]
     ids = calibration_ids(model, tokenizer, calib, calib_tokens, block_size)
-    key = (fingerprint(model.state_dict().items()), fingerprint([("ids", ids)]), relative)
+    key = (fingerprint(model.state_dict().items()), fingerprint([("ids", ids)]), relative, layout.unit_kind)
     if key not in _ENERGY_CACHE:
         if len(_ENERGY_CACHE) >= _ENERGY_CACHE_SIZE:
             _ENERGY_CACHE.pop(next(iter(_ENERGY_CACHE)))

@@ -107,9 +107,31 @@ def capture(model: nn.Module, ids: torch.Tensor) -> list[LayerData]:
     return layers
 
 
+def reads_own_kv(layout: Layout) -> bool:
+    """Whether a borrowed unit's output depends on which of its layer's key/value heads its slot reads:
+    query-head units of a model with several key/value heads."""
+    return layout.query_units and layout.num_kv_heads > 1
+
+
+def source_key(layout: Layout, source: tuple[int, int], unit: int) -> tuple:
+    """The feature key of `source` borrowed by `unit`: the source itself, or with query-head units on a
+    grouped-query model (source layer, source unit, key/value head of `unit`), since the borrowed query
+    head attends with the key/value head of the slot it fills. `key[:2]` is always the source."""
+    return (*source, layout.kv_group(unit)) if reads_own_kv(layout) else tuple(source)
+
+
+def source_keys(layout: Layout, sources: list[tuple[int, int]]) -> list[tuple]:
+    """Every feature key of these sources that some unit of a layer can borrow (`source_key`)."""
+    if not reads_own_kv(layout):
+        return [tuple(s) for s in sources]
+    return [(*s, g) for s in sources for g in range(layout.num_kv_heads)]
+
+
 @torch.no_grad()
-def borrowed_z(model: nn.Module, data: list[LayerData], layer: int, sources: list[tuple[int, int]]) -> dict:
-    """{source: (N, width)} the heads' outputs that `source`'s q/k/v weights give on `layer`'s input.
+def borrowed_z(model: nn.Module, data: list[LayerData], layer: int, sources: list[tuple]) -> dict:
+    """{key: (N, width)} the heads' outputs that a source's q/k/v weights give on `layer`'s input; a key is
+    a source (layer, unit), or (layer, unit, key/value head) to run it in a slot reading that head
+    (`source_key`).
 
     The sources are swapped into the slots of `layer`'s own units, as many at a time as it has units,
     and the layer's attention module is re-run on its captured input; the slots are restored after.
@@ -119,21 +141,34 @@ def borrowed_z(model: nn.Module, data: list[LayerData], layer: int, sources: lis
     paths = [p.path for p in layout.in_projections()]
     U = layout.units_per_layer
     block = bl[layer]
+    # slots by the key/value head they read: a 3-part key must fill a slot of its head
+    slots = {g: [u for u in range(U) if layout.kv_group(u) == g] for g in range(layout.num_kv_heads)}
+    queue = {g: [k for k in sources if len(k) == 3 and k[2] == g] for g in slots}
+    free = [k for k in sources if len(k) == 2]
+    runs = []
+    while any(queue.values()) or free:
+        run = {}
+        for g, mine in slots.items():
+            for slot in mine:
+                if queue[g]:
+                    run[slot] = queue[g].pop(0)
+                elif free:
+                    run[slot] = free.pop(0)
+        runs.append(run)
     saved = {u: get_slices(block, layout, u) for u in range(U)}
     o = block.get_submodule(layout.o_projection().path)
     got: dict = {}
     out = {}
     handle = o.register_forward_pre_hook(lambda _m, args: got.__setitem__("z", args[0]))
     try:
-        for start in range(0, len(sources), U):
-            chunk = sources[start:start + U]
-            for slot, (sl, su) in enumerate(chunk):
-                set_slices(block, layout, slot, get_slices(bl[sl], layout, su), paths)
+        for run in runs:
+            for slot, key in run.items():
+                set_slices(block, layout, slot, get_slices(bl[key[0]], layout, key[1]), paths)
             args, kwargs = data[layer].attn_call
             block.get_submodule(apath)(*args, **kwargs)
             z = got["z"].reshape(-1, got["z"].shape[-1])
-            for slot, s in enumerate(chunk):
-                out[s] = unit_z(z, layout, slot)
+            for slot, key in run.items():
+                out[key] = unit_z(z, layout, slot)
     finally:
         handle.remove()
         for u in range(U):
@@ -143,13 +178,14 @@ def borrowed_z(model: nn.Module, data: list[LayerData], layer: int, sources: lis
 
 
 def layer_gram(model, data: list[LayerData], layout: Layout, layer: int, sources: list) -> LayerGram:
-    """The layer's own units and the given sources (run on this layer's input) as a `LayerGram`."""
+    """The layer's own units and the given sources (run on this layer's input, under every `source_keys`
+    key) as a `LayerGram`."""
     bl, d = blocks(model), data[layer]
     feats = {("own", u): unit_z(d.z, layout, u) for u in range(layout.units_per_layer)}
     cols = {("own", u): o_columns(bl[layer], layout, u) for u in range(layout.units_per_layer)}
-    for s, z in (borrowed_z(model, data, layer, sources) if sources else {}).items():
+    for s, z in (borrowed_z(model, data, layer, source_keys(layout, sources)) if sources else {}).items():
         feats[s], cols[s] = z, o_columns(bl[s[0]], layout, s[1])
-    return LayerGram(feats, cols, d.w)
+    return LayerGram(feats, cols, d.w, key=lambda s, u: source_key(layout, s, u))
 
 
 def candidate_sources(layer: int, U: int, window: int | None, removed) -> list[tuple[int, int]]:

@@ -79,7 +79,7 @@ def aligned_similarity(model, sketch: int = 256, seed: int = 0) -> torch.Tensor:
         return m / norm[:, None] / norm[None, :]
 
     heads = (cos(qk) + cos(ov)) / 2  # (L*H, L*H)
-    if layout.multi_query:
+    if layout.query_units:
         return heads
     h = heads.view(layout.units_total, g, layout.units_total, g).permute(0, 2, 1, 3)  # (N, N, g, g)
     best = None

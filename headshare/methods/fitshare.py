@@ -180,7 +180,7 @@ def _fit_plan(model, method: str, cfg: CalibConfig, tokenizer, rho: float, windo
         ranked = options[layer][gone][2]
         for u in sorted(gone):
             # the knapsack assumed sources stay; one that was removed after all gives way to the next best
-            pick = next(((g, s) for g, s in ranked.get(u, []) if s not in removed), None)
+            pick = next(((g, s[:2]) for g, s in ranked.get(u, []) if s[:2] not in removed), None)
             if pick is not None and pick[0] >= min_gain:
                 borrow[(layer, u)], gains[(layer, u)] = pick[1], pick[0]
     t1 = time.perf_counter()

@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     from .calibration import LayerData
 
 SHORTLIST = 4  # fitshare ranks this many sources per unit under every refit (chosen from all by plain gain)
+EXHAUSTIVE = 6  # layers with up to this many units weigh every subset of them; beyond, a greedy nested few
+LENDERS = 4  # up to this many candidate borrowers a layer, every subset of them is cross-fitted; beyond, greedily
 
 
 class RidgeResidual:
@@ -52,13 +54,15 @@ class LayerGram:
     """Inner products of unit outputs y = z W^T on one layer's calibration tokens, without forming them.
 
     Features are heads' outputs (N, width) under a key: ("own", u) for the layer's units, a (layer, unit)
-    source for borrowed ones, each with its o columns W (D, width). With a kept set K whose o columns are
+    source for borrowed ones (`key` gives it per unit, `calibration.source_key`; key[:2] is the source), each with its o columns W (D, width). With a kept set K whose o columns are
     refitted, <a, b>_S = sum((W_a'W_b) * (G_ab - X_a'X_b)), G_ab = z_a'W z_b (W the token weights) and
     X = L^-1 G_K. for L the Cholesky factor of G_KK + lam: width x width work per pair once the Gram
     blocks exist (computed lazily in float32, accumulated per block, kept in float64).
     """
 
-    def __init__(self, feats: dict, o_cols: dict, w: torch.Tensor):
+    def __init__(self, feats: dict, o_cols: dict, w: torch.Tensor, key=None):
+        # key(source, unit): the feature key of a source borrowed by one of the layer's units
+        self.key = key or (lambda s, u: tuple(s))
         self.z = {k: z.float() for k, z in feats.items()}
         self.zw = {k: z * w.float() for k, z in self.z.items()}
         self.o = o_cols
@@ -135,22 +139,41 @@ def fit_scales(fit: RidgeResidual, v: torch.Tensor, ys: list[torch.Tensor]) -> t
     return torch.linalg.solve(m, r)
 
 
+def candidate_subsets(gram: LayerGram, units: int, rho: float) -> list[tuple[int, ...]]:
+    """The subsets of a layer's units that the selection weighs: all of them up to `EXHAUSTIVE` units a
+    layer; beyond (query-head units: 9 a layer on SmolLM2, 511 subsets) the nested ones a greedy order gives,
+    each step removing the unit whose loss the refit of the others leaves least (in-sample, cheap)."""
+    if units <= EXHAUSTIVE:
+        return [c for k in range(1, units + 1) for c in itertools.combinations(range(units), k)]
+    order: list[int] = []
+    out = []
+    while len(order) < units:
+        def cost(u: int) -> float:
+            removed = [*order, u]
+            gram.set_kept([("own", v) for v in range(units) if v not in removed], rho)
+            return gram.cost(removed, {})
+
+        order.append(min((u for u in range(units) if u not in order), key=lambda u: (cost(u), u)))
+        out.append(tuple(sorted(order)))
+    return out
+
+
 def layer_options(gram: LayerGram, units: int, sources: list, rho: float, min_gain: float) -> dict:
-    """{frozenset(removed units): (cost, {unit: ranked sources})} for one layer: for every subset of its units,
-    the error per token left after the other units' o columns are refitted and every removed unit whose best
-    source removes >= `min_gain` of its own leftover borrows it (scale fitted); the ranked (gain, source)
-    lists let a later step fall back when a source turns out to be removed itself."""
+    """{frozenset(removed units): (cost, {unit: ranked sources})} for one layer: for every subset of its units
+    (`candidate_subsets`), the error per token left after the other units' o columns are refitted and every
+    removed unit whose best source removes >= `min_gain` of its own leftover borrows it (scale fitted); the
+    ranked (gain, source) lists let a later step fall back when a source turns out to be removed itself."""
     # each unit's shortlist: the sources best before any refit (cheap), then ranked again under each refit
     gram.set_kept([], rho)
-    short = {u: [s for _, s, _ in gram.gains(("own", u), sources)[:SHORTLIST]] for u in range(units)}
+    short = {u: [s for _, s, _ in gram.gains(("own", u), [gram.key(x, u) for x in sources])[:SHORTLIST]]
+             for u in range(units)}
     out = {}
-    for k in range(1, units + 1):
-        for removed in itertools.combinations(range(units), k):
-            gram.set_kept([("own", u) for u in range(units) if u not in removed], rho)
-            ranked = {u: [(g, s) for g, s, _ in gram.gains(("own", u), short[u])] for u in removed}
-            lent = {u: r[0][1] for u, r in ranked.items() if r and r[0][0] >= min_gain}
-            prune = gram.cost(list(removed), {})
-            out[frozenset(removed)] = (gram.cost(list(removed), lent) if lent else prune, prune, ranked)
+    for removed in candidate_subsets(gram, units, rho):
+        gram.set_kept([("own", u) for u in range(units) if u not in removed], rho)
+        ranked = {u: [(g, s) for g, s, _ in gram.gains(("own", u), short[u])] for u in removed}
+        lent = {u: r[0][1] for u, r in ranked.items() if r and r[0][0] >= min_gain}
+        prune = gram.cost(list(removed), {})
+        out[frozenset(removed)] = (gram.cost(list(removed), lent) if lent else prune, prune, ranked)
     return out
 
 
@@ -190,7 +213,8 @@ def heldout_lenders(kz: torch.Tensor | None, v: torch.Tensor, w: torch.Tensor, y
                     split: int) -> list:
     """The subset of candidate borrowers (keys of `ys`, each with its borrowed output) whose fitted scales,
     fitted with the kept units' o refit (features `kz`) to the target `v` on one half of the tokens, leave
-    the least error on the other half, both ways round. Ties go to fewer borrowers."""
+    the least error on the other half, both ways round. Ties go to fewer borrowers. Beyond `LENDERS`
+    candidates the subset is grown greedily instead of searched."""
     return heldout_lending(kz, v, w, ys, rho, split)[0]
 
 
@@ -199,22 +223,36 @@ def heldout_lending(kz: torch.Tensor | None, v: torch.Tensor, w: torch.Tensor, y
     """`heldout_lenders` and the cross-fitted error it leaves (summed over both halves)."""
     n = v.shape[0]
     folds = (slice(0, split), slice(split, n))
-    best, best_err = [], math.inf
+    fits = [RidgeResidual(kz[fa] if kz is not None else None, w[fa], rho) for fa, _ in (folds, folds[::-1])]
+
+    def error(subset) -> float:
+        err = 0.0
+        for fit, (fa, fb) in zip(fits, (folds, folds[::-1]), strict=True):
+            a = fit_scales(fit, v[fa], [ys[u][fa] for u in subset]).tolist()
+            rest = v[fa] - sum((s * ys[u][fa] for u, s in zip(subset, a, strict=True)), torch.zeros_like(v[fa]))
+            res = v[fb] - sum((s * ys[u][fb] for u, s in zip(subset, a, strict=True)), torch.zeros_like(v[fb]))
+            if kz is not None:
+                res = res - kz[fb] @ fit.solve(rest)
+            err += float(((res ** 2) * w[fb]).sum())
+        return err
+
     cands = sorted(ys)
-    for k in range(len(cands) + 1):
-        for subset in itertools.combinations(cands, k):
-            err = 0.0
-            for fa, fb in (folds, folds[::-1]):
-                fit = RidgeResidual(kz[fa] if kz is not None else None, w[fa], rho)
-                a = fit_scales(fit, v[fa], [ys[u][fa] for u in subset]).tolist()
-                rest = v[fa] - sum((s * ys[u][fa] for u, s in zip(subset, a, strict=True)), torch.zeros_like(v[fa]))
-                res = v[fb] - sum((s * ys[u][fb] for u, s in zip(subset, a, strict=True)), torch.zeros_like(v[fb]))
-                if kz is not None:
-                    res = res - kz[fb] @ fit.solve(rest)
-                err += float(((res ** 2) * w[fb]).sum())
-            if err < best_err * (1 - 1e-9):
-                best, best_err = list(subset), err
-    return best, best_err
+    best, best_err = [], math.inf
+    if len(cands) <= LENDERS:
+        for k in range(len(cands) + 1):
+            for subset in itertools.combinations(cands, k):
+                err = error(subset)
+                if err < best_err * (1 - 1e-9):
+                    best, best_err = list(subset), err
+        return best, best_err
+    # many candidates (query-head units): add the one that lowers the held-out error most, while one does
+    best_err = error(())
+    while True:
+        step = min(((error([*best, u]), u) for u in cands if u not in best), default=None)
+        if step is None or not step[0] < best_err * (1 - 1e-9):
+            return sorted(best), best_err
+        best_err = step[0]
+        best.append(step[1])
 
 
 def heldout_share_costs(gram: LayerGram, options: dict, data: LayerData, layout: Layout, rho: float,
