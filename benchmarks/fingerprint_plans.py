@@ -23,7 +23,7 @@ import time
 
 import torch
 
-CALIBRATED = ("prune", "actshare", "fitprune", "fitshare", "basisshare")
+CALIBRATED = ("prune", "actshare", "fitprune", "fitshare", "basisshare", "choiceshare")
 
 
 def state_hash(model) -> str:

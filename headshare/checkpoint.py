@@ -198,6 +198,9 @@ def info(path: str | Path) -> dict:
         "units_pruned": len(record.get("pruned", [])),
         "units_based": plan.units_based(layout["units_per_layer"]),
         "bases": len(plan.bases),
+        "basis_ranks": [b["rank"] for b in plan.bases],
+        "based_rows": "/".join(part for p in layout_of(AutoConfig.from_pretrained(path), plan.unit_kind).in_projections()
+                               for part, _, _ in p.parts),
         "units_refitted": len({(layer, unit) for layer, _, unit in
                                map(parse_fitted_key, filter(is_unit_key, record.get("fitted", [])))}),
         "params_original": record["params_original"],

@@ -190,8 +190,10 @@ def _summary_table(s: dict) -> str:
         ("method", s["method"]),
         ("units shared (borrowed)", f"{s['units_shared']} / {s['units_total']} ({s['unit']})"),
         *([("units pruned", f"{s['units_pruned']} / {s['units_total']}")] if s.get("units_pruned") else []),
-        *([("units based", f"{s['units_based']} / {s['units_total']} (q/k/v as coefficients on {s['bases']} "
-                            "shared bases)")] if s.get("units_based") else []),
+        *([("units based", f"{s['units_based']} / {s['units_total']} ({s.get('based_rows', 'q/k/v')} "
+                            f"rows as coefficients on {s['bases']} "
+                            f"shared bases, ranks {', '.join(map(str, s.get('basis_ranks', [])))})")]
+          if s.get("units_based") else []),
         *([("units refitted", f"{s['units_refitted']} / {s['units_total']} (o columns fitted by the method)")]
           if s.get("units_refitted") else []),
         ("parameters", f"{s['params_original']:,} -> {s['params_shared']:,} (-{saved_p:,}, "

@@ -13,7 +13,7 @@ import headshare
 from headshare.arch import blocks, layout_of
 from headshare.checkpoint import info
 from headshare.methods import BasisShareConfig
-from headshare.methods.basis import _rank_for_budget, _whitened_basis
+from headshare.methods.basis import _allocate, _rank_for_budget, _whitened_basis
 from headshare.plan import SharePlan, units_for_ratio
 from headshare.sharing import BASIS_NAME, SharedBasis, unique_parameters
 from headshare.units import basis_key, coef_key
@@ -120,9 +120,11 @@ def test_rank_for_budget_is_the_largest_that_meets_it():
         assert sum(h * n - (r + 1) * (h + n) for h, n in dense) < budget
 
 
-def test_share_save_load_round_trip_is_bit_exact(tiny_tokenizer, calib_file, tmp_path):
+@pytest.mark.parametrize("select", ["fixed", "heldout"])
+def test_share_save_load_round_trip_is_bit_exact(select, tiny_tokenizer, calib_file, tmp_path):
     model = tiny_model("llama-gqa")
-    plan = _plan(model, tiny_tokenizer, calib_file, prune=0.5)
+    plan = _plan(model, tiny_tokenizer, calib_file, prune=0.5, select=select, group=1)
+    assert plan.bases, "nothing to round-trip"
     headshare.share(model, plan)
     ids = _ids(tiny_tokenizer)
     ref = outputs(model, ids)
@@ -212,10 +214,12 @@ def test_cli_share_and_info_count_based_units(tmp_path, tiny_tokenizer, calib_fi
     tiny_tokenizer.save_pretrained(tmp_path / "m")
     main(["share", str(tmp_path / "m"), "--method", "basisshare", "--ratio", "0.5", "-o", f"calib={calib_file}",
           "-o", "calib_tokens=128", "-o", "group=2", "--out", str(tmp_path / "o")])
-    assert "units based" in capsys.readouterr().out
+    printed = capsys.readouterr().out
     main(["info", str(tmp_path / "o"), "--json"])
     s = json.loads(capsys.readouterr().out)
     assert s["method"] == "basisshare" and s["bases"] >= 1
+    assert len(s["basis_ranks"]) == s["bases"] and min(s["basis_ranks"]) >= 1 and s["based_rows"] == "q/k/v"
+    assert f"shared bases, ranks {', '.join(map(str, s['basis_ranks']))})" in printed
     assert s["units_based"] + s["units_pruned"] == s["units_total"]  # one group of 2 layers: every unit based or pruned
 
 
@@ -241,3 +245,84 @@ def test_a_layer_whose_units_are_all_pruned_can_sit_in_a_basis_group(tiny_tokeni
     assert {(0, u) for u in range(U)} <= set(plan.pruned) and plan.bases
     headshare.share(model, plan)
     assert torch.isfinite(outputs(model, _ids(tiny_tokenizer))).all()
+
+
+# --- select="heldout": per group a rank or no basis, per layer the units to prune ---
+
+@pytest.mark.parametrize("unit", ["kv", "query"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_heldout_choice_removes_at_least_the_budget_and_counts_every_parameter(arch, unit, tiny_tokenizer,
+                                                                              calib_file):
+    if arch == "gpt2" and unit == "query":
+        pytest.skip("fused qkv: no query units")
+    model = tiny_model(arch)
+    layout = layout_of(model.config, unit)
+    plan = _plan(model, tiny_tokenizer, calib_file, select="heldout", unit=unit)
+    assert plan.notes["select"] == "heldout" and plan.notes["ranks"] == [b["rank"] for b in plan.bases]
+    budget = units_for_ratio(0.5, layout) * layout.unit_params()
+    p0, b0 = unique_parameters(model)
+    bias = {p.path: blocks(model)[0].get_submodule(p.path).bias is not None for p in layout.projections()}
+    headshare.share(model, plan)
+    p1, b1 = unique_parameters(model)
+    U, H = layout.units_per_layer, layout.hidden_size
+    pruned = {tuple(p) for p in plan.pruned}
+    expect = len(pruned) * layout.unit_params(bias)
+    for b in plan.bases:
+        rows = sum(p.unit_width * sum((layer, u) not in pruned for u in range(U))
+                   for layer in b["layers"] for p in layout.in_projections())
+        expect += rows * H - b["rank"] * (H + rows)
+    assert p0 - p1 == expect and b0 - b1 == 4 * expect
+    assert expect >= budget
+    assert torch.isfinite(outputs(model, _ids(tiny_tokenizer))).all()
+
+
+def test_heldout_choice_finds_a_planted_shared_basis_and_shares_it_at_no_cost(tiny_tokenizer, calib_file):
+    """Every q/k/v row of every layer lies in one 4-dimensional subspace of the input: a rank-4 basis shared by
+    all layers reproduces the model exactly, while pruning any unit costs. The held-out choice must put the
+    whole budget on that basis and leave the outputs as they were."""
+    model = tiny_model("llama-mha")
+    layout = layout_of(model.config)
+    torch.manual_seed(1)
+    shared = torch.randn(4, layout.hidden_size)
+    with torch.no_grad():
+        for block in blocks(model):
+            for p in layout.in_projections():
+                w = block.get_submodule(p.path).weight
+                w.copy_(torch.randn(w.shape[0], 4) @ shared / 2)
+    ids = _ids(tiny_tokenizer)
+    ref = outputs(model, ids)
+    plan = _plan(model, tiny_tokenizer, calib_file, select="heldout", group=3)
+    assert plan.pruned == [] and len(plan.bases) == 1 and plan.bases[0]["rank"] >= 4
+    budget = units_for_ratio(0.5, layout) * layout.unit_params()
+    p0, _ = unique_parameters(model)
+    headshare.share(model, plan)
+    assert p0 - unique_parameters(model)[0] >= budget
+    assert torch.allclose(outputs(model, ids), ref, atol=1e-4, rtol=1e-4)
+    # the fixed split prunes 2/3 of the budget's units whatever the weights hold: it cannot get there
+    fixed = _plan(tiny_model("llama-mha"), tiny_tokenizer, calib_file, group=3)
+    assert len(fixed.pruned) == round(2 / 3 * units_for_ratio(0.5, layout))
+
+
+def test_allocate_spends_the_budget_where_the_error_is_least():
+    """Two one-layer groups on hidden size 10, one unit of 50 parameters and 10 rows each: a rank-2 basis saves
+    10 x 8 - 20 = 60 parameters. Layer 0 is cheap to put on a basis and dear to prune, layer 1 the reverse.
+    (Savings are rounded down to 1/20,000 of the budget, so a budget met to the parameter may be missed.)"""
+    options = {
+        (0, None): {frozenset(): (0.0, 10), frozenset({0}): (5.0, 0)},
+        (0, 2): {frozenset(): (0.1, 10), frozenset({0}): (5.1, 0)},
+        (1, None): {frozenset(): (0.0, 10), frozenset({0}): (0.2, 0)},
+        (1, 2): {frozenset(): (9.0, 10), frozenset({0}): (9.2, 0)},
+    }
+    groups = [[0], [1]]
+    assert _allocate(groups, options, 50, 50, 10) == (set(), {(0,): 2, (1,): None})
+    assert _allocate(groups, options, 100, 50, 10) == ({(1, 0)}, {(0,): 2, (1,): None})
+    # 105: the basis on layer 0 and pruning layer 1 (110 removed); 111: only both bases reach it (120)
+    assert _allocate(groups, options, 105, 50, 10) == ({(1, 0)}, {(0,): 2, (1,): None})
+    assert _allocate(groups, options, 111, 50, 10) == (set(), {(0,): 2, (1,): 2})
+    with pytest.raises(ValueError, match="no choice"):
+        _allocate(groups, options, 121, 50, 10)
+
+
+def test_select_is_checked(tiny_tokenizer, calib_file):
+    with pytest.raises(ValueError, match="select"):
+        BasisShareConfig(ratio=0.3, select="best")

@@ -213,11 +213,11 @@ def make_plan(model: nn.Module, ratio: float | MethodConfig = 0.0, method: str |
 # the method families: importing them registers their methods, in this order
 from . import directshare, baselines, actshare, fitshare, basis  # noqa: E402, F401, I001
 from .actshare import ActShareConfig  # noqa: E402
-from .basis import BasisShareConfig  # noqa: E402
+from .basis import BasisShareConfig, ChoiceShareConfig  # noqa: E402
 from .baselines import LayerwiseConfig, PruneConfig, RandomConfig  # noqa: E402
 from .directshare import AlignShareConfig, DirectShareConfig  # noqa: E402
 from .fitshare import FitPruneConfig, FitShareConfig  # noqa: E402
 
-__all__ = ["METHODS", "ActShareConfig", "AlignShareConfig", "BasisShareConfig", "CalibConfig", "DirectShareConfig", "FitPruneConfig",
+__all__ = ["METHODS", "ActShareConfig", "AlignShareConfig", "BasisShareConfig", "CalibConfig", "ChoiceShareConfig", "DirectShareConfig", "FitPruneConfig",
            "FitShareConfig", "LayerwiseConfig", "Method", "MethodConfig", "PruneConfig", "RandomConfig",
            "get_method", "make_config", "make_plan", "method_of", "parse_option", "register_method"]

@@ -19,6 +19,15 @@ floor(ratio x units) units removes, so every row of a benchmark removes the same
 
 Everything fitted (bases, coefficients, o columns) travels with the plan; `headshare.share` applies it.
 
+`choiceshare` (`select="heldout"`) replaces the fixed split by a choice: for every group a rank from a grid, or
+no basis, and for every layer the units to prune, so that the summed cross-fitted error is least for the budget.
+The error of a (layer, subset, rank) is the layer's attention output error with the subset pruned, its q/k/v
+on a basis of that rank fitted on one half of the calibration tokens, and the o columns that stay refitted on
+the same half, measured on the other half and both ways round (`_choice_costs`); a dynamic programme over the
+parameters removed picks the combination (`_allocate`). Bases are then refitted on the rows that stay, and the
+sequential pass is the same. On SmolLM2 it is worse than the fixed split (BENCHMARKS.md): the layer-local error
+overrates what a basis costs the whole model against what pruning costs it.
+
     >>> plan = headshare.make_plan(model, BasisShareConfig(ratio=0.3), tokenizer=tok)   # doctest: +SKIP
 """
 
@@ -37,13 +46,14 @@ from ..units import basis_key, coef_key, get_slices, read_fitted, set_slices, we
 from . import CalibConfig, check, is_integer, is_number, register_method
 from .calibration import calibration_ids, capture, layer_gram, run_block
 from .fitshare import RHO, _refit_hook
-from .lstsq import heldout_share_costs, knapsack, layer_options
+from .lstsq import candidate_subsets, half, heldout_share_costs, knapsack, layer_options
 
 GROUP = 4  # layers per basis; SmolLM2 at 30 %, prune 2/3: 2 layers 17.97, 4 layers 17.88, 8 layers 18.01
 PRUNE = 2 / 3  # share of the budget pruning takes; SmolLM2 at 30 %, 2 layers: 1/2 18.03, 2/3 17.97, 4/5 18.14
 # ridge of the optional sequential coefficient refit, relative to the mean diagonal of its Gram matrix; off by
 # default: on SmolLM2 at 30 % it made perplexity worse (19.05 against 17.92 without, BENCHMARKS.md)
 COEF_RIDGE = None
+SELECTS = ("fixed", "heldout")  # fixed: `prune` of the budget to pruning, one rank; heldout: chosen per group
 
 
 @dataclass
@@ -52,6 +62,9 @@ class BasisShareConfig(CalibConfig):
     prune: float = PRUNE  # share of the parameter budget spent on pruning whole units (the rest: bases)
     rho: float = RHO  # ridge of the o refit, as in fitprune
     coef_ridge: float | None = COEF_RIDGE  # ridge of the sequential coefficient refit (None: no refit)
+    # "fixed": `prune` of the budget to pruning, the rest to one rank for every group; "heldout": per group a
+    # rank or no basis, per layer the units to prune, least cross-fitted error for the budget (`prune` unused)
+    select: str = "fixed"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -60,6 +73,7 @@ class BasisShareConfig(CalibConfig):
         check(self, "rho", is_number(self.rho) and self.rho >= 0, "a number >= 0")
         check(self, "coef_ridge", self.coef_ridge is None or (is_number(self.coef_ridge) and self.coef_ridge >= 0),
               "a number >= 0 or none")
+        check(self, "select", self.select in SELECTS, f"one of {', '.join(SELECTS)}")
 
 
 def _inputs(data) -> list[torch.Tensor]:
@@ -109,43 +123,20 @@ def _pruning_costs(model, data, layout, rho: float, n_seqs: int, progress: bool)
     return costs
 
 
-@register_method("basisshare", BasisShareConfig, "prune the cheapest units, put the q/k/v of each group of layers "
-                                                 "on one shared whitened basis, refit coefficients and o columns "
-                                                 "(calibration text; the fitted tensors travel with the plan)",
-                 needs_tokenizer=True)
-@torch.no_grad()
-def basisshare(model, cfg: BasisShareConfig, tokenizer=None, progress: bool = False):
-    """Pruning and shared bases under one budget (see the module docstring); the model is not changed."""
-    from tqdm.auto import tqdm
-
-    t0 = time.perf_counter()
-    layout = layout_of(model.config)
+def _fixed_choice(model, data, layout, ins, cfg, n: int, n_seqs: int, budget: int, progress: bool):
+    """select="fixed": `prune` of the budget to pruning units (fitprune's knapsack), the rest to one rank for
+    every group that the budget allows. Returns (pruned units, [(group layers, rank)])."""
     U, L = layout.units_per_layer, layout.num_layers
-    n = units_for_ratio(cfg.ratio, layout)
-    if n == 0:
-        return new_plan(model, "basisshare", cfg.ratio)
-    budget = n * layout.unit_params()
-    ids = calibration_ids(model, tokenizer, cfg.calib, cfg.calib_tokens)
-    base = weights_fingerprint(model)
-    data = capture(model, ids)
-    xs = _inputs(data)
     n_prune = round(cfg.prune * n)
     pruned: set = set()
     if n_prune:
-        pruned = set(knapsack(_pruning_costs(model, data, layout, cfg.rho, len(ids), progress), n_prune))
+        pruned = set(knapsack(_pruning_costs(model, data, layout, cfg.rho, n_seqs, progress), n_prune))
     left = budget - len(pruned) * layout.unit_params()
-
-    bl = blocks(model)
-    ins = layout.in_projections()
-    own = {layer: [u for u in range(U) if (layer, u) not in pruned] for layer in range(L)}
-    rows = {(layer, p.path): own_index(p, own[layer]) for layer in range(L) for p in ins}
-    weights = {(layer, p.path): _orient(bl[layer].get_submodule(p.path).weight, p.conv1d).double()[rows[(layer, p.path)]]
-               for layer in range(L) for p in ins}
     groups = [list(range(s, min(L, s + cfg.group))) for s in range(0, L, cfg.group)]
-    groups = [g for g in groups if any(own[layer] for layer in g)]
+    groups = [g for g in groups if any((layer, u) not in pruned for layer in g for u in range(U))]
     rank = 0
     while left > 0 and groups:
-        dense = [(layout.hidden_size, sum(len(rows[(layer, p.path)]) for layer in g for p in ins)) for g in groups]
+        dense = [(layout.hidden_size, _group_rows(layout, ins, g, pruned)) for g in groups]
         rank = _rank_for_budget(dense, left)
         # a group whose factors would not be smaller than its weights (few rows left after pruning) stays dense
         worth = [g for g, (h, m) in zip(groups, dense, strict=True) if rank * (h + m) < h * m]
@@ -155,11 +146,88 @@ def basisshare(model, cfg: BasisShareConfig, tokenizer=None, progress: bool = Fa
     if left > 0 and rank == 0:
         raise ValueError(f"ratio {cfg.ratio} with prune={cfg.prune} leaves the bases a budget no rank >= 1 meets; "
                          "raise prune or lower the ratio")
+    return pruned, [(g, rank) for g in groups] if rank else []
+
+
+def _heldout_choice(model, data, layout, xs, ins, cfg, n_seqs: int, budget: int, progress: bool):
+    """select="heldout": per group of `group` layers a rank or no basis, per layer the units to prune, for the
+    least summed cross-fitted error (`_choice_costs`) that removes the budget (`_allocate`)."""
+    U, L = layout.units_per_layer, layout.num_layers
+    groups = [list(range(s, min(L, s + cfg.group))) for s in range(0, L, cfg.group)]
+    subsets = {}
+    for layer in range(L):
+        cands = candidate_subsets(layer_gram(model, data, layout, layer, []), U, cfg.rho)
+        subsets[layer] = [frozenset(), *(frozenset(c) for c in cands)]
+    split = half(xs[0].shape[0], n_seqs)
+    costs = _choice_costs(model, data, layout, xs, groups, ins, subsets, cfg.rho, split, progress)
+    options = {}
+    for (layer, r), by_subset in costs.items():
+        options[(layer, r)] = {s: (c, _group_rows(layout, ins, [layer], {(layer, u) for u in s}))
+                               for s, c in by_subset.items()}
+    pruned, ranks = _allocate(groups, options, budget, layout.unit_params(), layout.hidden_size)
+    chosen = [(g, ranks[tuple(g)]) for g in groups if ranks[tuple(g)] is not None]
+    # the bases are refitted on the rows that stay: a group whose rows are all pruned has nothing to share
+    chosen = [(g, r) for g, r in chosen if _group_rows(layout, ins, g, pruned)]
+    return pruned, chosen
+
+
+@register_method("basisshare", BasisShareConfig, "prune the cheapest units, put the q/k/v of each group of layers "
+                                                 "on one shared whitened basis, refit coefficients and o columns "
+                                                 "(calibration text; the fitted tensors travel with the plan)",
+                 needs_tokenizer=True)
+@torch.no_grad()
+def basisshare(model, cfg: BasisShareConfig, tokenizer=None, progress: bool = False):
+    """Pruning and shared bases under one budget (see the module docstring); the model is not changed."""
+    return _plan(model, cfg, tokenizer, progress, "basisshare")
+
+
+@dataclass
+class ChoiceShareConfig(BasisShareConfig):
+    select: str = "heldout"  # basisshare's options; only the default of `select` differs
+
+
+@register_method("choiceshare", ChoiceShareConfig, "basisshare with the split chosen by held-out error: per group "
+                                                   "of layers a basis rank or none, per layer the units to prune "
+                                                   "(calibration text; the fitted tensors travel with the plan)",
+                 needs_tokenizer=True)
+def choiceshare(model, cfg: ChoiceShareConfig, tokenizer=None, progress: bool = False):
+    """basisshare with `select="heldout"` (see `_heldout_choice`); the model is not changed."""
+    return _plan(model, cfg, tokenizer, progress, "choiceshare")
+
+
+@torch.no_grad()
+def _plan(model, cfg: BasisShareConfig, tokenizer, progress: bool, name: str):
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    layout = layout_of(model.config)
+    U, L = layout.units_per_layer, layout.num_layers
+    n = units_for_ratio(cfg.ratio, layout)
+    if n == 0:
+        return new_plan(model, name, cfg.ratio)
+    budget = n * layout.unit_params()
+    ids = calibration_ids(model, tokenizer, cfg.calib, cfg.calib_tokens)
+    base = weights_fingerprint(model)
+    data = capture(model, ids)
+    xs = _inputs(data)
+    bl = blocks(model)
+    ins = layout.in_projections()
+    t_choice = time.perf_counter()
+    if cfg.select == "heldout":
+        pruned, chosen = _heldout_choice(model, data, layout, xs, ins, cfg, len(ids), budget, progress)
+    else:
+        pruned, chosen = _fixed_choice(model, data, layout, ins, cfg, n, len(ids), budget, progress)
+    t_choice = time.perf_counter() - t_choice
+
+    own = {layer: [u for u in range(U) if (layer, u) not in pruned] for layer in range(L)}
+    rows = {(layer, p.path): own_index(p, own[layer]) for layer in range(L) for p in ins}
+    weights = {(layer, p.path): _orient(bl[layer].get_submodule(p.path).weight, p.conv1d).double()[rows[(layer, p.path)]]
+               for layer in range(L) for p in ins}
     bases, coefs = [], {}
-    for g in (tqdm(groups, desc="bases", disable=not progress, unit="group") if rank else []):
+    for g, r in tqdm(chosen, desc="bases", disable=not progress, unit="group"):
         keys = [(layer, p.path) for layer in g for p in ins]
         w = torch.cat([weights[k] for k in keys])  # (rows of the group, hidden)
-        basis, c = _whitened_basis(torch.cat([xs[layer] for layer in g]), w, rank)
+        basis, c = _whitened_basis(torch.cat([xs[layer] for layer in g]), w, r)
         bases.append((g, basis))
         start = 0
         for k in keys:
@@ -206,12 +274,18 @@ def basisshare(model, cfg: BasisShareConfig, tokenizer=None, progress: bool = Fa
     for (layer, path), c in coefs.items():
         if len(c):
             fitted[coef_key(layer, path)] = _orient(c, conv1d[path]).to(dtype).contiguous()
+    h = layout.hidden_size
+    by_bases = sum(h * m - r * (h + m) for m, r in ((sum(len(rows[(la, p.path)]) for la in g for p in ins), r)
+                                                     for g, r in chosen))
+    if len(pruned) * layout.unit_params() + by_bases < budget:  # the accounting above is exact; this cannot be
+        raise AssertionError(f"basisshare removed {len(pruned) * layout.unit_params() + by_bases} < {budget}")
     notes = {"fitted": "o columns of the units that stay in touched layers; bases and their coefficients",
-             "rank": rank, "groups": len(bases), "units_pruned": len(pruned),
-             "params_budget": budget, "params_by_bases": sum(h * m - rank * (h + m) for h, m in dense) if rank else 0,
+             "select": cfg.select, "rank": max((r for _, r in chosen), default=0),
+             "ranks": [r for _, r in chosen], "groups": len(bases), "units_pruned": len(pruned),
+             "params_budget": budget, "params_by_bases": by_bases, "choice_seconds": round(t_choice, 1),
              "select_seconds": round(t1 - t0, 1), "refit_seconds": round(time.perf_counter() - t1, 1)}
-    return new_plan(model, "basisshare", cfg.ratio, pruned=sorted(pruned), notes=notes, fitted=fitted,
-                    base_sha1=base, bases=[{"layers": g, "rank": rank} for g, _ in bases])
+    return new_plan(model, name, cfg.ratio, pruned=sorted(pruned), notes=notes, fitted=fitted,
+                    base_sha1=base, bases=[{"layers": g, "rank": r} for g, r in chosen])
 
 
 def _write_dense(block, ins, rows, coefs, basis, layer) -> None:
@@ -243,3 +317,172 @@ def _coef_hook(block, ins, rows, coefs, weights, basis, layer, x0, ridge):
             coefs[key] = torch.cholesky_solve(a.T @ target, chol).T
         _write_dense(block, ins, rows, coefs, basis, layer)
     return hook
+
+
+# --- select="heldout": per group, a rank or no basis; per layer, the units to prune; by cross-fitted error ---
+
+RANKS = 12  # rank candidates per group: RANKS steps up to the rank at which the factors stop being smaller
+BINS = 20_000  # resolution of the parameter budget in the allocation (item savings rounded down, so never short)
+
+
+def _rank_grid(h: int, m: int) -> list[int]:
+    """Ranks worth weighing for a group of m rows on hidden size h: below h m / (h + m) (factors smaller)."""
+    top = (h * m) // (h + m)
+    step = max(1, top // RANKS)
+    return sorted({step * k for k in range(1, RANKS + 1) if 1 <= step * k < top})
+
+
+def _fold_stats(z: torch.Tensor, a: torch.Tensor, w: torch.Tensor, part: slice) -> tuple:
+    """(Z'WZ, Z'Wa, a'Wa) of one fold of the tokens (Grams in float32, kept in float64)."""
+    zf, af, wf = z[part].float(), a[part].float(), w[part].float()
+    zw = zf * wf
+    return (zf.T @ zw).double(), (zw.T @ af).double(), float((af.double() ** 2 * w[part]).sum())
+
+
+def _subset_errors(fits: tuple, evals: tuple, wo: torch.Tensor, cols: list[torch.Tensor], subsets: list,
+                   rho: float, n: int) -> dict:
+    """{subset: error per token} when `subset` is pruned and the other units' o columns (`wo`, (D, in)) are
+    refitted on one fold and the error measured on the other, both ways round (`fits[i]`, `evals[i]`: fold
+    statistics of direction i). The ridge is on the change of the columns, as in `heldout_share_costs`."""
+    out = {}
+    for s in subsets:
+        keep = [cols[u] for u in range(len(cols)) if u not in s]
+        err = 0.0
+        for (ga, ca, _), (gb, cb, aab) in zip(fits, evals, strict=True):
+            if not keep:
+                err += aab
+                continue
+            k = torch.cat(keep)
+            m = wo[:, k].T  # (kept features, D): the columns as they are
+            gk = ga[k][:, k]
+            lam = rho * gk.diagonal().mean().clamp_min(1e-30)
+            chol = torch.linalg.cholesky(gk + lam * torch.eye(len(k), dtype=gk.dtype))
+            x = m + torch.cholesky_solve(ca[k] - gk @ m, chol)
+            err += aab - 2 * float((x * cb[k]).sum()) + float((x * (gb[k][:, k] @ x)).sum())
+        out[s] = max(err, 0.0) / n
+    return out
+
+
+@torch.no_grad()
+def _choice_costs(model, data, layout, xs, groups, ins, subsets, rho: float, split: int, progress: bool) -> dict:
+    """{(layer, rank or None): {subset: cross-fitted error per token}}: the layer's attention output error
+    when `subset` is pruned, its q/k/v rows are put on its group's whitened basis of that rank (None: left
+    dense) and the o columns that stay are refitted. The basis is fitted on one fold of the tokens (all rows of
+    the group, whatever is pruned later), the o refit on the same fold, the error measured on the other."""
+    from tqdm.auto import tqdm
+
+    bl, apath = blocks(model), arch_spec(layout.model_type).attention
+    op = layout.o_projection()
+    U, n = layout.units_per_layer, xs[0].shape[0]
+    folds = (slice(0, split), slice(split, n))
+    cols = [op.unit_index(u) for u in range(U)]
+    costs = {}
+    got: dict = {}  # the o projection's input of the last attention run
+    steps = sum(len(g) * (1 + 2 * len(_rank_grid(layout.hidden_size, _group_rows(layout, ins, g))))
+                for g in groups)
+    bar = tqdm(total=steps, desc="choice costs", disable=not progress, unit="run")
+    for g in groups:
+        full = {layer: {p.path: _orient(bl[layer].get_submodule(p.path).weight, p.conv1d).double() for p in ins}
+                for layer in g}
+        w = torch.cat([full[layer][p.path] for layer in g for p in ins])
+        ranks = _rank_grid(layout.hidden_size, w.shape[0])
+        factors = [_whitened_basis(torch.cat([xs[layer][f] for layer in g]), w, max(ranks)) for f in folds]
+        for layer in g:
+            d, block = data[layer], bl[layer]
+            o = block.get_submodule(op.path)
+            wo = _orient(o.weight, op.conv1d).double()  # (D, in)
+            a = d.z.double() @ wo.T  # the attention output without the o bias: what the refit must match
+            dense = [_fold_stats(d.z, a, d.w, f) for f in folds]
+            costs[(layer, None)] = _subset_errors((dense[0], dense[1]), (dense[1], dense[0]), wo, cols,
+                                                  subsets[layer], rho, n)
+            bar.update()
+            saved = {p.path: block.get_submodule(p.path).weight.data.clone() for p in ins}
+            hook = o.register_forward_pre_hook(lambda _m, args: got.__setitem__("z", args[0]))
+            try:
+                for r in ranks:
+                    fits, evals = [], []
+                    for f, (basis, coef) in enumerate(factors):
+                        start = sum(len(full[la][p.path]) for la in g if la < layer for p in ins)
+                        for p in ins:
+                            rows = len(full[layer][p.path])
+                            dense_w = coef[start:start + rows, :r] @ basis[:r]
+                            block.get_submodule(p.path).weight.data.copy_(_orient(dense_w, p.conv1d))
+                            start += rows
+                        args, kwargs = d.attn_call
+                        block.get_submodule(apath)(*args, **kwargs)
+                        z = got["z"].reshape(-1, got["z"].shape[-1])
+                        fits.append(_fold_stats(z, a, d.w, folds[f]))
+                        evals.append(_fold_stats(z, a, d.w, folds[1 - f]))
+                        bar.update()
+                    costs[(layer, r)] = _subset_errors(tuple(fits), tuple(evals), wo, cols, subsets[layer], rho, n)
+            finally:
+                hook.remove()
+                for p in ins:
+                    block.get_submodule(p.path).weight.data.copy_(saved[p.path])
+    bar.close()
+    return costs
+
+
+def _group_rows(layout, ins, g: list[int], pruned=frozenset()) -> int:
+    """Input-side rows of a group's layers that stay when `pruned` ((layer, unit) pairs) goes."""
+    U = layout.units_per_layer
+    return sum(len(own_index(p, [u for u in range(U) if (layer, u) not in pruned])) for layer in g for p in ins)
+
+
+def _allocate(groups, options: dict, budget: int, unit_params: int, h: int) -> tuple[set, dict]:
+    """The least summed cost that removes at least `budget` parameters: per group a rank or None (dense), per
+    layer a subset to prune. `options[(layer, rank)]` is {subset: (cost, kept input rows)}. A group at rank r
+    costs r x h for its basis and saves (h - r) per kept row; a pruned unit saves `unit_params`. Dynamic
+    programming over the parameters removed, in BINS steps of the budget, savings rounded down and basis
+    costs up, so the plan it returns never removes less than the budget."""
+    import numpy as np
+
+    q = budget / BINS
+    inf = math.inf
+    arr = np.full(BINS + 1, inf)
+    arr[0] = 0.0
+    trace = []
+    for g in groups:
+        ranks = sorted({r for (layer, r) in options if layer == g[0] and r is not None})
+        best, best_r = np.full(BINS + 1, inf), np.full(BINS + 1, -1)
+        per_rank = []
+        for ri, r in enumerate([None, *ranks]):
+            ov = 0 if r is None else math.ceil(r * h / q)
+            cap = BINS + ov
+            cur = np.full(cap + 1, inf)
+            cur[:BINS + 1] = arr
+            steps = []
+            for layer in g:
+                items = list(options[(layer, r)].items())
+                new, ch, prev = np.full(cap + 1, inf), np.zeros(cap + 1, np.int32), np.zeros(cap + 1, np.int64)
+                for j, (s, (c, rows)) in enumerate(items):
+                    saves = len(s) * unit_params + (0 if r is None else rows * (h - r))
+                    sb = min(int(saves // q), cap)
+                    tgt, src = np.full(cap + 1, inf), np.arange(cap + 1)
+                    tgt[sb:cap] = cur[:cap - sb] + c
+                    src[sb:cap] = np.arange(cap - sb)
+                    tail = int(np.argmin(cur[cap - sb:]))
+                    tgt[cap], src[cap] = cur[cap - sb + tail] + c, cap - sb + tail
+                    better = tgt < new
+                    new[better], ch[better], prev[better] = tgt[better], j, src[better]
+                steps.append((items, ch, prev))
+                cur = new
+            per_rank.append((r, ov, steps))
+            net = cur[ov:]
+            better = net < best
+            best[better], best_r[better] = net[better], ri
+        trace.append((best_r, per_rank))
+        arr = best
+    if not math.isfinite(arr[BINS]):
+        raise ValueError(f"no choice of pruning and bases removes {budget} parameters")
+    pruned, ranks_of = set(), {}
+    t = BINS
+    for g, (best_r, per_rank) in zip(reversed(groups), reversed(trace), strict=True):
+        r, ov, steps = per_rank[best_r[t]]
+        i = t + ov
+        for layer, (items, ch, prev) in zip(reversed(g), reversed(steps), strict=True):
+            pruned |= {(layer, u) for u in items[ch[i]][0]}
+            i = prev[i]
+        ranks_of[tuple(g)] = r
+        t = i
+    return pruned, ranks_of
