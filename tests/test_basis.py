@@ -25,6 +25,21 @@ def _ids(tok) -> torch.Tensor:
     return torch.tensor([tok(" ".join(TINY_CORPUS))["input_ids"][:48]])
 
 
+def _expected_removed(model, plan, layout) -> tuple[int, int]:
+    """(parameters the plan's tensors say it removes, parameters one more rank of every basis costs): pruned
+    units gone with their biases, each basis once, coefficients per layer. Read before sharing."""
+    U, H = layout.units_per_layer, layout.hidden_size
+    bias = {p.path: blocks(model)[0].get_submodule(p.path).bias is not None for p in layout.projections()}
+    pruned = {tuple(p) for p in plan.pruned}
+    expect, per_rank = len(pruned) * layout.unit_params(bias), 0
+    for b in plan.bases:
+        rows = sum(p.unit_width * sum((layer, u) not in pruned for u in range(U))
+                   for layer in b["layers"] for p in layout.in_projections())
+        expect += rows * H - b["rank"] * (H + rows)
+        per_rank += H + rows
+    return expect, per_rank
+
+
 def _plan(model, tok, calib, ratio=0.5, **kw):
     return headshare.make_plan(model, BasisShareConfig(ratio=ratio, calib=calib, calib_tokens=128, **kw),
                                tokenizer=tok)
@@ -40,18 +55,9 @@ def test_removes_at_least_the_units_budget_and_counts_every_parameter(arch, tiny
     assert plan.bases and all(b["rank"] >= 1 for b in plan.bases)
     budget = units_for_ratio(0.5, layout) * layout.unit_params()
     p0, b0 = unique_parameters(model)
-    bias = {p.path: blocks(model)[0].get_submodule(p.path).bias is not None for p in layout.projections()}
+    expect, per_rank = _expected_removed(model, plan, layout)
     headshare.share(model, plan)
     p1, b1 = unique_parameters(model)
-    # exactly what the plan's tensors say: pruned units gone, each basis once, coefficients per layer
-    U, H = layout.units_per_layer, layout.hidden_size
-    pruned = {tuple(p) for p in plan.pruned}
-    expect, per_rank = len(pruned) * layout.unit_params(bias), 0
-    for b in plan.bases:
-        rows = sum(p.unit_width * sum((layer, u) not in pruned for u in range(U))
-                   for layer in b["layers"] for p in layout.in_projections())
-        expect += rows * H - b["rank"] * (H + rows)
-        per_rank += H + rows
     assert p0 - p1 == expect
     assert b0 - b1 == 4 * expect  # float32
     assert expect >= budget
@@ -261,16 +267,9 @@ def test_heldout_choice_removes_at_least_the_budget_and_counts_every_parameter(a
     assert plan.notes["select"] == "heldout" and plan.notes["ranks"] == [b["rank"] for b in plan.bases]
     budget = units_for_ratio(0.5, layout) * layout.unit_params()
     p0, b0 = unique_parameters(model)
-    bias = {p.path: blocks(model)[0].get_submodule(p.path).bias is not None for p in layout.projections()}
+    expect, _ = _expected_removed(model, plan, layout)
     headshare.share(model, plan)
     p1, b1 = unique_parameters(model)
-    U, H = layout.units_per_layer, layout.hidden_size
-    pruned = {tuple(p) for p in plan.pruned}
-    expect = len(pruned) * layout.unit_params(bias)
-    for b in plan.bases:
-        rows = sum(p.unit_width * sum((layer, u) not in pruned for u in range(U))
-                   for layer in b["layers"] for p in layout.in_projections())
-        expect += rows * H - b["rank"] * (H + rows)
     assert p0 - p1 == expect and b0 - b1 == 4 * expect
     assert expect >= budget
     assert torch.isfinite(outputs(model, _ids(tiny_tokenizer))).all()
