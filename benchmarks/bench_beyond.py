@@ -201,6 +201,8 @@ def main(argv=None) -> int:
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--option", action="append", default=None, metavar="[METHOD.]KEY=VALUE",
+                    help="a method option for every row whose method has it (repeatable), as `headshare bench -o`")
     ap.add_argument("--json", default="benchmarks/results/beyond.json")
     ap.add_argument("--md", default=None, help="also write the markdown table here")
     ap.add_argument("--plot", default=None, help="also write the sharing-vs-pruning curve (PNG) here")
@@ -213,6 +215,9 @@ def main(argv=None) -> int:
                     help="only run the pair analysis (weight similarities vs activation-aware gain) into this file")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    from headshare.bench import parse_options, resolve_methods
+
+    args.options = parse_options(args.option, resolve_methods(args.methods))  # before any model is loaded
     if args.pairs:
         result = pair_analysis(args)
         Path(args.pairs).write_text(json.dumps(result, indent=1) + "\n")

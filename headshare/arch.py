@@ -196,6 +196,15 @@ class Layout:
         """The projections cut along their outputs (q, k, v or fused qkv): a unit's input side."""
         return [p for p in self.projections() if p.role == "out"]
 
+    def layer_projections(self) -> list[ProjSpec]:
+        """Input-side projections that are not cut into units: with query-head units, k and v, each one part
+        spanning all key/value heads (they stay with their layer; a shared basis can still carry them)."""
+        if not self.query_units:
+            return []
+        spec, width = arch_spec(self.model_type), self.num_kv_heads * self.head_dim
+        return [ProjSpec(spec.k, "out", (("k", 0, width),), spec.conv1d),
+                ProjSpec(spec.v, "out", (("v", 0, width),), spec.conv1d)]
+
     def o_projection(self) -> ProjSpec:
         """The output projection, cut along its inputs."""
         return next(p for p in self.projections() if p.role == "in")

@@ -315,6 +315,8 @@ def measure(method: str, ratio: float, original: nn.Module, reference: nn.Module
         "weight_bytes": nbytes, "checkpoint_bytes": ckpt_bytes,
         **{k: speed.get(k) for k in PROBE_KEYS},
         "config": plan.config if plan else None,
+        # autoshare: the candidate kept and every candidate's held-out calibration loss
+        **({k: plan.notes[k] for k in ("chosen", "candidates")} if plan and "chosen" in plan.notes else {}),
         "plan_s": plan_s, "eval_s": ev["seconds"], "torch_threads": torch.get_num_threads(),
         "loadavg_1min": round(os.getloadavg()[0], 2),  # these machines are shared: say how busy this one was
         **settings,

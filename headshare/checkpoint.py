@@ -190,6 +190,7 @@ def info(path: str | Path) -> dict:
     units_total = layout["num_layers"] * layout["units_per_layer"]
     return {
         "method": record["method"],
+        "chosen": (record.get("notes") or {}).get("chosen"),  # autoshare: the candidate it kept
         "ratio": record["ratio"],
         "unit": record.get("unit", ""),
         "unit_kind": plan.unit_kind,
@@ -199,8 +200,7 @@ def info(path: str | Path) -> dict:
         "units_based": plan.units_based(layout["units_per_layer"]),
         "bases": len(plan.bases),
         "basis_ranks": [b["rank"] for b in plan.bases],
-        "based_rows": "/".join(part for p in layout_of(AutoConfig.from_pretrained(path), plan.unit_kind).in_projections()
-                               for part, _, _ in p.parts),
+        "based_rows": plan.based_rows(layout_of(AutoConfig.from_pretrained(path), plan.unit_kind)),
         "units_refitted": len({(layer, unit) for layer, _, unit in
                                map(parse_fitted_key, filter(is_unit_key, record.get("fitted", [])))}),
         "params_original": record["params_original"],

@@ -142,7 +142,8 @@ def cmd_plan(args) -> None:
     fitted = f", {len(plan.fitted)} fitted weights in {plan.fitted_file(args.out)}" if plan.fitted else ""
     based = f", {plan.units_based(plan.layout['units_per_layer'])} on {len(plan.bases)} shared bases" \
         if plan.bases else ""
-    _log(f"{plan.method}: {plan.units_shared} units shared, {len(plan.pruned)} pruned{based} of "
+    kept = f" (kept {plan.notes['chosen']})" if plan.notes.get("chosen") else ""
+    _log(f"{plan.method}{kept}: {plan.units_shared} units shared, {len(plan.pruned)} pruned{based} of "
          f"{plan.layout['num_layers'] * plan.layout['units_per_layer']}; wrote {args.out}{fitted}")
 
 
@@ -187,7 +188,7 @@ def _summary_table(s: dict) -> str:
     saved_p = s["params_original"] - s["params_shared"]
     saved_b = s["bytes_original"] - s["bytes_shared"]
     rows = [
-        ("method", s["method"]),
+        ("method", s["method"] + (f" (kept {s['chosen']})" if s.get("chosen") else "")),
         ("units shared (borrowed)", f"{s['units_shared']} / {s['units_total']} ({s['unit']})"),
         *([("units pruned", f"{s['units_pruned']} / {s['units_total']}")] if s.get("units_pruned") else []),
         *([("units based", f"{s['units_based']} / {s['units_total']} ({s.get('based_rows', 'q/k/v')} "

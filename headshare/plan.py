@@ -17,6 +17,8 @@ Rules every plan obeys, whatever made it:
   (q, k, v) of its layers through one shared (r, hidden) basis: each projection keeps only its own units'
   (rows, r) coefficients. The group's tensors are fitted weights too: "basis{g}" for the basis and
   "{layer}.{projection path}.coef" for the coefficients. Units in basis layers neither borrow nor lend.
+  With query-head units a group may also carry its layers' k and v, which are not cut into units: then
+  its entry has "kv": true and those projections store (all their rows, r) coefficients too.
 - The layout names the unit kind (`layout["unit_kind"]`, "kv" or "query", see `headshare.arch`);
   `headshare.share` cuts the model's units the way the plan does.
 """
@@ -34,8 +36,8 @@ from .arch import UNIT_KINDS, Layout, layout_of
 from .similarity import best_earlier_matches
 
 # 2: method config, fitted weights beside the JSON; 3: shared bases; 4: the unit kind in the layout (older
-# plans still load, as "kv" plans)
-PLAN_VERSION = 4
+# plans still load, as "kv" plans); 5: a basis may carry the k/v of query-unit layers ("kv")
+PLAN_VERSION = 5
 
 
 @dataclass
@@ -89,8 +91,7 @@ class SharePlan:
                 "pruned": [list(p) for p in self.pruned], "metric": self.metric, "unit": self.unit,
                 "config": dict(self.config), "notes": dict(self.notes),
                 "fitted": sorted(self.fitted) or list(self.fitted_names), "base_sha1": self.base_sha1,
-                "bases": [{"layers": list(b["layers"]), "rank": b["rank"]} for b in self.bases],
-                "version": PLAN_VERSION}
+                "bases": [_basis_entry(b) for b in self.bases], "version": PLAN_VERSION}
 
     @classmethod
     def from_dict(cls, d: dict, fitted: dict[str, torch.Tensor] | None = None) -> SharePlan:
@@ -128,10 +129,11 @@ class SharePlan:
             raise ValueError(f"plan 'fitted' must be a list of weight names, got {names!r}")
         bases = d.get("bases", [])
         if not isinstance(bases, list) or not all(
-                isinstance(b, dict) and set(b) == {"layers", "rank"} and _int(b["rank"])
+                isinstance(b, dict) and {"layers", "rank"} <= set(b) <= {"layers", "rank", "kv"} and _int(b["rank"])
                 and isinstance(b["layers"], list) and b["layers"] and all(_int(x) for x in b["layers"])
-                for b in bases):
-            raise ValueError(f"plan 'bases' must be a list of {{'layers': [integers], 'rank': integer}}, got {bases!r}")
+                and isinstance(b.get("kv", False), bool) for b in bases):
+            raise ValueError("plan 'bases' must be a list of {'layers': [integers], 'rank': integer, optional 'kv': "
+                             f"true/false}}, got {bases!r}")
         if d["layout"].get("unit_kind", "kv") not in UNIT_KINDS:
             raise ValueError(f"plan layout 'unit_kind' must be one of {', '.join(UNIT_KINDS)}, "
                              f"got {d['layout']['unit_kind']!r}")
@@ -141,7 +143,7 @@ class SharePlan:
                    pruned=[tuple(p) for p in pruned], metric=d.get("metric"), unit=d.get("unit", ""),
                    config=dict(d.get("config") or {}), notes=notes, fitted=dict(fitted or {}),
                    base_sha1=d.get("base_sha1"), fitted_names=list(names),
-                   bases=[{"layers": list(b["layers"]), "rank": b["rank"]} for b in bases])
+                   bases=[_basis_entry(b) for b in bases])
 
     def fitted_file(self, path: str | Path) -> Path:
         """Where the fitted tensors of the plan saved at `path` live: beside it, same stem, .safetensors."""
@@ -205,6 +207,17 @@ class SharePlan:
         """Layer -> index of the basis group that holds its input-side projections."""
         return {layer: g for g, b in enumerate(self.bases) for layer in b["layers"]}
 
+    def basis_projections(self, layout: Layout, group: int) -> list:
+        """The projections basis `group` carries: the input side of its units, and with "kv" the layers' k and
+        v that are not cut into units (`Layout.layer_projections`)."""
+        return layout.in_projections() + (layout.layer_projections() if self.bases[group].get("kv") else [])
+
+    def based_rows(self, layout: Layout) -> str:
+        """Which rows the bases hold, as "q", "q/k/v" (or "" without bases)."""
+        parts = {part for g in range(len(self.bases)) for p in self.basis_projections(layout, g)
+                 for part, _, _ in p.parts}
+        return "/".join(x for x in "qkv" if x in parts)
+
     def units_based(self, units_per_layer: int) -> int:
         """Units whose q/k/v rows are coefficients on a shared basis (the kept units of basis layers)."""
         pruned = {tuple(p) for p in self.pruned}
@@ -267,6 +280,9 @@ class SharePlan:
                 if layer in in_basis:
                     raise ValueError(f"layer {layer} is in two bases ({in_basis[layer]} and {g})")
                 in_basis[layer] = g
+            if b.get("kv") and not layout.layer_projections():
+                raise ValueError(f"basis {g} carries k/v rows beside its units ('kv'), which only query-head units "
+                                 "leave outside the units")
         for a in self.assignments:
             if a.layer in in_basis or a.source_layer in in_basis:
                 raise ValueError(f"unit ({a.layer}, {a.unit}) borrows from ({a.source_layer}, {a.source_unit}) "
@@ -310,3 +326,7 @@ def new_plan(model, method: str, ratio: float, **fields) -> SharePlan:
     layout = layout_of(model.config)
     return SharePlan(layout=layout.to_dict(), method=method, ratio=ratio, unit=layout.describe_unit(), **fields)
 
+
+def _basis_entry(b: dict) -> dict:
+    """A basis group as the document holds it ("kv" only when set, so older plans read and write the same)."""
+    return {"layers": list(b["layers"]), "rank": b["rank"], **({"kv": True} if b.get("kv") else {})}

@@ -231,11 +231,12 @@ def check_basis_tensors(plan: SharePlan, layout: Layout) -> None:
     pruned = {tuple(p) for p in plan.pruned}
     for g, b in enumerate(plan.bases):
         want = {basis_key(g): (b["rank"], layout.hidden_size)}
+        whole = layout.layer_projections()
         for layer in b["layers"]:
             own = [u for u in range(layout.units_per_layer) if (layer, u) not in pruned]
-            for proj in layout.in_projections():
-                if own:
-                    rows = proj.unit_width * len(own)
+            for proj in plan.basis_projections(layout, g):
+                if own or proj in whole:
+                    rows = proj.unit_width * (1 if proj in whole else len(own))
                     want[coef_key(layer, proj.path)] = (rows, b["rank"]) if not proj.conv1d else (b["rank"], rows)
         for key, shape in want.items():
             if key not in plan.fitted:
@@ -251,7 +252,9 @@ def _apply_structure(model: nn.Module, plan: SharePlan, layout: Layout, copy_wei
     pruned = {tuple(p) for p in plan.pruned}
     U = layout.units_per_layer
     bases = _make_bases(model, plan, layout, copy_weights)
+    kv_bases = {layer for b in plan.bases if b.get("kv") for layer in b["layers"]}
     new: dict[tuple[int, str], SharedProjection] = {}
+    whole: dict[tuple[int, str], SharedProjection] = {}
     for layer, block in enumerate(blocks(model)):
         gone = {u for u in range(U) if (layer, u) in roots or (layer, u) in pruned}
         own = [u for u in range(U) if u not in gone]
@@ -267,6 +270,18 @@ def _apply_structure(model: nn.Module, plan: SharePlan, layout: Layout, copy_wei
             new[(layer, proj.path)] = SharedProjection(proj, U, own, weight, bias, out_f, in_f)
             if based:
                 new[(layer, proj.path)].use_basis(bases[layer])
+        if layer in kv_bases:  # k/v outside the units, on the basis: one unit that the layer always owns
+            for proj in layout.layer_projections():
+                old = block.get_submodule(proj.path)
+                rank = bases[layer].weight.shape[0]
+                weight, bias = _project_weight(proj, old, [0]) if copy_weights else _empty_weight(proj, old, [0], rank)
+                if copy_weights:
+                    weight = plan.fitted[coef_key(layer, proj.path)].detach().to(
+                        device=old.weight.device, dtype=old.weight.dtype).clone()
+                mod = SharedProjection(proj, 1, [0], weight, bias, *_features(proj, old))
+                mod.use_basis(bases[layer])
+                mod.link({}, {})
+                whole[(layer, proj.path)] = mod
     for (layer, path), mod in new.items():
         sources = {}
         for u in range(U):
@@ -276,6 +291,7 @@ def _apply_structure(model: nn.Module, plan: SharePlan, layout: Layout, copy_wei
                 rl, ru = roots[(layer, u)]
                 sources[u] = (new[(rl, path)], ru)
         mod.link(sources, {u: scales[(layer, u)] for u in range(U) if (layer, u) in scales})
+    for (layer, path), mod in {**new, **whole}.items():
         parent_path, _, name = path.rpartition(".")
         parent = blocks(model)[layer].get_submodule(parent_path) if parent_path else blocks(model)[layer]
         setattr(parent, name, mod)

@@ -219,8 +219,11 @@ def fingerprint(tensors) -> str:
 
 
 def weights_fingerprint(model: nn.Module) -> str:
-    """SHA-1 of every attention projection's weight and bias (dtype included)."""
+    """SHA-1 of every attention projection's weight and bias (dtype included).
+
+    With query-head units that includes k and v, which no unit owns: the fits depend on them too (plans made
+    with query-head units before plan version 5 left them out, and are refused: make them again)."""
     layout = layout_of(model.config)
     return fingerprint((f"{i}.{p.path}.{name}", t) for i, block in enumerate(blocks(model))
-                       for p in layout.projections()
+                       for p in layout.projections() + layout.layer_projections()
                        for name, t in block.get_submodule(p.path).named_parameters(recurse=False))

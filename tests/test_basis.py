@@ -35,6 +35,8 @@ def _expected_removed(model, plan, layout) -> tuple[int, int]:
     for b in plan.bases:
         rows = sum(p.unit_width * sum((layer, u) not in pruned for u in range(U))
                    for layer in b["layers"] for p in layout.in_projections())
+        if b.get("kv"):  # k/v that no unit owns: all their rows, whatever is pruned
+            rows += len(b["layers"]) * sum(p.unit_width for p in layout.layer_projections())
         expect += rows * H - b["rank"] * (H + rows)
         per_rank += H + rows
     return expect, per_rank
@@ -80,27 +82,34 @@ def test_the_basis_is_stored_once_and_read_by_every_layer_of_its_group(tiny_toke
     assert keys == [f"model.layers.0.self_attn.{BASIS_NAME}.weight"]
 
 
-def test_forward_is_what_the_plan_tensors_compute(tiny_tokenizer, calib_file):
-    """A q/k/v output of a basis layer is x @ basis^T @ coef^T on the kept rows and zero on pruned rows."""
+@pytest.mark.parametrize("unit", ["kv", "query"])
+def test_forward_is_what_the_plan_tensors_compute(unit, tiny_tokenizer, calib_file):
+    """A q/k/v output of a basis layer is x @ basis^T @ coef^T on the kept rows and zero on pruned rows (with
+    query-head units, k and v are all kept rows)."""
     model = tiny_model("llama-gqa")
-    layout = layout_of(model.config)
-    plan = _plan(model, tiny_tokenizer, calib_file, prune=0.5)
+    layout = layout_of(model.config, unit)
+    plan = _plan(model, tiny_tokenizer, calib_file, prune=0.5, unit=unit, basis_kv=unit == "query")
+    assert plan.based_rows(layout) == "q/k/v"
+    assert all(b.get("kv", False) == (unit == "query") for b in plan.bases)
     headshare.share(model, plan)
     x = torch.randn(5, layout.hidden_size)
     g = plan.basis_layers()
     pruned = {tuple(p) for p in plan.pruned}
+    whole = layout.layer_projections()
     for layer, gi in g.items():
         basis = plan.fitted[basis_key(gi)]
-        for p in layout.in_projections():
-            y = blocks(model)[layer].get_submodule(p.path)(x)
-            own = [u for u in range(layout.units_per_layer) if (layer, u) not in pruned]
+        for p in plan.basis_projections(layout, gi):
+            mod = blocks(model)[layer].get_submodule(p.path)
+            assert mod._basis is getattr(blocks(model)[min(plan.bases[gi]["layers"])].self_attn, BASIS_NAME)
+            y = mod(x)
+            own = [0] if p in whole else [u for u in range(layout.units_per_layer) if (layer, u) not in pruned]
             w = p.unit_width
             if own:
                 want = x @ basis.T @ plan.fitted[coef_key(layer, p.path)].T
                 got = torch.cat([y[:, u * w:(u + 1) * w] for u in own], 1)
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
             for u in range(layout.units_per_layer):
-                if (layer, u) in pruned:
+                if (layer, u) in pruned and p not in whole:
                     assert not y[:, u * w:(u + 1) * w].any()
 
 
@@ -126,10 +135,12 @@ def test_rank_for_budget_is_the_largest_that_meets_it():
         assert sum(h * n - (r + 1) * (h + n) for h, n in dense) < budget
 
 
+@pytest.mark.parametrize("unit", ["kv", "query"])
 @pytest.mark.parametrize("select", ["fixed", "heldout"])
-def test_share_save_load_round_trip_is_bit_exact(select, tiny_tokenizer, calib_file, tmp_path):
+def test_share_save_load_round_trip_is_bit_exact(select, unit, tiny_tokenizer, calib_file, tmp_path):
     model = tiny_model("llama-gqa")
-    plan = _plan(model, tiny_tokenizer, calib_file, prune=0.5, select=select, group=1)
+    plan = _plan(model, tiny_tokenizer, calib_file, prune=0.5, select=select, group=1, unit=unit,
+                 basis_kv=unit == "query")
     assert plan.bases, "nothing to round-trip"
     headshare.share(model, plan)
     ids = _ids(tiny_tokenizer)
@@ -139,7 +150,7 @@ def test_share_save_load_round_trip_is_bit_exact(select, tiny_tokenizer, calib_f
     assert torch.equal(outputs(again, ids), ref)
     assert unique_parameters(again) == unique_parameters(model)
     s = info(tmp_path / "s")
-    assert s["bases"] == len(plan.bases)
+    assert s["bases"] == len(plan.bases) and s["based_rows"] == "q/k/v"
     assert s["units_based"] == plan.units_based(layout_of(model.config).units_per_layer) > 0
     assert s["units_pruned"] == len(plan.pruned)
     assert s["params_shared"] == unique_parameters(model)[0]
@@ -255,15 +266,17 @@ def test_a_layer_whose_units_are_all_pruned_can_sit_in_a_basis_group(tiny_tokeni
 
 # --- select="heldout": per group a rank or no basis, per layer the units to prune ---
 
-@pytest.mark.parametrize("unit", ["kv", "query"])
+@pytest.mark.parametrize("unit", ["kv", "query", "query+kv"])  # query+kv: k/v rows on the bases too
 @pytest.mark.parametrize("arch", ARCHS)
 def test_heldout_choice_removes_at_least_the_budget_and_counts_every_parameter(arch, unit, tiny_tokenizer,
                                                                               calib_file):
-    if arch == "gpt2" and unit == "query":
+    if arch == "gpt2" and unit != "kv":
         pytest.skip("fused qkv: no query units")
+    kind, _, kv = unit.partition("+")
     model = tiny_model(arch)
-    layout = layout_of(model.config, unit)
-    plan = _plan(model, tiny_tokenizer, calib_file, select="heldout", unit=unit)
+    layout = layout_of(model.config, kind)
+    plan = _plan(model, tiny_tokenizer, calib_file, select="heldout", unit=kind, basis_kv=bool(kv))
+    assert all(b.get("kv", False) == (bool(kv) and layout.query_units) for b in plan.bases)
     assert plan.notes["select"] == "heldout" and plan.notes["ranks"] == [b["rank"] for b in plan.bases]
     budget = units_for_ratio(0.5, layout) * layout.unit_params()
     p0, b0 = unique_parameters(model)
@@ -325,3 +338,40 @@ def test_allocate_spends_the_budget_where_the_error_is_least():
 def test_select_is_checked(tiny_tokenizer, calib_file):
     with pytest.raises(ValueError, match="select"):
         BasisShareConfig(ratio=0.3, select="best")
+
+
+def test_query_units_leave_key_value_rows_off_the_bases_by_default(tiny_tokenizer, calib_file):
+    """basis_kv=False (the default): with query-head units only q rows go on the bases; k and v stay as they
+    were."""
+    model = tiny_model("llama-gqa")
+    layout = layout_of(model.config, "query")
+    k0 = blocks(model)[0].self_attn.k_proj.weight.detach().clone()
+    plan = _plan(model, tiny_tokenizer, calib_file, unit="query")
+    assert plan.bases and not any("kv" in b for b in plan.bases) and plan.based_rows(layout) == "q"
+    expect, _ = _expected_removed(model, plan, layout)
+    p0, _ = unique_parameters(model)
+    headshare.share(model, plan)
+    assert p0 - unique_parameters(model)[0] == expect
+    assert isinstance(blocks(model)[0].self_attn.k_proj, torch.nn.Linear)
+    assert torch.equal(blocks(model)[0].self_attn.k_proj.weight, k0)
+
+
+def test_key_value_rows_on_a_basis_need_query_units_and_their_fit_needs_their_weights(tiny_tokenizer, calib_file):
+    model = tiny_model("llama-gqa")
+    plan = _plan(model, tiny_tokenizer, calib_file, unit="query", basis_kv=True)
+    assert all(b["kv"] for b in plan.bases)
+    d = plan.to_dict()
+    with pytest.raises(ValueError, match="bases"):
+        SharePlan.from_dict({**d, "bases": [{**d["bases"][0], "kv": "yes"}]})
+    kv_units = {**d, "layout": {**d["layout"], "unit_kind": "kv",
+                                "units_per_layer": layout_of(model.config, "kv").units_per_layer}}
+    with pytest.raises(ValueError, match="only query-head units"):
+        SharePlan.from_dict({**kv_units, "pruned": []}).validate(layout_of(model.config, "kv"))
+    # the coefficients of k/v were fitted on k/v: a model whose k differs is refused, unchanged
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        blocks(other)[1].self_attn.k_proj.weight.mul_(1.01)
+    before = copy.deepcopy(other.state_dict())
+    with pytest.raises(ValueError, match="fingerprints differ"):
+        headshare.share(other, plan)
+    assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())

@@ -199,7 +199,7 @@ def test_output_energy_is_memoised_by_content(tiny_llama, tiny_tokenizer, calib_
 def test_registry_entries_describe_their_methods():
     assert list(METHODS)[0] == "directshare"  # the default, first in --method's choices
     assert set(METHODS) == {"directshare", "alignshare", "random", "layerwise", "prune", "actshare", "fitshare",
-                            "fitprune", "basisshare", "choiceshare"}
+                            "fitprune", "basisshare", "choiceshare", "autoshare"}
     for name, m in METHODS.items():
         assert m.name == name and m.help and callable(m.fn)
         assert issubclass(m.config, headshare.MethodConfig)

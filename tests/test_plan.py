@@ -47,7 +47,7 @@ def test_plan_is_deterministic_and_round_trips(tmp_path):
     assert p1.to_dict() == p2.to_dict()
     p1.save(tmp_path / "plan.json")
     d = json.loads((tmp_path / "plan.json").read_text())
-    assert d["version"] == PLAN_VERSION == 4 and d["method"] == "directshare" and d["metric"] == "qk"
+    assert d["version"] == PLAN_VERSION == 5 and d["method"] == "directshare" and d["metric"] == "qk"
     assert d["config"] == {"ratio": 0.5, "metric": "qk", "version": 1}  # the method config it ran with
     assert d["fitted"] == [] and d["base_sha1"] is None
     assert [p.name for p in tmp_path.iterdir()] == ["plan.json"]  # no weights file for a plan without fitted ones

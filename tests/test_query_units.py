@@ -16,7 +16,7 @@ import headshare
 from headshare.arch import UnsupportedModelError, blocks, layout_of, unit_kind
 from headshare.cli import main
 from headshare.methods.calibration import borrowed_z, capture, source_key
-from headshare.plan import Assignment, SharePlan, new_plan
+from headshare.plan import PLAN_VERSION, Assignment, SharePlan, new_plan
 from headshare.sharing import unique_parameters
 
 IDS = torch.randint(0, 99, (2, 12), generator=torch.Generator().manual_seed(1))
@@ -110,7 +110,7 @@ def test_plan_file_keeps_the_unit_kind_and_share_reads_it(tmp_path):
     plan = headshare.make_plan(model, 0.5, "random", unit="query", seed=1)
     plan.save(tmp_path / "p.json")
     d = json.loads((tmp_path / "p.json").read_text())
-    assert d["layout"]["unit_kind"] == "query" and d["config"]["unit"] == "query" and d["version"] == 4
+    assert d["layout"]["unit_kind"] == "query" and d["config"]["unit"] == "query" and d["version"] == PLAN_VERSION
     loaded = SharePlan.load(tmp_path / "p.json")
     a, b = copy.deepcopy(model), copy.deepcopy(model)
     headshare.share(a, plan)

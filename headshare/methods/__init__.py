@@ -206,18 +206,20 @@ def make_plan(model: nn.Module, ratio: float | MethodConfig = 0.0, method: str |
     with unit_kind(config.unit):  # the method and every helper it calls cut these units
         plan = m.fn(model, config, tokenizer, progress)
     plan.method, plan.ratio, plan.config = m.name, config.ratio, config.to_dict()
-    plan.validate(layout)
+    # a method may choose the unit kind (autoshare's candidates): the plan is checked against its own
+    plan.validate(layout_of(model.config, plan.unit_kind))
     return plan
 
 
 # the method families: importing them registers their methods, in this order
-from . import directshare, baselines, actshare, fitshare, basis  # noqa: E402, F401, I001
+from . import directshare, baselines, actshare, fitshare, basis, auto  # noqa: E402, F401, I001
 from .actshare import ActShareConfig  # noqa: E402
+from .auto import AutoShareConfig  # noqa: E402
 from .basis import BasisShareConfig, ChoiceShareConfig  # noqa: E402
 from .baselines import LayerwiseConfig, PruneConfig, RandomConfig  # noqa: E402
 from .directshare import AlignShareConfig, DirectShareConfig  # noqa: E402
 from .fitshare import FitPruneConfig, FitShareConfig  # noqa: E402
 
-__all__ = ["METHODS", "ActShareConfig", "AlignShareConfig", "BasisShareConfig", "CalibConfig", "ChoiceShareConfig", "DirectShareConfig", "FitPruneConfig",
+__all__ = ["METHODS", "ActShareConfig", "AlignShareConfig", "AutoShareConfig", "BasisShareConfig", "CalibConfig", "ChoiceShareConfig", "DirectShareConfig", "FitPruneConfig",
            "FitShareConfig", "LayerwiseConfig", "Method", "MethodConfig", "PruneConfig", "RandomConfig",
            "get_method", "make_config", "make_plan", "method_of", "parse_option", "register_method"]

@@ -12,6 +12,8 @@ floor(ratio x units) units removes, so every row of a benchmark removes the same
   basis keeps what those inputs actually excite, not what the raw weights look like. One rank for every
   group, the largest the budget allows. The basis acts on the input side, before RoPE and any q/k norm,
   so it is compatible with rotary position embeddings by construction. The o projection is not shared.
+  With query-head units (and on multi-query models) only q rows are unit rows; `basis_kv=True` puts the
+  layers' k and v on the bases too. Off by default: it was measured worse (BENCHMARKS.md).
 - Then one pass through the layers in order, on the modified model's own inputs: each layer's
   coefficients on its basis are refitted by ridge least squares so that its q/k/v outputs match the
   original model's on the original inputs (so each layer absorbs what earlier layers changed), then its
@@ -66,6 +68,9 @@ class BasisShareConfig(CalibConfig):
     # "fixed": `prune` of the budget to pruning, the rest to one rank for every group; "heldout": per group a
     # rank or no basis, per layer the units to prune, least cross-fitted error for the budget (`prune` unused)
     select: str = "fixed"
+    # with query-head units (and multi-query models), put the layers' k/v, which no unit owns, on the bases too;
+    # off by default: on SmolLM2 at 30 % it made choiceshare@query 18.65 against 16.72 without (BENCHMARKS.md)
+    basis_kv: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -75,6 +80,7 @@ class BasisShareConfig(CalibConfig):
         check(self, "coef_ridge", self.coef_ridge is None or (is_number(self.coef_ridge) and self.coef_ridge >= 0),
               "a number >= 0 or none")
         check(self, "select", self.select in SELECTS, f"one of {', '.join(SELECTS)}")
+        check(self, "basis_kv", isinstance(self.basis_kv, bool), "true or false")
 
 
 def _inputs(data) -> list[torch.Tensor]:
@@ -217,7 +223,8 @@ def _plan(model, cfg: BasisShareConfig, tokenizer, progress: bool, name: str):
     data = capture(model, ids)
     xs = _inputs(data)
     bl = blocks(model)
-    ins = layout.in_projections()
+    whole = layout.layer_projections() if cfg.basis_kv else []
+    ins = layout.in_projections() + whole  # what the bases carry
     t_choice = time.perf_counter()
     if cfg.select == "heldout":
         pruned, chosen = _heldout_choice(model, data, layout, xs, ins, cfg, len(ids), budget, progress)
@@ -226,7 +233,7 @@ def _plan(model, cfg: BasisShareConfig, tokenizer, progress: bool, name: str):
     t_choice = time.perf_counter() - t_choice
 
     own = {layer: [u for u in range(U) if (layer, u) not in pruned] for layer in range(L)}
-    rows = {(layer, p.path): own_index(p, own[layer]) for layer in range(L) for p in ins}
+    rows = {(layer, p.path): _own_rows(layout, p, layer, pruned) for layer in range(L) for p in ins}
     weights = {(layer, p.path): _orient(bl[layer].get_submodule(p.path).weight, p.conv1d).double()[rows[(layer, p.path)]]
                for layer in range(L) for p in ins}
     bases, coefs = [], {}
@@ -245,6 +252,8 @@ def _plan(model, cfg: BasisShareConfig, tokenizer, progress: bool, name: str):
 
     # the sequential pass on the model as the plan will make it (dense weights standing in for basis x coef)
     saved = {(layer, u): get_slices(bl[layer], layout, u) for layer in touched for u in range(U)}
+    saved_whole = {(layer, p.path): bl[layer].get_submodule(p.path).weight.data.clone()
+                   for layer in in_basis for p in whole}  # no unit owns them: get_slices does not see them
     apath = arch_spec(layout.model_type).attention
     try:
         for layer, u in pruned:
@@ -273,6 +282,8 @@ def _plan(model, cfg: BasisShareConfig, tokenizer, progress: bool, name: str):
     finally:
         for (layer, u), slices in saved.items():
             set_slices(bl[layer], layout, u, slices)
+        for (layer, path), w in saved_whole.items():
+            bl[layer].get_submodule(path).weight.data.copy_(w)
     dtype = bl[0].get_submodule(layout.o_projection().path).weight.dtype
     for i, (_, basis) in enumerate(bases):
         fitted[basis_key(i)] = basis.to(dtype).contiguous()
@@ -288,10 +299,12 @@ def _plan(model, cfg: BasisShareConfig, tokenizer, progress: bool, name: str):
     notes = {"fitted": "o columns of the units that stay in touched layers; bases and their coefficients",
              "select": cfg.select, "rank": max((r for _, r in chosen), default=0),
              "ranks": [r for _, r in chosen], "groups": len(bases), "units_pruned": len(pruned),
-             "params_budget": budget, "params_by_bases": by_bases, "choice_seconds": round(t_choice, 1),
+             "params_budget": budget, "params_by_bases": by_bases, "basis_kv": bool(whole),
+             "choice_seconds": round(t_choice, 1),
              "select_seconds": round(t1 - t0, 1), "refit_seconds": round(time.perf_counter() - t1, 1)}
     return new_plan(model, name, cfg.ratio, pruned=sorted(pruned), notes=notes, fitted=fitted,
-                    base_sha1=base, bases=[{"layers": g, "rank": r} for g, r in chosen])
+                    base_sha1=base, bases=[{"layers": g, "rank": r, **({"kv": True} if whole else {})}
+                                                      for g, r in chosen])
 
 
 def _write_dense(block, ins, rows, coefs, basis, layer) -> None:
@@ -430,10 +443,17 @@ def _choice_costs(model, data, layout, xs, groups, ins, subsets, rho: float, spl
     return costs
 
 
+def _own_rows(layout, p, layer: int, pruned) -> torch.Tensor:
+    """The rows of projection `p` in `layer` that stay when `pruned` goes (all of them if no unit owns `p`)."""
+    if p in layout.layer_projections():
+        return own_index(p, [0])
+    return own_index(p, [u for u in range(layout.units_per_layer) if (layer, u) not in pruned])
+
+
 def _group_rows(layout, ins, g: list[int], pruned=frozenset()) -> int:
-    """Input-side rows of a group's layers that stay when `pruned` ((layer, unit) pairs) goes."""
-    U = layout.units_per_layer
-    return sum(len(own_index(p, [u for u in range(U) if (layer, u) not in pruned])) for layer in g for p in ins)
+    """Input-side rows (of the projections `ins`) of a group's layers that stay when `pruned` ((layer, unit)
+    pairs) goes."""
+    return sum(len(_own_rows(layout, p, layer, pruned)) for layer in g for p in ins)
 
 
 def _allocate(groups, options: dict, budget: int, unit_params: int, h: int) -> tuple[set, dict]:

@@ -1,0 +1,132 @@
+"""`autoshare`: make a few candidate plans and keep the one whose shared model has the least loss on held-out
+calibration text.
+
+Which method and unit kind does best depends on the model and the ratio, and the layer-local errors that the
+methods minimise cannot tell (BENCHMARKS.md: on SmolLM2 `choiceshare` on query heads is best at 10-30 % and
+`basisshare` on key/value units at 50 %; on Gemma 3 270M `choiceshare` at 10 % and `basisshare` at 30-50 %).
+The whole model's loss can. Every candidate ("METHOD@UNIT") gets the same parameter budget, the parameters that
+`ratio` of this config's units hold (a candidate on smaller units removes the fewest units that reach it), fits on
+the same first `calib_tokens` tokens of the calibration text, and is applied to a copy of the model and scored on
+the `val_tokens` tokens that follow them: text no fit has seen, and never the evaluation split. The plan it
+returns is the winner's, with every candidate's score in its notes (`notes["candidates"]`).
+
+    >>> plan = headshare.make_plan(model, AutoShareConfig(ratio=0.3), tokenizer=tok)   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..arch import UNIT_KINDS, layout_of
+from ..plan import new_plan, units_for_ratio
+from . import METHODS, CalibConfig, check, is_integer, make_config, register_method
+
+# the two that won somewhere in BENCHMARKS.md (issue 11); each is a registered method and a unit kind
+CANDIDATES = "choiceshare@query,basisshare@kv"
+VAL_TOKENS = 4096  # held-out calibration tokens each candidate is scored on (the fits read the calib_tokens before)
+BLOCK = 512
+
+
+@dataclass
+class AutoShareConfig(CalibConfig):
+    candidates: str = CANDIDATES  # comma list of METHOD@UNIT (UNIT: kv or query); each fits on calib_tokens
+    val_tokens: int = VAL_TOKENS  # scored on the calibration tokens after the first calib_tokens
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self, "val_tokens", is_integer(self.val_tokens) and self.val_tokens >= 2, "an integer >= 2")
+        check(self, "candidates", isinstance(self.candidates, str) and bool(parse_candidates(self.candidates)),
+              "a comma list of METHOD@UNIT")
+        for name in parse_candidates(self.candidates):
+            method, unit = name
+            check(self, "candidates", method in METHODS and method != "autoshare" and unit in UNIT_KINDS,
+                  f"registered methods other than autoshare, each with @UNIT ({', '.join(UNIT_KINDS)})")
+
+
+def parse_candidates(text: str) -> list[tuple[str, str]]:
+    """"basisshare@kv,choiceshare@query" as [(method, unit)]; a name without @ is on the default unit."""
+    out = []
+    for name in (t.strip() for t in text.split(",") if t.strip()):
+        method, _, unit = name.partition("@")
+        out.append((method, unit or "kv"))
+    return out
+
+
+def candidate_ratio(model, budget: int, unit: str) -> float:
+    """The ratio of `unit` units whose parameters first reach `budget` (exactly what `units_for_ratio` reads)."""
+    layout = layout_of(model.config, unit)
+    n = math.ceil(budget / layout.unit_params())
+    if n >= layout.units_total:
+        raise ValueError(f"a budget of {budget:,} parameters needs {n} of the {layout.units_total} {unit} units")
+    return n / layout.units_total
+
+
+@torch.no_grad()
+def held_out_loss(model, ids: torch.Tensor) -> float:
+    """Mean next-token loss (nats) of `model` over (n, block) token ids, one block at a time."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for row in ids:
+        out = model(input_ids=row[None].to(device), labels=row[None].to(device))
+        total += float(out.loss) * (row.numel() - 1)
+        count += row.numel() - 1
+    return total / count
+
+
+def _val_ids(tokenizer, cfg: AutoShareConfig) -> torch.Tensor:
+    from ..data import load_text, tokenize
+
+    ids = tokenize(tokenizer, load_text(cfg.calib, split="calib"), bos=False)
+    if len(ids) < cfg.calib_tokens + cfg.val_tokens:
+        raise ValueError(f"calibration text {cfg.calib!r} has {len(ids):,} tokens; autoshare fits on the first "
+                         f"calib_tokens={cfg.calib_tokens:,} and scores on the next val_tokens={cfg.val_tokens:,}: "
+                         "give a longer text or fewer tokens")
+    val = ids[cfg.calib_tokens:cfg.calib_tokens + cfg.val_tokens]
+    block = min(BLOCK, len(val))
+    return val[: len(val) // block * block].view(-1, block)
+
+
+@register_method("autoshare", AutoShareConfig, "make each candidate plan (default: choiceshare on query heads, "
+                                               "basisshare on key/value units) at the same parameters and keep the "
+                                               "one with the least loss on held-out calibration text",
+                 needs_tokenizer=True)
+def autoshare(model, cfg: AutoShareConfig, tokenizer=None, progress: bool = False):
+    """The candidate plan whose shared model scores best on held-out calibration text (module docstring)."""
+    from tqdm.auto import tqdm
+
+    from ..sharing import share
+    from . import make_plan
+
+    layout = layout_of(model.config)
+    n = units_for_ratio(cfg.ratio, layout)
+    if n == 0:
+        return new_plan(model, "autoshare", cfg.ratio)
+    budget = n * layout.unit_params()
+    val = _val_ids(tokenizer, cfg)
+    scores, best = [], None
+    names = parse_candidates(cfg.candidates)
+    for method, unit in tqdm(names, desc="candidates", disable=not progress, unit="plan"):
+        t0 = time.perf_counter()
+        sub = make_config(method, candidate_ratio(model, budget, unit), unit=unit, calib=cfg.calib,
+                          calib_tokens=cfg.calib_tokens)
+        plan = make_plan(model, sub, tokenizer=tokenizer, progress=progress)
+        seconds = time.perf_counter() - t0
+        shared = share(copy.deepcopy(model), plan)
+        was = shared.training
+        shared.eval()
+        loss = held_out_loss(shared, val)
+        shared.train(was)
+        del shared
+        scores.append({"candidate": f"{method}@{unit}", "ratio": sub.ratio, "val_loss": round(loss, 6),
+                       "plan_seconds": round(seconds, 1)})
+        if best is None or loss < best[0]:
+            best = (loss, plan, scores[-1]["candidate"])
+    _, plan, chosen = best
+    plan.notes = {**plan.notes, "chosen": chosen, "candidates": scores, "val_tokens": int(val.numel()),
+                  "candidate_config": plan.config}
+    return plan

@@ -1,0 +1,118 @@
+"""autoshare: candidate plans at one parameter budget, the winner chosen by loss on held-out calibration text."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from archs import outputs, tiny_model
+from conftest import TINY_CORPUS
+
+import headshare
+from headshare.arch import layout_of
+from headshare.methods import AutoShareConfig, make_config
+from headshare.methods.auto import _val_ids, candidate_ratio, held_out_loss
+from headshare.plan import SharePlan, units_for_ratio
+from headshare.sharing import unique_parameters
+
+CANDIDATES = "fitprune@kv,basisshare@query,prune@query"
+
+
+def _cfg(calib, **kw):
+    return AutoShareConfig(**{"ratio": 0.34, "calib": calib, "calib_tokens": 96, "val_tokens": 64,
+                              "candidates": CANDIDATES, **kw})
+
+
+def test_keeps_the_candidate_with_the_least_held_out_loss(tiny_tokenizer, calib_file):
+    model = tiny_model("llama-gqa")
+    before = copy.deepcopy(model.state_dict())
+    cfg = _cfg(calib_file)
+    plan = headshare.make_plan(model, cfg, tokenizer=tiny_tokenizer)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "make_plan edited the model"
+    scores = plan.notes["candidates"]
+    assert [s["candidate"] for s in scores] == CANDIDATES.split(",")
+    best = min(scores, key=lambda s: s["val_loss"])
+    assert plan.notes["chosen"] == best["candidate"] and plan.method == "autoshare"
+    method, unit = best["candidate"].split("@")
+    assert plan.unit_kind == unit
+    # the winner is exactly that candidate's plan, and its score is what its shared model gets
+    again = headshare.make_plan(model, make_config(method, best["ratio"], unit=unit, calib=calib_file,
+                                                   calib_tokens=96), tokenizer=tiny_tokenizer)
+    assert again.pruned == plan.pruned and again.bases == plan.bases and sorted(again.fitted) == sorted(plan.fitted)
+    assert all(torch.equal(again.fitted[k], plan.fitted[k]) for k in plan.fitted)
+    val = _val_ids(tiny_tokenizer, cfg)
+    shared = headshare.share(copy.deepcopy(model), plan)
+    assert held_out_loss(shared, val) == pytest.approx(best["val_loss"], abs=1e-6)
+    # the scored tokens come after the fitted ones
+    from headshare.data import load_text, tokenize
+
+    ids = tokenize(tiny_tokenizer, load_text(calib_file, split="calib"), bos=False)
+    assert torch.equal(val.flatten(), ids[96:96 + val.numel()])
+
+
+def test_every_candidate_removes_at_least_the_budget(tiny_tokenizer, calib_file):
+    model = tiny_model("llama-gqa")
+    kv, q = layout_of(model.config, "kv"), layout_of(model.config, "query")
+    budget = units_for_ratio(0.34, kv) * kv.unit_params()
+    r = candidate_ratio(model, budget, "query")
+    n = units_for_ratio(r, q)
+    assert n * q.unit_params() >= budget > (n - 1) * q.unit_params()
+    p0, _ = unique_parameters(model)
+    for cand in CANDIDATES.split(","):
+        plan = headshare.make_plan(tiny_model("llama-gqa"), _cfg(calib_file, candidates=cand), tokenizer=tiny_tokenizer)
+        shared = headshare.share(tiny_model("llama-gqa"), plan)
+        assert p0 - unique_parameters(shared)[0] >= budget, cand
+
+
+def test_the_plan_saves_shares_and_reloads(tiny_tokenizer, calib_file, tmp_path):
+    model = tiny_model("llama-gqa")
+    plan = headshare.make_plan(model, _cfg(calib_file), tokenizer=tiny_tokenizer)
+    plan.save(tmp_path / "p.json")
+    again = SharePlan.load(tmp_path / "p.json")
+    assert again.notes["chosen"] == plan.notes["chosen"] and again.unit_kind == plan.unit_kind
+    headshare.share(model, again)
+    ids = torch.tensor([tiny_tokenizer(" ".join(TINY_CORPUS))["input_ids"][:32]])
+    ref = outputs(model, ids)
+    model.save_pretrained(tmp_path / "s")
+    assert torch.equal(outputs(headshare.load(tmp_path / "s"), ids), ref)
+
+
+def test_ratio_zero_is_the_unchanged_model(tiny_tokenizer, calib_file):
+    plan = headshare.make_plan(tiny_model("llama-gqa"), _cfg(calib_file, ratio=0.0), tokenizer=tiny_tokenizer)
+    assert plan.pruned == [] and plan.assignments == [] and plan.bases == []
+
+
+def test_refusals(tiny_tokenizer, calib_file):
+    with pytest.raises(ValueError, match="candidates"):
+        AutoShareConfig(ratio=0.3, candidates="nosuch@kv")
+    with pytest.raises(ValueError, match="candidates"):
+        AutoShareConfig(ratio=0.3, candidates="autoshare@kv")
+    with pytest.raises(ValueError, match="candidates"):
+        AutoShareConfig(ratio=0.3, candidates="prune@head")
+    with pytest.raises(ValueError, match="candidates"):
+        AutoShareConfig(ratio=0.3, candidates=" , ")
+    with pytest.raises(ValueError, match="val_tokens"):
+        AutoShareConfig(ratio=0.3, val_tokens=1)
+    with pytest.raises(ValueError, match="val_tokens"):  # the text is too short for both parts
+        headshare.make_plan(tiny_model("llama-gqa"), _cfg(calib_file, val_tokens=10**6), tokenizer=tiny_tokenizer)
+
+
+def test_cli_share_and_info_name_the_candidate_kept(tmp_path, tiny_tokenizer, calib_file, capsys):
+    import json
+
+    from conftest import build_tiny_llama
+
+    from headshare.cli import main
+
+    build_tiny_llama().save_pretrained(tmp_path / "m")
+    tiny_tokenizer.save_pretrained(tmp_path / "m")
+    main(["share", str(tmp_path / "m"), "--method", "autoshare", "--ratio", "0.34", "-o", f"calib={calib_file}",
+          "-o", "calib_tokens=96", "-o", "val_tokens=64", "-o", "candidates=prune@kv,fitprune@query",
+          "--out", str(tmp_path / "o")])
+    printed = capsys.readouterr().out
+    main(["info", str(tmp_path / "o"), "--json"])
+    s = json.loads(capsys.readouterr().out)
+    assert s["method"] == "autoshare" and s["chosen"] in ("prune@kv", "fitprune@query")
+    assert f"autoshare (kept {s['chosen']})" in printed
+    assert s["unit_kind"] == s["chosen"].split("@")[1]
