@@ -108,11 +108,11 @@ def test_cli_share_and_info_name_the_candidate_kept(tmp_path, tiny_tokenizer, ca
     build_tiny_llama().save_pretrained(tmp_path / "m")
     tiny_tokenizer.save_pretrained(tmp_path / "m")
     main(["share", str(tmp_path / "m"), "--method", "autoshare", "--ratio", "0.34", "-o", f"calib={calib_file}",
-          "-o", "calib_tokens=96", "-o", "val_tokens=64", "-o", "candidates=prune@kv,fitprune@query",
+          "-o", "calib_tokens=96", "-o", "val_tokens=64", "-o", "candidates=prune@kv,fitprune@query,random@kv",
           "--out", str(tmp_path / "o")])
     printed = capsys.readouterr().out
     main(["info", str(tmp_path / "o"), "--json"])
     s = json.loads(capsys.readouterr().out)
-    assert s["method"] == "autoshare" and s["chosen"] in ("prune@kv", "fitprune@query")
+    assert s["method"] == "autoshare" and s["chosen"] in ("prune@kv", "fitprune@query", "random@kv")
     assert f"autoshare (kept {s['chosen']})" in printed
     assert s["unit_kind"] == s["chosen"].split("@")[1]

@@ -112,15 +112,13 @@ def autoshare(model, cfg: AutoShareConfig, tokenizer=None, progress: bool = Fals
     names = parse_candidates(cfg.candidates)
     for method, unit in tqdm(names, desc="candidates", disable=not progress, unit="plan"):
         t0 = time.perf_counter()
-        sub = make_config(method, candidate_ratio(model, budget, unit), unit=unit, calib=cfg.calib,
-                          calib_tokens=cfg.calib_tokens)
+        options = METHODS[method].config.options()
+        calib = {k: getattr(cfg, k) for k in ("calib", "calib_tokens") if k in options}  # data-free ones have none
+        sub = make_config(method, candidate_ratio(model, budget, unit), unit=unit, **calib)
         plan = make_plan(model, sub, tokenizer=tokenizer, progress=progress)
         seconds = time.perf_counter() - t0
-        shared = share(copy.deepcopy(model), plan)
-        was = shared.training
-        shared.eval()
+        shared = share(copy.deepcopy(model), plan).eval()
         loss = held_out_loss(shared, val)
-        shared.train(was)
         del shared
         scores.append({"candidate": f"{method}@{unit}", "ratio": sub.ratio, "val_loss": round(loss, 6),
                        "plan_seconds": round(seconds, 1)})
