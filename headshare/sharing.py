@@ -229,9 +229,9 @@ def _make_bases(model: nn.Module, plan: SharePlan, layout: Layout, copy_weights:
 def check_basis_tensors(plan: SharePlan, layout: Layout) -> None:
     """Refuse a plan whose bases lack their tensors or whose tensors have the wrong shapes."""
     pruned = {tuple(p) for p in plan.pruned}
+    whole = layout.layer_projections()
     for g, b in enumerate(plan.bases):
         want = {basis_key(g): (b["rank"], layout.hidden_size)}
-        whole = layout.layer_projections()
         for layer in b["layers"]:
             own = [u for u in range(layout.units_per_layer) if (layer, u) not in pruned]
             for proj in plan.basis_projections(layout, g):
@@ -258,30 +258,23 @@ def _apply_structure(model: nn.Module, plan: SharePlan, layout: Layout, copy_wei
     for layer, block in enumerate(blocks(model)):
         gone = {u for u in range(U) if (layer, u) in roots or (layer, u) in pruned}
         own = [u for u in range(U) if u not in gone]
-        for proj in layout.projections():
+        cut = [(proj, U, own, new) for proj in layout.projections()]
+        if layer in kv_bases:  # k/v outside the units, on the basis: one unit that the layer always owns
+            cut += [(proj, 1, [0], whole) for proj in layout.layer_projections()]
+        for proj, units, owned, into in cut:
             old = block.get_submodule(proj.path)
             based = layer in bases and proj.role == "out"
             rank = bases[layer].weight.shape[0] if based else None
-            weight, bias = _project_weight(proj, old, own) if copy_weights else _empty_weight(proj, old, own, rank)
-            if based and copy_weights and own:
+            weight, bias = _project_weight(proj, old, owned) if copy_weights else _empty_weight(proj, old, owned, rank)
+            if based and copy_weights and owned:
                 weight = plan.fitted[coef_key(layer, proj.path)].detach().to(
                     device=old.weight.device, dtype=old.weight.dtype).clone()
             out_f, in_f = _features(proj, old)
-            new[(layer, proj.path)] = SharedProjection(proj, U, own, weight, bias, out_f, in_f)
+            into[(layer, proj.path)] = SharedProjection(proj, units, owned, weight, bias, out_f, in_f)
             if based:
-                new[(layer, proj.path)].use_basis(bases[layer])
-        if layer in kv_bases:  # k/v outside the units, on the basis: one unit that the layer always owns
-            for proj in layout.layer_projections():
-                old = block.get_submodule(proj.path)
-                rank = bases[layer].weight.shape[0]
-                weight, bias = _project_weight(proj, old, [0]) if copy_weights else _empty_weight(proj, old, [0], rank)
-                if copy_weights:
-                    weight = plan.fitted[coef_key(layer, proj.path)].detach().to(
-                        device=old.weight.device, dtype=old.weight.dtype).clone()
-                mod = SharedProjection(proj, 1, [0], weight, bias, *_features(proj, old))
-                mod.use_basis(bases[layer])
-                mod.link({}, {})
-                whole[(layer, proj.path)] = mod
+                into[(layer, proj.path)].use_basis(bases[layer])
+    for mod in whole.values():
+        mod.link({}, {})
     for (layer, path), mod in new.items():
         sources = {}
         for u in range(U):

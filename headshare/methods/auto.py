@@ -40,10 +40,9 @@ class AutoShareConfig(CalibConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check(self, "val_tokens", is_integer(self.val_tokens) and self.val_tokens >= 2, "an integer >= 2")
-        check(self, "candidates", isinstance(self.candidates, str) and bool(parse_candidates(self.candidates)),
-              "a comma list of METHOD@UNIT")
-        for name in parse_candidates(self.candidates):
-            method, unit = name
+        names = parse_candidates(self.candidates) if isinstance(self.candidates, str) else []
+        check(self, "candidates", bool(names), "a comma list of METHOD@UNIT")
+        for method, unit in names:
             check(self, "candidates", method in METHODS and method != "autoshare" and unit in UNIT_KINDS,
                   f"registered methods other than autoshare, each with @UNIT ({', '.join(UNIT_KINDS)})")
 
