@@ -51,7 +51,7 @@ from .sharing import BASIS_NAME, share, unique_parameters
 DEFAULT_RATIOS = (0.0, 0.1, 0.2, 0.3, 0.5)
 DEFAULT_METHODS = ("directshare", "random", "layerwise", "prune")
 # a row is reused by --resume only if it was made with the same settings
-SETTING_KEYS = ("model", "text", "calib", "calib_tokens", "max_tokens", "window", "seed", "options")
+SETTING_KEYS = ("model", "text", "calib", "calib_tokens", "max_tokens", "window", "seed", "options", "dtype")
 PROBE_KEYS = ("rss_after_load_bytes", "peak_rss_bytes", "peak_excludes_load", "prefill_s", "decode_s",
               "prefill_tokens", "decode_tokens", "decode_prompt_tokens")
 
@@ -217,15 +217,16 @@ def _release_freed_memory() -> None:
 
 @torch.inference_mode()
 def probe_checkpoint(path: str | Path, prefill_tokens: int = 512, decode_tokens: int = 32,
-                     repeats: int = 3, prompt_tokens: int = 128) -> dict:
-    """Load a checkpoint in this process and measure memory and speed (meant for a fresh process).
+                     repeats: int = 3, prompt_tokens: int = 128, dtype: str = "float32") -> dict:
+    """Load a checkpoint in this process (on the CPU, in `dtype`) and measure memory and speed (meant for a
+    fresh process).
 
     prefill_s: median of `repeats` forwards of `prefill_tokens` tokens without cache. decode_s: median
     time of `decode_tokens` one-token steps with the KV cache, after a `prompt_tokens` prompt.
     """
     from .fetch import load_model
 
-    model, _ = load_model(str(path))
+    model, _ = load_model(str(path), dtype=getattr(torch, dtype))
     cfg = model.config
     max_pos = getattr(cfg, "max_position_embeddings", None)
     n = min(prefill_tokens, max_pos - decode_tokens - 1) if max_pos else prefill_tokens
@@ -270,12 +271,13 @@ def probe(path: str | Path, threads: int | None = None, timeout: float = 900, **
 
 def measure(method: str, ratio: float, original: nn.Module, reference: nn.Module, tokenizer, text: str,
             settings: dict, run_probe: bool = True, progress: bool = True,
-            make: Callable[[nn.Module], SharePlan] | None = None) -> dict:
+            make: Callable[[nn.Module], SharePlan] | None = None, plan_device: torch.device | None = None) -> dict:
     """Plan, share and measure one (method, ratio) on a copy of `original`; returns the row.
 
     `make`, if given, makes the plan from the copy instead of the registered `method` (for controls that
     are not methods, such as pruning exactly the units another method shares); `method` then only names
-    the row."""
+    the row. `plan_device`: where calibration computes (None: where the model is; a GPU for a model kept
+    on the CPU: offloading)."""
     from .evaluate import compare
 
     params0, _ = unique_parameters(original)
@@ -286,7 +288,8 @@ def measure(method: str, ratio: float, original: nn.Module, reference: nn.Module
     else:
         model = copy.deepcopy(original)
         plan = make(model) if make is not None else make_plan(model, bench_config(method, ratio, settings),
-                                                                tokenizer=tokenizer, progress=progress)
+                                                                tokenizer=tokenizer, progress=progress,
+                                                                device=plan_device)
         share(model, plan)
     plan_s = time.perf_counter() - t0
     layout = layout_of(original.config, plan.unit_kind if plan else None)
@@ -299,7 +302,7 @@ def measure(method: str, ratio: float, original: nn.Module, reference: nn.Module
         ckpt = Path(tmp) / "model"
         model.save_pretrained(ckpt)
         ckpt_bytes = _dir_bytes(ckpt)
-        speed = probe(ckpt) if run_probe else dict.fromkeys(PROBE_KEYS)
+        speed = probe(ckpt, dtype=settings.get("dtype") or "float32") if run_probe else dict.fromkeys(PROBE_KEYS)
     if model is not original:
         del model
         gc.collect()
@@ -318,6 +321,7 @@ def measure(method: str, ratio: float, original: nn.Module, reference: nn.Module
         # autoshare: the candidate kept and every candidate's held-out calibration loss
         **({k: plan.notes[k] for k in ("chosen", "candidates")} if plan and "chosen" in plan.notes else {}),
         "plan_s": plan_s, "eval_s": ev["seconds"], "torch_threads": torch.get_num_threads(),
+        "device": str(plan_device or next(original.parameters()).device),  # where planning computed
         "loadavg_1min": round(os.getloadavg()[0], 2),  # these machines are shared: say how busy this one was
         **settings,
     }
@@ -465,7 +469,9 @@ def run_bench(model: str = "smollm2-135m", ratios=DEFAULT_RATIOS, methods=DEFAUL
               out: str | Path = "bench.json", *, text: str = "builtin", calib: str = "builtin:calib",
               calib_tokens: int | None = None, max_tokens: int | None = None, window: int = 512, seed: int = 0,
               options: dict | None = None, resume: bool = False, force: bool = False, md: str | Path | None = None,
-              plot: str | Path | None = None, run_probe: bool = True, progress: bool = True) -> list[dict]:
+              plot: str | Path | None = None, run_probe: bool = True, progress: bool = True,
+              device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+              offload: bool = False) -> list[dict]:
     """Measure every (method, ratio) and append the rows to the JSON list `out`; returns all rows.
 
     Args:
@@ -477,7 +483,11 @@ def run_bench(model: str = "smollm2-135m", ratios=DEFAULT_RATIOS, methods=DEFAUL
         resume: keep the rows already in `out` (made with the same settings) and only add missing ones.
         force: start over even if `out` exists.
         md / plot: also write the markdown table / the PNG plot there.
-        run_probe: measure memory and speed in a fresh process per row (else those keys are None).
+        run_probe: measure memory and speed in a fresh process per row (else those keys are None); the probe
+            loads each checkpoint on the CPU in `dtype`, whatever `device` is.
+        device / dtype: where the models are loaded and in what (None: the CPU, float32).
+        offload: keep the models on the CPU and calibrate one block at a time on `device` (evaluation then
+            runs on the CPU).
     """
     from tqdm.auto import tqdm
 
@@ -489,8 +499,10 @@ def run_bench(model: str = "smollm2-135m", ratios=DEFAULT_RATIOS, methods=DEFAUL
     for r in ratios:
         if not 0 <= r < 1:
             raise ValueError(f"ratio must be in [0, 1), got {r}")
+    # rows made before dtypes were a setting were all float32 and hold no dtype: None keeps them resumable
     settings = {"model": model, "text": text, "calib": calib, "calib_tokens": calib_tokens,
-                "max_tokens": max_tokens, "window": window, "seed": seed, "options": options or None}
+                "max_tokens": max_tokens, "window": window, "seed": seed, "options": options or None,
+                "dtype": None if dtype in (None, torch.float32) else str(dtype).removeprefix("torch.")}
     for m in methods:
         for r in ratios:
             bench_config(m, r, settings)  # a bad option or value fails before anything loads
@@ -499,7 +511,8 @@ def run_bench(model: str = "smollm2-135m", ratios=DEFAULT_RATIOS, methods=DEFAUL
     done = {(r["method"], _ratio_key(r["ratio"])) for r in rows}
     todo = [(m, r) for m in methods for r in ratios if (m, r) not in done]
     if todo:
-        original, tok = load_model(model)
+        original, tok = load_model(model, dtype=dtype,
+                                   device="cpu" if offload else device)
         if tok is None:
             raise ValueError(f"{model} has no tokenizer; save one beside the weights")
         eval_text = load_text(text, split="eval")
@@ -512,7 +525,8 @@ def run_bench(model: str = "smollm2-135m", ratios=DEFAULT_RATIOS, methods=DEFAUL
                 row = {**baseline, "method": method}  # the unchanged model: same numbers for every method
             else:
                 row = measure(method, ratio, original, reference, tok, eval_text, settings,
-                              run_probe=run_probe, progress=progress)
+                              run_probe=run_probe, progress=progress,
+                              plan_device=torch.device(device) if offload and device is not None else None)
                 if ratio == 0:
                     baseline = row
             rows.append(row)
@@ -537,10 +551,12 @@ def _main(argv: list[str]) -> int:
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = probe_checkpoint(args.path, args.prefill_tokens, args.decode_tokens, args.repeats, args.prompt_tokens)
+    result = probe_checkpoint(args.path, args.prefill_tokens, args.decode_tokens, args.repeats, args.prompt_tokens,
+                              args.dtype)
     print(json.dumps(result))
     return 0
 

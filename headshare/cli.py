@@ -23,18 +23,6 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _dtype(name: str | None):
-    import torch
-
-    if name in (None, "auto"):
-        return None
-    try:
-        return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-                "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[name]
-    except KeyError:
-        raise ValueError(f"unknown --dtype {name!r}; use float32, bfloat16 or float16") from None
-
-
 def _ratio(text: str) -> float:
     try:
         r = float(text)
@@ -99,12 +87,47 @@ def cmd_analyze(args) -> None:
              f"({top['source_layer']},{top['source_unit']}) cosine {top['similarity']:.4f}; wrote {args.out}")
 
 
-def _load(args, path: str | None = None):
-    """Resolve args.model (unless already resolved to `path`) and load it."""
+def _placement(args):
+    """The command's --device, --dtype and --offload, resolved once (a bad one fails before anything loads)."""
+    from .devices import placement
+
+    if getattr(args, "_place", None) is None:
+        args._place = placement(args.device, args.dtype, getattr(args, "offload", False))
+    return args._place
+
+
+def _is_shared_checkpoint(path: str | Path) -> bool:
+    """Whether a model directory holds a headshare checkpoint (its config.json has a "headshare" section)."""
+    try:
+        return "headshare" in json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False  # unreadable: the loader says what is wrong with it
+
+
+def _check_fits(paths: list[str], place, what: str, *, copies: int = 1, hint: str = "add --offload") -> None:
+    """Refuse before loading when the models in `paths` (`copies` of each at once) do not fit on the GPU.
+    Nothing to check with --offload (only a block is on the GPU at a time) or on the CPU."""
+    from .devices import check_fits, weight_bytes
+
+    if place.offload or place.device.type != "cuda":
+        return
+    weights = copies * sum(weight_bytes(p, place.dtype) for p in paths)
+    check_fits(weights, place.device, what=what, hint=hint)
+
+
+def _twice(model: str) -> str:
+    return f"{model} (twice: the original and the copy that is shared)"
+
+
+def _load(args, path: str | None = None, *, copies: int = 1, hint: str = "add --offload"):
+    """Resolve args.model (unless already resolved to `path`), check that `copies` of it fit on the device,
+    and load it there in the command's dtype (on the CPU with --offload)."""
     from .fetch import load_model, resolve_model
 
+    place = _placement(args)
     path = path or resolve_model(args.model)
-    model, tok = load_model(path, dtype=_dtype(getattr(args, "dtype", None)))
+    _check_fits([path], place, _twice(args.model) if copies == 2 else args.model, copies=copies, hint=hint)
+    model, tok = load_model(path, dtype=place.dtype, device=place.load_device)
     return path, model, tok
 
 
@@ -121,7 +144,7 @@ def _plan_source(args):
     return make_config(args.method, args.ratio, **_method_options(args, args.method))
 
 
-def _make_plan(source, model, tok):
+def _make_plan(source, model, tok, args):
     from .methods import make_plan
     from .plan import SharePlan
 
@@ -129,15 +152,19 @@ def _make_plan(source, model, tok):
         raise ValueError("give --ratio (or --plan FILE)")
     if isinstance(source, SharePlan):
         return source
-    return make_plan(model, source, tokenizer=tok, progress=True)
+    place = _placement(args)
+    # with --offload the model stays on the CPU and calibration brings one block at a time to the device;
+    # otherwise the model is on the device already and calibration follows it
+    return make_plan(model, source, tokenizer=tok, progress=True, device=place.device if place.offload else None)
 
 
 def cmd_plan(args) -> None:
     if Path(args.out).suffix == ".safetensors":
         raise ValueError(f"--out {args.out}: give the plan a .json name; fitted weights go beside it")
+    _placement(args)  # a bad --device/--dtype fails before anything else
     source = _plan_source(args)
     _, model, tok = _load(args)
-    plan = _make_plan(source, model, tok)
+    plan = _make_plan(source, model, tok, args)
     plan.save(args.out)
     fitted = f", {len(plan.fitted)} fitted weights in {plan.fitted_file(args.out)}" if plan.fitted else ""
     based = f", {plan.units_based(plan.layout['units_per_layer'])} on {len(plan.bases)} shared bases" \
@@ -153,6 +180,7 @@ def cmd_share(args) -> None:
     from .sharing import share
 
     out = Path(args.out)
+    _placement(args)  # a bad --device/--dtype fails before anything else
     path = resolve_model(args.model)
     check_output(out, path, args.force)  # before the slow part, so a mistake costs nothing
     source = _plan_source(args)  # a bad plan file or option fails before the model loads
@@ -167,7 +195,7 @@ def cmd_share(args) -> None:
     if args.eval:
         _log("evaluating the original model ...")
         before = perplexity(model, tok, text, window=args.window, stride=args.window, max_tokens=args.eval_tokens)
-    plan = _make_plan(source, model, tok)
+    plan = _make_plan(source, model, tok, args)
     t0 = time.time()
     share(model, plan)
     model.save_pretrained(out, force=args.force, tokenizer=tok)
@@ -221,7 +249,46 @@ def cmd_info(args) -> None:
         print(_summary_table(s))
 
 
+def _posttrain_placement(args):
+    """posttrain's --device and --dtype. The Trainer trains float32 weights (Adam's small updates vanish in
+    half precision) on the first visible GPU, or one GPU per process under `accelerate launch`; --dtype is
+    the precision it computes in (bfloat16: mixed precision). float16 would need loss scaling, not set up here."""
+    import torch
+
+    from .devices import Placement
+
+    place = _placement(args)
+    if place.device.type == "cuda" and place.device.index:
+        raise ValueError(f"--device {args.device}: posttrain trains on the first visible GPU (one per process under "
+                         f"accelerate launch); choose GPU {place.device.index} with "
+                         f"CUDA_VISIBLE_DEVICES={place.device.index} and --device cuda")
+    if place.dtype == torch.float16:
+        raise ValueError("--dtype float16: posttrain trains in float32 or in bfloat16 mixed precision; "
+                         "use --dtype bfloat16 or float32")
+    return Placement(place.device, place.dtype)
+
+
+def _load_for_training(args, path: str, place):
+    """The model in float32 on the device the Trainer trains on (its process's GPU under accelerate launch),
+    after checking that weights, gradients and Adam's two moments (4 float32 copies) fit there."""
+    import os
+
+    import torch
+
+    from .devices import Placement
+    from .fetch import load_model
+
+    device = place.device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))  # the Trainer's, under accelerate
+    _check_fits([path], Placement(device, torch.float32), f"training {args.model} (float32 weights, gradients and "
+                "Adam state)", copies=4, hint="train on a GPU with more free memory, or with --device cpu")
+    model, tok = load_model(path, dtype=torch.float32, device=device)
+    return path, model, tok
+
+
 def cmd_posttrain(args) -> None:
+    import torch
     from accelerate import PartialState
 
     from .checkpoint import info
@@ -229,12 +296,14 @@ def cmd_posttrain(args) -> None:
     from .posttrain import RECORD_FILE, PostTrainConfig, posttrain
 
     # a bad value fails here, before the model loads
+    place = _posttrain_placement(args)
     cfg = PostTrainConfig(mode=args.mode, lam=args.lam, constraint=args.constraint, parts=args.parts,
                           pull_until=args.pull_until, lr=args.lr,
                           steps=args.steps, block_size=args.block_size, batch_size=args.batch_size,
                           seed=args.seed if args.seed is not None else 0, save_steps=args.save_steps,
                           warmup_steps=args.warmup_steps, out=args.out, work_dir=args.work_dir,
-                          resume=args.resume, force=args.force, keep_checkpoints=args.keep_checkpoints)
+                          resume=args.resume, force=args.force, keep_checkpoints=args.keep_checkpoints,
+                          use_cpu=place.device.type == "cpu", bf16=place.dtype == torch.bfloat16)
     out = Path(args.out)
     path = resolve_model(args.model)
     check_output(out, path, args.force)
@@ -243,10 +312,10 @@ def cmd_posttrain(args) -> None:
         from .data import load_text
 
         load_text(args.data, split="calib")  # a missing text fails before the model loads (parsed once, cached)
-    path, model, tok = _load(args, path)
+    path, model, tok = _load_for_training(args, path, place)
     plan = None
     if args.mode != "tune-only" or args.ratio is not None or args.plan:
-        plan = _make_plan(source, model, tok)  # before training: the pairs are fixed from the start
+        plan = _make_plan(source, model, tok, args)  # before training: the pairs are fixed from the start
         if plan.fitted and args.mode != "share-then-tune":
             # postshare learns its own compensation and tune-only is the reference: both train the original weights
             _log(f"{plan.method}: the plan's {len(plan.fitted)} fitted weights are not used; {args.mode} trains "
@@ -270,14 +339,28 @@ def cmd_posttrain(args) -> None:
 
 def cmd_eval(args) -> None:
     from .data import load_text
+    from .devices import offload
     from .evaluate import evaluate, lm_eval_tasks
-    from .fetch import load_model
+    from .fetch import load_model, resolve_model
 
+    place = _placement(args)  # a bad --device/--dtype fails before anything loads
     text = load_text(args.text, split="eval")  # a missing text fails before the model loads
-    _, model, tok = _load(args)
+    paths = [resolve_model(args.model)] + ([resolve_model(args.reference)] if args.reference else [])
+    shared = any(_is_shared_checkpoint(p) for p in paths)
+    if place.offload and shared:
+        raise ValueError("--offload cannot run a shared checkpoint (its layers read weights of other layers); "
+                         "drop --offload and use a device it fits on, or --device cpu")
+    if place.offload and args.tasks:
+        raise ValueError("--tasks: lm-eval does not run an offloaded model; drop --offload (or --tasks)")
+    _check_fits(paths, place, args.model + (f" with reference {args.reference}" if args.reference else ""),
+                hint="use --device cpu" if shared else "add --offload")
+    model, tok = load_model(paths[0], dtype=place.dtype, device=place.load_device)
     if tok is None:
         raise ValueError(f"{args.model} has no tokenizer; save one beside the weights")
-    reference = load_model(args.reference, dtype=_dtype(args.dtype))[0] if args.reference else None
+    reference = load_model(paths[1], dtype=place.dtype, device=place.load_device)[0] if args.reference else None
+    if place.offload:
+        model = offload(model, place.device)
+        reference = offload(reference, place.device) if reference is not None else None
     stride = args.stride or args.window
     result = {"model": args.model, "text": args.text, "window": args.window, "stride": stride}
     if args.reference:
@@ -309,6 +392,7 @@ def cmd_eval(args) -> None:
 
 def cmd_bench(args) -> None:
     from .bench import markdown_table, parse_options, resolve_methods, run_bench
+    from .fetch import resolve_model
 
     if args.threads:
         import torch
@@ -319,10 +403,12 @@ def cmd_bench(args) -> None:
     except argparse.ArgumentTypeError as e:
         raise ValueError(f"--ratios: {e}") from None
     options = parse_options(args.option, resolve_methods(args.methods))
+    place = _placement(args)
+    _check_fits([resolve_model(args.model)], place, _twice(args.model), copies=2)
     rows = run_bench(args.model, ratios, args.methods, args.json, text=args.text, calib=args.calib,
                      calib_tokens=args.calib_tokens, max_tokens=args.max_tokens, window=args.window,
                      seed=args.seed, options=options, resume=args.resume, force=args.force, md=args.md, plot=args.plot,
-                     run_probe=not args.no_probe)
+                     run_probe=not args.no_probe, device=place.device, dtype=place.dtype, offload=place.offload)
     print(markdown_table(rows), end="")
     _log(f"{len(rows)} rows in {args.json}" + (f"; table {args.md}" if args.md else "")
          + (f"; plot {args.plot}" if args.plot else ""))
@@ -344,11 +430,12 @@ def cmd_report(args) -> None:
     from .report import report
 
     out = Path(args.out)
+    _placement(args)  # a bad --device/--dtype fails before anything else
     path = resolve_model(args.model)
     check_output(out, path, args.force)
     head = _head(args.head)  # a bad value fails before the model loads
     kw = _method_options(args, args.method)
-    path, model, tok = _load(args, path)
+    path, model, tok = _load(args, path, copies=2, hint="use --device cpu")  # the plan is measured on a copy
     if tok is None:
         raise ValueError(f"{path} has no tokenizer; the report runs the model on text and needs one")
     r = report(model, tok, out, text=args.text, windows=args.windows, window=args.window, head=head,
@@ -376,7 +463,25 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib", default=None, help="calibration text for data-aware methods (default: builtin:calib)")
     p.add_argument("--calib-tokens", type=int, default=None,
                    help="calibration tokens for data-aware methods (default: the method's own)")
-    p.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
+
+
+DEVICE_HELP = ("where the model runs: auto (the default: cuda:0 when torch sees a GPU, else cpu), cpu, cuda "
+               "(= cuda:0) or cuda:N")
+DTYPE_HELP = ("the weights' dtype, loaded straight into it: auto (the default: bfloat16 on a GPU that computes "
+              "in it natively, else float32; float32 on a CPU), float32, bfloat16 or float16 (also fp32, bf16, fp16)")
+
+
+def _add_device_args(p: argparse.ArgumentParser, offload: str | None = None, dtype_help: str = DTYPE_HELP) -> None:
+    """--device and --dtype, and --offload with the help text `offload` where the command has it."""
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--dtype", default="auto", help=dtype_help)
+    if offload is not None:
+        p.add_argument("--offload", action="store_true", help=offload)
+
+
+OFFLOAD_HELP = ("for models larger than the GPU: the weights stay in CPU memory in their dtype and calibration "
+                "brings one block at a time to --device and back (without it a model that does not fit is "
+                "refused)")
 
 
 def _options_help() -> str:
@@ -406,6 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     _add_plan_args(p)
     p.add_argument("--out", required=True, help="plan JSON file")
+    _add_device_args(p, OFFLOAD_HELP)
     p.set_defaults(fn=cmd_plan)
 
     p = sub.add_parser("share", help="share a model's attention units and save the smaller checkpoint")
@@ -419,6 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, default=512, help="evaluation window in tokens")
     p.add_argument("--eval-tokens", type=int, default=None, help="score at most this many tokens")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    _add_device_args(p, OFFLOAD_HELP + "; --eval then runs on the CPU")
     p.set_defaults(fn=cmd_share)
 
     p = sub.add_parser("posttrain", help="PostShare: train with the weight-similarity constraint, then share")
@@ -453,6 +560,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the work dir")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep the work dir's checkpoints at the end")
     p.add_argument("--force", action="store_true", help="replace the output and start over in a used work dir")
+    _add_device_args(p, dtype_help="the precision training computes in; the weights train in float32 (Adam's "
+                                   "small steps vanish in half precision): auto (the default: bfloat16 mixed "
+                                   "precision on a GPU that computes in it natively, else float32), float32 or "
+                                   "bfloat16 (mixed precision)")
     p.set_defaults(fn=cmd_posttrain)
 
     p = sub.add_parser("info", help="what a shared checkpoint holds and what it saved")
@@ -474,8 +585,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--include-path", default=None, help="directory of extra lm-eval task YAML files")
     p.add_argument("--no-default-tasks", action="store_true",
                    help="skip indexing lm-eval's built-in tasks (when all --tasks are under --include-path)")
-    p.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    _add_device_args(p, "for models larger than the GPU: the weights stay in CPU memory in their dtype and each "
+                        "block goes to --device for its turn (unshared models only, and without --tasks; without it "
+                        "a model that does not fit is refused)")
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("bench", help="every method at every ratio: quality, size, memory and speed")
@@ -499,6 +612,7 @@ def build_parser() -> argparse.ArgumentParser:
                         + _options_help())
     p.add_argument("--no-probe", action="store_true", help="skip the memory and speed probe (faster)")
     p.add_argument("--threads", type=int, default=None, help="torch threads, also for the probe (default: torch's)")
+    _add_device_args(p, OFFLOAD_HELP + "; evaluation then runs on the CPU")
     p.set_defaults(fn=cmd_bench)
 
     p = sub.add_parser("report", help="the paper's similarity analysis as a page: layers vs heads, weights vs "
@@ -516,6 +630,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=None, help="most similar heads to mark (default: heads per layer)")
     p.add_argument("--out", required=True, help="output directory: index.html, PNGs, report.json")
     p.add_argument("--force", action="store_true", help="replace an existing non-empty output directory")
+    _add_device_args(p)
     p.set_defaults(fn=cmd_report)
     return ap
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from headshare.data import tokenize
+from headshare.devices import execution_device
 
 CHUNK = 256  # positions per float64 log-softmax in compare(): bounds memory at CHUNK x vocab x 8 bytes
 
@@ -53,7 +54,8 @@ def windows(n: int, window: int, stride: int) -> list[tuple[int, int, int]]:
 
 
 def _device(model) -> torch.device:
-    return next(model.parameters()).device
+    # an offloaded model (`headshare.devices.offload`) keeps its parameters on the meta device between calls
+    return execution_device(model)
 
 
 def _logits(model, ids: torch.Tensor) -> torch.Tensor:

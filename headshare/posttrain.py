@@ -100,6 +100,7 @@ class PostTrainConfig:
     force: bool = False  # replace an existing output directory / start over in a used work dir
     keep_checkpoints: bool = False  # keep the work dir's Trainer checkpoints after a finished run
     bf16: bool | None = None  # None: bf16 mixed precision where CUDA supports it
+    use_cpu: bool | None = None  # None: train on the GPU when there is one (headshare posttrain --device)
     progress: bool = True
     version: int = CONFIG_VERSION
     extra: dict = field(default_factory=dict)  # free-form notes recorded in posttrain.json
@@ -339,7 +340,7 @@ def _checkpoints(work: Path) -> list[Path]:
 
 
 def _training_args(cfg: PostTrainConfig, output_dir: Path) -> TrainingArguments:
-    cuda = torch.cuda.is_available()
+    cuda = torch.cuda.is_available() and not cfg.use_cpu
     bf16 = cfg.bf16 if cfg.bf16 is not None else (cuda and torch.cuda.is_bf16_supported())
     return TrainingArguments(
         output_dir=str(output_dir),

