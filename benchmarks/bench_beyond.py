@@ -102,7 +102,7 @@ def pair_analysis(args) -> dict:
     from headshare.fetch import load_model
     from headshare.methods import CalibConfig
     from headshare.methods.actshare import WINDOW
-    from headshare.methods.calibration import calibration_ids, candidate_sources, capture, layer_gram
+    from headshare.methods.calibration import calibration_ids, candidate_sources, layer_gram, walk
     from headshare.methods.directshare import aligned_similarity
     from headshare.similarity import similarity_matrix
 
@@ -111,11 +111,12 @@ def pair_analysis(args) -> dict:
     U = layout.units_per_layer
     calib_tokens = CalibConfig.calib_tokens
     t0 = time.perf_counter()
-    data = capture(model, calibration_ids(model, tok, args.calib, calib_tokens))
     gains, pairs = [], []
-    for layer in range(1, layout.num_layers):
+    for layer, d in walk(model, calibration_ids(model, tok, args.calib, calib_tokens)):
+        if layer == 0:
+            continue
         sources = candidate_sources(layer, U, WINDOW, ())
-        gram = layer_gram(model, data, layout, layer, sources)
+        gram = layer_gram(model, d, layout, layer, sources)
         gram.set_kept([], 0.0)
         for u in range(U):
             for g, s, _ in gram.gains(("own", u), sources):

@@ -47,7 +47,7 @@ def main() -> None:
     for layer in range(1, layout.num_layers, 3):
         w = data[layer].w
         sources = candidate_sources(layer, layout.units_per_layer, 6, ())
-        zb = borrowed_z(model, data, layer, sources)
+        zb = borrowed_z(model, data[layer], layer, sources)
         for unit in range(layout.units_per_layer):
             y = unit_z(data[layer].z, layout, unit) @ o_columns(bl[layer], layout, unit).T
             e0 = error(y[test], 0 * y[test], w[test])

@@ -73,7 +73,7 @@ def main() -> None:
             z_all = torch.cat([unit_z(d.z, layout, u) for u in range(U)], 1)
             a = z_all @ wo.T  # the attention output without bias: what the refit must match
             sources = candidate_sources(layer, U, 6, ())
-            zb = borrowed_z(model, data, layer, list(dict.fromkeys(source_key(layout, s, u) for s in sources
+            zb = borrowed_z(model, data[layer], layer, list(dict.fromkeys(source_key(layout, s, u) for s in sources
                                                                     for u in range(U))))
             for unit in range(U):
                 keep = [u for u in range(U) if u != unit]

@@ -23,7 +23,7 @@ import time
 
 import torch
 
-CALIBRATED = ("prune", "actshare", "fitprune", "fitshare", "basisshare", "choiceshare")
+CALIBRATED = ("prune", "actshare", "fitprune", "fitshare", "basisshare", "choiceshare", "autoshare")
 
 
 def state_hash(model) -> str:
@@ -35,7 +35,7 @@ def state_hash(model) -> str:
     return h.hexdigest()
 
 
-def fingerprint(model_name: str, methods: list[str], ratios: list[float], out: str) -> dict:
+def fingerprint(model_name: str, methods: list[str], ratios: list[float], out: str, plans: str | None = None) -> dict:
     import headshare
     from headshare.fetch import load_model
 
@@ -46,8 +46,13 @@ def fingerprint(model_name: str, methods: list[str], ratios: list[float], out: s
         for method in methods:
             t0 = time.perf_counter()
             copy_ = copy.deepcopy(model)
-            kw = {"tokenizer": tok} if method in CALIBRATED else {}
-            plan = headshare.make_plan(copy_, ratio=ratio, method=method, **kw)
+            name, _, unit = method.partition("@")  # METHOD@UNIT: a unit kind other than the default
+            kw = {"tokenizer": tok} if name in CALIBRATED else {}
+            if unit:
+                kw["unit"] = unit
+            plan = headshare.make_plan(copy_, ratio=ratio, method=name, **kw)
+            if plans:
+                plan.save(f"{plans}/{method}@{ratio}.json")
             headshare.share(copy_, plan)
             d = plan.to_dict()
             result[f"{method}@{ratio}"] = {"weights": state_hash(copy_), "assignments": d["assignments"],
@@ -80,6 +85,7 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default="directshare,random,layerwise,prune,alignshare,actshare,fitprune,fitshare")
     ap.add_argument("--ratios", default="0.3")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--plans", default=None, help="also save every plan into this directory")
     ap.add_argument("--compare", nargs=2, metavar=("A", "B"), help="compare two files instead")
     args = ap.parse_args(argv)
     if args.compare:
@@ -87,7 +93,8 @@ def main(argv=None) -> int:
     if not args.out:
         ap.error("give the output JSON file (or --compare A B)")
     torch.set_num_threads(args.threads)
-    fingerprint(args.model, args.methods.split(","), [float(r) for r in args.ratios.split(",")], args.out)
+    fingerprint(args.model, args.methods.split(","), [float(r) for r in args.ratios.split(",")], args.out,
+                args.plans)
     return 0
 
 

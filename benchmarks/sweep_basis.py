@@ -24,10 +24,10 @@ model.eval()
 text = load_text("builtin:eval", split="eval")
 cache = {}
 orig = B._pruning_costs
-def cached(*a, **k):
-    if "c" not in cache:
-        cache["c"] = orig(*a, **k)
-    return cache["c"]
+def cached(model, d, layout, layer, *a, **k):  # per layer: the same for every spec
+    if layer not in cache:
+        cache[layer] = orig(model, d, layout, layer, *a, **k)
+    return cache[layer]
 B._pruning_costs = cached
 print("original", perplexity(model, tok, text, max_tokens=tokens, progress=False)["perplexity"], flush=True)
 for spec in sys.argv[3:]:

@@ -53,9 +53,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from .arch import blocks, layout_of
+from .arch import arch_spec, blocks, layout_of
 from .files import atomic_dir
 from .similarity import METRICS, metric_parts
 from .units import unit_slices
@@ -126,44 +125,63 @@ def _row_normalised(maps: torch.Tensor, keep: tuple[torch.Tensor, torch.Tensor] 
 
 
 @torch.no_grad()
-def attention_similarity(model, windows: torch.Tensor, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def attention_similarity(model, windows: torch.Tensor, progress: bool = True,
+                         device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention-map similarity of all query-head pairs and of all layer pairs over token windows.
 
+    The maps come from the calibration pipeline (`calibration.walk`, one block at a time on `device`, one
+    window per block call) with eager attention; each layer's row-normalised maps wait on the CPU for the
+    Gram blocks against the later layers.
+
     Args:
-        windows: (n, T) token ids, run one window at a time with eager attention.
+        windows: (n, T) token ids.
     Returns:
         (heads (L*H, L*H), layer mean maps (L, L)) float64 matrices of the mean row cosine, averaged
         over windows.
     """
+    from .methods.calibration import walk
+
     layout = layout_of(model.config)
     L, H = layout.num_layers, layout.num_heads
     n, T = windows.shape
     if n == 0:
         raise ValueError("no calibration windows: the text is shorter than one window")
-    device = next(model.parameters()).device
+    apath = arch_spec(layout.model_type).attention
+    gram_heads = torch.zeros(L * H, L * H, dtype=torch.float64)
+    gram_layers = torch.zeros(L, L, dtype=torch.float64)
+    heads: list[torch.Tensor] = []  # per layer: (n, H, entries) row-normalised maps
+    means: list[torch.Tensor] = []  # per layer: (n, entries) of the head-mean map
     keep = None
-    gram_heads = torch.zeros(L * H, L * H, dtype=torch.float64, device=device)
-    gram_layers = torch.zeros(L, L, dtype=torch.float64, device=device)
     before = model.config._attn_implementation
     model.set_attn_implementation("eager")  # sdpa/flash kernels never materialise the maps
     try:
-        for w, ids in enumerate(tqdm(windows, desc="attention maps", unit="window", disable=not progress)):
-            out = model(ids[None].to(device), output_attentions=True)
-            maps = torch.cat([a[0].float() for a in out.attentions])  # (L*H, T, T)
-            del out
-            if w == 0:
-                tril = torch.tril_indices(T, T, device=device)
-                causal = not maps.triu(1).any()  # encoders (BERT) attend both ways
+        for layer, d in walk(model, windows, device, progress, desc="attention maps", batch_tokens=T):
+            maps: list[torch.Tensor] = []
+            attn = blocks(model)[layer].get_submodule(apath)
+            handle = attn.register_forward_hook(lambda _m, _a, out, maps=maps: maps.append(out[1][0].float()))
+            try:
+                for args, kwargs in d.attn_calls:  # one window each
+                    attn(*args, **kwargs)
+            finally:
+                handle.remove()
+            if keep is None:
+                tril = torch.tril_indices(T, T, device=maps[0].device)
+                causal = not maps[0].triu(1).any()  # encoders (BERT) attend both ways
                 keep = (tril[0], tril[1]) if causal else None
-            x = _row_normalised(maps, keep)
-            gram_heads += (x @ x.T).double()
-            x = _row_normalised(maps.view(L, H, T, T).mean(1), keep)
-            gram_layers += (x @ x.T).double()
-            del maps, x
+            heads.append(torch.stack([_row_normalised(m, keep) for m in maps]).cpu())
+            means.append(torch.stack([_row_normalised(m.mean(0, keepdim=True), keep)[0] for m in maps]).cpu())
+            rows = slice(layer * H, (layer + 1) * H)
+            for other in range(layer + 1):
+                cols = slice(other * H, (other + 1) * H)
+                block = sum((heads[layer][w] @ heads[other][w].T).double() for w in range(n))
+                gram_heads[rows, cols] = block
+                gram_heads[cols, rows] = block.T
+                s = sum(float(means[layer][w] @ means[other][w]) for w in range(n))
+                gram_layers[layer, other] = gram_layers[other, layer] = s
     finally:
         model.set_attn_implementation(before)
     # each map contributes sum_t cos(A[t], B[t]); / T gives the mean row cosine, / n the window mean
-    return (gram_heads / (T * n)).cpu(), (gram_layers / (T * n)).cpu()
+    return gram_heads / (T * n), gram_layers / (T * n)
 
 
 def _other_layer_mask(L: int, H: int) -> np.ndarray:
@@ -276,7 +294,7 @@ def compute(model, tokenizer, *, text: str = "builtin:calib", windows: int = 8, 
     wva: dict = {}
     for metric in METRICS:
         try:
-            W = cosine_matrix(head_weight_vectors(model, metric)).double().numpy()
+            W = cosine_matrix(head_weight_vectors(model, metric)).double().cpu().numpy()  # a GPU model's too
         except ValueError as e:  # multi-query attention has no per-unit k/v
             wva[metric] = {"skipped": str(e)}
             continue

@@ -94,9 +94,9 @@ def set_slices(block: nn.Module, layout: Layout, unit: int, slices: dict[str, tu
         mod = block.get_submodule(p.path)
         w, b = slices[p.path]
         idx = _idx(p, unit, mod.weight.device)
-        mod.weight.data.index_copy_(p.weight_dim(), idx, w.to(mod.weight.dtype))
+        mod.weight.data.index_copy_(p.weight_dim(), idx, w.to(device=mod.weight.device, dtype=mod.weight.dtype))
         if b is not None:
-            mod.bias.data[idx] = b.to(mod.bias.dtype)
+            mod.bias.data[idx] = b.to(device=mod.bias.device, dtype=mod.bias.dtype)
 
 
 def o_columns(block: nn.Module, layout: Layout, unit: int) -> torch.Tensor:
@@ -112,7 +112,8 @@ def set_o_columns(block: nn.Module, layout: Layout, unit: int, w: torch.Tensor) 
     p = layout.o_projection()
     mod = block.get_submodule(p.path)
     w = w.t() if p.conv1d else w
-    mod.weight.data.index_copy_(p.weight_dim(), _idx(p, unit, mod.weight.device), w.to(mod.weight.dtype))
+    mod.weight.data.index_copy_(p.weight_dim(), _idx(p, unit, mod.weight.device),
+                                w.to(device=mod.weight.device, dtype=mod.weight.dtype))
 
 
 def unit_z(z: torch.Tensor, layout: Layout, unit: int) -> torch.Tensor:

@@ -118,10 +118,10 @@ def test_full_rank_basis_changes_nothing(tiny_tokenizer):
     torch.manual_seed(0)
     x = torch.randn(200, 16, dtype=torch.float64)
     w = torch.randn(24, 16, dtype=torch.float64)
-    basis, coef = _whitened_basis(x, w, 16)
+    basis, coef = _whitened_basis(x.T @ x, w, 16)
     torch.testing.assert_close(coef @ basis, w)
     # a lower rank is the best one in the whitened norm: better on x than the plain SVD of w
-    b8, c8 = _whitened_basis(x, w, 8)
+    b8, c8 = _whitened_basis(x.T @ x, w, 8)
     u, s, vh = torch.linalg.svd(w)
     plain = (u[:, :8] * s[:8]) @ vh[:8]
     assert (x @ (w - c8 @ b8).T).norm() <= (x @ (w - plain).T).norm()
@@ -249,10 +249,9 @@ def test_a_layer_whose_units_are_all_pruned_can_sit_in_a_basis_group(tiny_tokeni
     U = layout.units_per_layer
     real = basis_module._pruning_costs
 
-    def layer0_free(*a, **k):  # make pruning all of layer 0 the cheapest choice
-        costs = real(*a, **k)
-        costs[0] = {r: (0.0 if len(r) == U else c) for r, c in costs[0].items()}
-        return costs
+    def layer0_free(model, d, layout, layer, *a, **k):  # make pruning all of layer 0 the cheapest choice
+        costs = real(model, d, layout, layer, *a, **k)
+        return {r: (0.0 if len(r) == U else c) for r, c in costs.items()} if layer == 0 else costs
 
     basis_module._pruning_costs = layer0_free
     try:

@@ -170,10 +170,10 @@ def test_baselines_run_on_every_architecture(arch, tiny_tokenizer, calib_file):
 
 
 def test_output_energy_is_memoised_by_content(tiny_llama, tiny_tokenizer, calib_file):
-    forwards = []  # calibration passes, seen as forward calls of the models themselves
+    forwards = []  # calibration passes, seen as forward calls of the models' base (the pipeline's catch)
 
     def counted(model):
-        model.register_forward_pre_hook(lambda *_: forwards.append(1))
+        model.base_model.register_forward_pre_hook(lambda *_: forwards.append(1))
         return model
 
     model = counted(tiny_llama(num_hidden_layers=2))

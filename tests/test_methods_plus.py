@@ -169,7 +169,7 @@ def test_borrowed_outputs_are_what_share_computes(tiny_tokenizer, calib_file):
     plan = SharePlan.from_dict({"layout": layout.to_dict(), "method": "manual", "ratio": 0.3,
                                 "assignments": [{"layer": 2, "unit": 0, "source_layer": 0, "source_unit": 1},
                                                 {"layer": 2, "unit": 1, "source_layer": 1, "source_unit": 1}]})
-    want = borrowed_z(model, data, 2, [(0, 1), (1, 1)])
+    want = borrowed_z(model, data[2], 2, [(0, 1), (1, 1)])
     shared = headshare.share(copy.deepcopy(model), plan)
     got = {}
     o = blocks(shared)[2].get_submodule(layout.projections()[-1].path)
@@ -189,10 +189,10 @@ def test_layer_costs_match_a_direct_fit_on_the_full_outputs(tiny_tokenizer, cali
     data = capture(model, calibration_ids(model, tiny_tokenizer, calib_file, 128))
     d, bl, U = data[2], blocks(model), layout.units_per_layer
     sources = [(0, 1), (1, 2), (1, 3)]
-    options = layer_options(layer_gram(model, data, layout, 2, sources), U, sources, rho=1e-2, min_gain=0.0)
-    pruned_only = layer_options(layer_gram(model, data, layout, 2, []), U, [], rho=1e-2, min_gain=0.0)
+    options = layer_options(layer_gram(model, data[2], layout, 2, sources), U, sources, rho=1e-2, min_gain=0.0)
+    pruned_only = layer_options(layer_gram(model, data[2], layout, 2, []), U, [], rho=1e-2, min_gain=0.0)
     assert len(options) == 2 ** U - 1
-    zb = borrowed_z(model, data, 2, sources)
+    zb = borrowed_z(model, data[2], 2, sources)
     for removed in [(0,), (1, 3), (0, 1, 2, 3)]:
         kept = [u for u in range(U) if u not in removed]
         v = sum(unit_z(d.z, layout, u) @ o_columns(bl[2], layout, u).T for u in removed)
@@ -213,7 +213,7 @@ def test_heldout_pruning_costs_fit_on_one_half_and_measure_on_the_other(tiny_tok
     layout = layout_of(model.config)
     ids = calibration_ids(model, tiny_tokenizer, calib_file, 128)  # 2 sequences of 64
     data, U = capture(model, ids), layout.units_per_layer
-    d, gram = data[1], layer_gram(model, data, layout, 1, [])
+    d, gram = data[1], layer_gram(model, data[1], layout, 1, [])
 
     def held(rho):  # no lender: the cross-fitted cost of pruning each subset
         return heldout_share_costs(gram, layer_options(gram, U, [], rho, math.inf), d, layout, rho, len(ids), math.inf)

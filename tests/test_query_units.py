@@ -136,7 +136,7 @@ def test_borrowed_query_head_attends_with_the_key_value_head_of_its_slot(tiny_to
         data = capture(model, ids)
         keys = [source_key(layout, (0, 1), 3), source_key(layout, (0, 1), 0)]
         assert keys == [(0, 1, 1), (0, 1, 0)]
-        z = borrowed_z(model, data, 2, keys)
+        z = borrowed_z(model, data[2], 2, keys)
     for unit, key in ((3, keys[0]), (0, keys[1])):
         plan = new_plan(model, "manual", 0.0, assignments=[Assignment(2, unit, 0, 1)])
         assert plan.unit_kind == "kv"  # made outside the block: rebuild it as a query plan
@@ -179,7 +179,7 @@ def test_selection_on_many_units_a_layer_weighs_nested_subsets(tiny_tokenizer):
     ids = torch.randint(4, 50, (2, 16), generator=torch.Generator().manual_seed(0))
     with unit_kind("query"):
         layout = layout_of(model.config)
-        gram = layer_gram(model, capture(model, ids), layout, 1, [])
+        gram = layer_gram(model, capture(model, ids)[1], layout, 1, [])
     assert layout.units_per_layer == 8 > EXHAUSTIVE
     subsets = candidate_subsets(gram, 8, 1.0)
     assert [len(s) for s in subsets] == list(range(1, 9))

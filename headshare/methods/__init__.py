@@ -1,7 +1,8 @@
 """Plan-making methods: one registry, one typed config per method, and `make_plan`.
 
-A method is a function `fn(model, config, tokenizer, progress) -> SharePlan` registered with its config
-dataclass. It reads the model and never edits it: weights it fits travel with the plan (`SharePlan.fitted`)
+A method is a function `fn(model, config, tokenizer, progress, device=None) -> SharePlan` registered with
+its config dataclass; `device` is where the calibration pipeline computes (`calibration.walk`; None: where
+the model is; a method without the parameter runs where the model is). It reads the model and never edits it: weights it fits travel with the plan (`SharePlan.fitted`)
 and `headshare.share` applies them. The registry is explicit: the method families import below, each
 registering its methods, and nothing else adds to `METHODS` unless a user registers one.
 
@@ -14,12 +15,14 @@ made with is recorded in `plan.config`.
 
 from __future__ import annotations
 
+import inspect
 import math
 import types
 import typing
 from collections.abc import Callable
 from dataclasses import MISSING, asdict, dataclass, fields
 
+import torch
 from torch import nn
 
 from ..arch import UNIT_KINDS, layout_of, unit_kind
@@ -95,7 +98,7 @@ class CalibConfig(MethodConfig):
         check(self, "calib_tokens", is_integer(self.calib_tokens) and self.calib_tokens >= 2, "an integer >= 2")
 
 
-MethodFn = Callable[[nn.Module, MethodConfig, object, bool], SharePlan]
+MethodFn = Callable[..., SharePlan]  # (model, config, tokenizer, progress[, device]) -> SharePlan
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,7 @@ class Method:
     fn: MethodFn
     help: str
     needs_tokenizer: bool
+    takes_device: bool = False  # fn has a `device` parameter (methods written before it have not)
 
 
 METHODS: dict[str, Method] = {}
@@ -117,7 +121,9 @@ def register_method(name: str, config: type[MethodConfig], help: str = "",
     def deco(fn: MethodFn) -> MethodFn:
         if name in METHODS:
             raise ValueError(f"method {name!r} is already registered")
-        METHODS[name] = Method(name, config, fn, help or (fn.__doc__ or "").strip().splitlines()[0], needs_tokenizer)
+        takes_device = "device" in inspect.signature(fn).parameters
+        METHODS[name] = Method(name, config, fn, help or (fn.__doc__ or "").strip().splitlines()[0], needs_tokenizer,
+                               takes_device)
         return fn
 
     return deco
@@ -183,11 +189,14 @@ def _parse_value(tp, raw: str, key: str):
 
 
 def make_plan(model: nn.Module, ratio: float | MethodConfig = 0.0, method: str | None = None, *,
-              tokenizer=None, progress: bool = False, **options) -> SharePlan:
+              tokenizer=None, progress: bool = False, device: torch.device | str | None = None,
+              **options) -> SharePlan:
     """Make a sharing plan for `model` with a registered method; the model is not changed.
 
     Either a config (`make_plan(model, FitShareConfig(ratio=0.3), tokenizer=tok)`) or a ratio, a method
     name (default "directshare") and its options as keywords (`make_plan(model, 0.3, "random", seed=1)`).
+    `device` is where calibration computes, one block at a time (None: where each block is); a model left on
+    the CPU with `device="cuda"` is calibrated with only one block on the GPU at a time (offloading).
 
     >>> plan = make_plan(model, ratio=0.3)                                   # doctest: +SKIP
     """
@@ -204,7 +213,12 @@ def make_plan(model: nn.Module, ratio: float | MethodConfig = 0.0, method: str |
     if m.needs_tokenizer and tokenizer is None and units_for_ratio(config.ratio, layout):
         raise ValueError(f"method {m.name!r} reads calibration text and needs a tokenizer (tokenizer=...)")
     with unit_kind(config.unit):  # the method and every helper it calls cut these units
-        plan = m.fn(model, config, tokenizer, progress)
+        if m.takes_device:
+            plan = m.fn(model, config, tokenizer, progress, device=None if device is None else torch.device(device))
+        elif device is not None:
+            raise ValueError(f"method {m.name!r} computes where the model is: move the model instead of device=")
+        else:
+            plan = m.fn(model, config, tokenizer, progress)
     plan.method, plan.ratio, plan.config = m.name, config.ratio, config.to_dict()
     # a method may choose the unit kind (autoshare's candidates): the plan is checked against its own
     plan.validate(layout_of(model.config, plan.unit_kind))

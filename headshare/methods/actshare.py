@@ -16,7 +16,7 @@ from ..arch import blocks, layout_of
 from ..plan import Assignment, SharePlan, new_plan, units_for_ratio
 from ..units import o_columns, unit_z
 from . import CalibConfig, check, is_integer, register_method
-from .calibration import borrowed_z, calibration_ids, candidate_sources, capture, layer_gram, source_key
+from .calibration import borrowed_z, calibration_ids, candidate_sources, layer_gram, source_key, walk
 from .lstsq import RidgeResidual, fit_scales
 
 WINDOW = 6  # sources are searched in this many preceding layers (the best ones were 1-5 layers back)
@@ -37,24 +37,24 @@ class ActShareConfig(CalibConfig):
 
 @register_method("actshare", ActShareConfig, "activation-aware pairs + fitted output scale (calibration text; "
                                              "no weight edits)", needs_tokenizer=True)
-def actshare(model, cfg: ActShareConfig, tokenizer=None, progress: bool = False) -> SharePlan:
+def actshare(model, cfg: ActShareConfig, tokenizer=None, progress: bool = False, device=None) -> SharePlan:
     """Each unit of layers >= 1 borrows the earlier unit (within `window` layers) whose weights, run on the
     unit's own layer input, best reproduce its output after a least-squares scale; the units where that
     leaves the least weighted error borrow. Sources are never themselves removed."""
-    from tqdm.auto import tqdm
-
     t0 = time.perf_counter()
     layout = layout_of(model.config)
     n, window = units_for_ratio(cfg.ratio, layout), cfg.window
     notes = {"score": "weighted error left after the fitted scale, relative to pruning the unit (1 = no better)"}
     if n == 0:
         return new_plan(model, "actshare", cfg.ratio, notes=notes)
-    data = capture(model, calibration_ids(model, tokenizer, cfg.calib, cfg.calib_tokens))
+    ids = calibration_ids(model, tokenizer, cfg.calib, cfg.calib_tokens)
     U, bl = layout.units_per_layer, blocks(model)
     options: dict[tuple[int, int], list] = {}  # unit -> [(cost, source, scale)] best first, and prune cost
     prune_cost: dict[tuple[int, int], float] = {}
-    for layer in tqdm(range(1, layout.num_layers), desc="actshare", disable=not progress, unit="layer"):
-        gram = layer_gram(model, data, layout, layer, candidate_sources(layer, U, window, ()))
+    for layer, d in walk(model, ids, device, progress, desc="actshare"):
+        if layer == 0:  # layer 0 has no earlier unit to borrow
+            continue
+        gram = layer_gram(model, d, layout, layer, candidate_sources(layer, U, window, ()))
         gram.set_kept([], 0.0)
         sources = candidate_sources(layer, U, window, ())
         for u in range(U):
@@ -81,13 +81,19 @@ def actshare(model, cfg: ActShareConfig, tokenizer=None, progress: bool = False)
                               else 1.0, scale=scale) for u, (cost, src, scale) in chosen.items()]
     assignments.sort(key=lambda a: (a.layer, a.unit))
     # scales fitted jointly per layer: then the layer's error is never above pruning the same units (a = 0)
-    for layer in sorted({a.layer for a in assignments}):
+    layers = {a.layer for a in assignments}
+    for layer, d in walk(model, ids, device, progress, desc="scales"):
+        if layer > max(layers):
+            break
+        if layer not in layers:
+            continue
         mine = [a for a in assignments if a.layer == layer]
-        d, fit = data[layer], RidgeResidual(None, data[layer].w, 0.0)
+        fit = RidgeResidual(None, d.w, 0.0)
         keys = [source_key(layout, (a.source_layer, a.source_unit), a.unit) for a in mine]
-        zb = borrowed_z(model, data, layer, list(dict.fromkeys(keys)))
+        zb = borrowed_z(model, d, layer, list(dict.fromkeys(keys)))
         v = sum(unit_z(d.z, layout, a.unit) @ o_columns(bl[layer], layout, a.unit).T for a in mine)
-        ys = [zb[k] @ o_columns(bl[a.source_layer], layout, a.source_unit).T for a, k in zip(mine, keys, strict=True)]
+        ys = [zb[k] @ o_columns(bl[a.source_layer], layout, a.source_unit).to(d.z.device).T
+              for a, k in zip(mine, keys, strict=True)]
         for a, scale in zip(mine, fit_scales(fit, v, ys).tolist(), strict=True):
             a.scale = scale
     notes["seconds"] = round(time.perf_counter() - t0, 1)

@@ -6,8 +6,9 @@ methods minimise cannot tell (BENCHMARKS.md: on SmolLM2 `choiceshare` on query h
 `basisshare` on key/value units at 50 %; on Gemma 3 270M `choiceshare` at 10 % and `basisshare` at 30-50 %).
 The whole model's loss can. Every candidate ("METHOD@UNIT") gets the same parameter budget, the parameters that
 `ratio` of this config's units hold (a candidate on smaller units removes the fewest units that reach it), fits on
-the same first `calib_tokens` tokens of the calibration text, and is applied to a copy of the model and scored on
-the `val_tokens` tokens that follow them: text no fit has seen, and never the evaluation split. The plan it
+the same first `calib_tokens` tokens of the calibration text, and is scored as the model it makes (emulated one
+block at a time, `calibration.plan_applied`: no copy of the model) on the `val_tokens` tokens that follow them:
+text no fit has seen, and never the evaluation split. The plan it
 returns is the winner's, with every candidate's score in its notes (`notes["candidates"]`).
 
     >>> plan = headshare.make_plan(model, AutoShareConfig(ratio=0.3), tokenizer=tok)   # doctest: +SKIP
@@ -15,8 +16,8 @@ returns is the winner's, with every candidate's score in its notes (`notes["cand
 
 from __future__ import annotations
 
-import copy
 import math
+import sys
 import time
 from dataclasses import dataclass
 
@@ -25,6 +26,7 @@ import torch
 from ..arch import UNIT_KINDS, layout_of
 from ..plan import new_plan, units_for_ratio
 from . import METHODS, CalibConfig, check, is_integer, make_config, register_method
+from .calibration import held_out_loss
 
 # the two that won somewhere in BENCHMARKS.md (issue 11); each is a registered method and a unit kind
 CANDIDATES = "choiceshare@query,basisshare@kv"
@@ -65,18 +67,6 @@ def candidate_ratio(model, budget: int, unit: str) -> float:
     return n / layout.units_total
 
 
-@torch.no_grad()
-def held_out_loss(model, ids: torch.Tensor) -> float:
-    """Mean next-token loss (nats) of `model` over (n, block) token ids, one block at a time."""
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for row in ids:
-        out = model(input_ids=row[None].to(device), labels=row[None].to(device))
-        total += float(out.loss) * (row.numel() - 1)
-        count += row.numel() - 1
-    return total / count
-
-
 def _val_ids(tokenizer, cfg: AutoShareConfig) -> torch.Tensor:
     from ..data import load_text, tokenize
 
@@ -94,11 +84,10 @@ def _val_ids(tokenizer, cfg: AutoShareConfig) -> torch.Tensor:
                                                "basisshare on key/value units) at the same parameters and keep the "
                                                "one with the least loss on held-out calibration text",
                  needs_tokenizer=True)
-def autoshare(model, cfg: AutoShareConfig, tokenizer=None, progress: bool = False):
+def autoshare(model, cfg: AutoShareConfig, tokenizer=None, progress: bool = False, device=None):
     """The candidate plan whose shared model scores best on held-out calibration text (module docstring)."""
     from tqdm.auto import tqdm
 
-    from ..sharing import share
     from . import make_plan
 
     layout = layout_of(model.config)
@@ -109,21 +98,31 @@ def autoshare(model, cfg: AutoShareConfig, tokenizer=None, progress: bool = Fals
     val = _val_ids(tokenizer, cfg)
     scores, best = [], None
     names = parse_candidates(cfg.candidates)
+    skipped = []
     for method, unit in tqdm(names, desc="candidates", disable=not progress, unit="plan"):
         t0 = time.perf_counter()
         options = METHODS[method].config.options()
         calib = {k: getattr(cfg, k) for k in ("calib", "calib_tokens") if k in options}  # data-free ones have none
-        sub = make_config(method, candidate_ratio(model, budget, unit), unit=unit, **calib)
-        plan = make_plan(model, sub, tokenizer=tokenizer, progress=progress)
+        try:  # a shallow model may not hold the budget in this candidate's units: the others still run
+            ratio = candidate_ratio(model, budget, unit)
+            units_for_ratio(ratio, layout_of(model.config, unit))
+        except ValueError as e:
+            skipped.append({"candidate": f"{method}@{unit}", "reason": str(e)})
+            if progress:
+                print(f"headshare: autoshare skips {method}@{unit}: {e}", file=sys.stderr, flush=True)
+            continue
+        sub = make_config(method, ratio, unit=unit, **calib)
+        plan = make_plan(model, sub, tokenizer=tokenizer, progress=progress, device=device)
         seconds = time.perf_counter() - t0
-        shared = share(copy.deepcopy(model), plan).eval()
-        loss = held_out_loss(shared, val)
-        del shared
+        loss = held_out_loss(model, val, plan, device)  # the shared model, emulated one block at a time
         scores.append({"candidate": f"{method}@{unit}", "ratio": sub.ratio, "val_loss": round(loss, 6),
                        "plan_seconds": round(seconds, 1)})
         if best is None or loss < best[0]:
             best = (loss, plan, scores[-1]["candidate"])
+    if best is None:
+        raise ValueError("no autoshare candidate can remove this budget on this model: "
+                         + "; ".join(f"{s['candidate']}: {s['reason']}" for s in skipped) + "; lower the ratio")
     _, plan, chosen = best
     plan.notes = {**plan.notes, "chosen": chosen, "candidates": scores, "val_tokens": int(val.numel()),
-                  "candidate_config": plan.config}
+                  "candidate_config": plan.config, **({"skipped": skipped} if skipped else {})}
     return plan

@@ -25,7 +25,7 @@ from ..plan import Assignment, SharePlan, new_plan, units_for_ratio
 from ..similarity import METRICS, similarity_matrix
 from ..units import fingerprint, refuse_shared, unit_slices
 from . import CalibConfig, MethodConfig, check, is_integer, register_method
-from .calibration import calibration_ids
+from .calibration import calibration_ids, walk
 
 
 @dataclass
@@ -38,7 +38,7 @@ class RandomConfig(MethodConfig):
 
 
 @register_method("random", RandomConfig, "baseline: random units borrow a random unit of a random earlier layer (seeded)")
-def random_plan(model, cfg: RandomConfig, tokenizer=None, progress: bool = False) -> SharePlan:
+def random_plan(model, cfg: RandomConfig, tokenizer=None, progress: bool = False, device=None) -> SharePlan:
     """Random sharing: which units borrow, and from where, drawn with `random.Random(seed)`."""
     layout = layout_of(model.config)
     n = units_for_ratio(cfg.ratio, layout)
@@ -71,7 +71,7 @@ class LayerwiseConfig(MethodConfig):
 
 
 @register_method("layerwise", LayerwiseConfig, "baseline: whole attention blocks borrow the most similar earlier layer")
-def layerwise(model, cfg: LayerwiseConfig, tokenizer=None, progress: bool = False) -> SharePlan:
+def layerwise(model, cfg: LayerwiseConfig, tokenizer=None, progress: bool = False, device=None) -> SharePlan:
     """Whole-layer sharing with the dynamic strategy applied to layers instead of units.
 
     Every layer l >= 1 picks the earlier layer with the highest `layer_similarity` (mean aligned
@@ -115,7 +115,8 @@ _ENERGY_CACHE_SIZE = 4
 
 @torch.inference_mode()
 def output_energy(model, tokenizer, calib: str = "builtin:calib", calib_tokens: int = 8192,
-                  block_size: int = 512, relative: bool = True, progress: bool = False) -> torch.Tensor:
+                  block_size: int = 512, relative: bool = True, progress: bool = False,
+                  device=None) -> torch.Tensor:
     """(L, U) importance of every unit from what it writes into the residual stream on calibration text.
 
     y_u(t) = x_u(t) W_o,u^T is unit u's share of the o projection's output at token t (x_u: its heads'
@@ -130,64 +131,40 @@ def output_energy(model, tokenizer, calib: str = "builtin:calib", calib_tokens: 
     early layers as least important; on SmolLM2 it prunes all of layer 0 first (BENCHMARKS.md).
 
     Both are computed from a weighted Gram matrix of each layer's o input, G = sum_t w_t x(t)^T x(t),
-    with w_t = 1 / ||h(t)||^2 or 1: score_u = <W_u^T W_u, G_uu> / tokens. The result is memoised in
-    memory for the same weights, calibration tokens and `relative`.
+    with w_t = 1 / ||h(t)||^2 or 1: score_u = <W_u^T W_u, G_uu> / tokens, layer by layer through the
+    calibration pipeline (`calibration.walk`). The result is memoised in memory for the same weights,
+    calibration tokens and `relative`.
     """
     refuse_shared(model, "importance")
     layout = layout_of(model.config)
-    o = layout.o_projection()
-    mods = [block.get_submodule(o.path) for block in blocks(model)]
     ids = calibration_ids(model, tokenizer, calib, calib_tokens, block_size)
     key = (fingerprint(model.state_dict().items()), fingerprint([("ids", ids)]), relative, layout.unit_kind)
     if key not in _ENERGY_CACHE:
         if len(_ENERGY_CACHE) >= _ENERGY_CACHE_SIZE:
             _ENERGY_CACHE.pop(next(iter(_ENERGY_CACHE)))
-        _ENERGY_CACHE[key] = _output_energy(model, mods, ids, relative, progress)
+        _ENERGY_CACHE[key] = _output_energy(model, ids, relative, progress, device)
     return _ENERGY_CACHE[key].clone()
 
 
-def _output_energy(model, mods, ids: torch.Tensor, relative: bool, progress: bool) -> torch.Tensor:
-    from tqdm.auto import tqdm
-
+def _output_energy(model, ids: torch.Tensor, relative: bool, progress: bool, device) -> torch.Tensor:
     layout = layout_of(model.config)
     o = layout.o_projection()
-    U = layout.units_per_layer
-    grams: list[torch.Tensor | None] = [None] * layout.num_layers
-    stream: dict[int, torch.Tensor] = {}  # layer -> ||h(t)||^2 of the block's input, this forward
-
-    def block_hook(layer):
-        def fn(_module, args, kwargs):
-            h = args[0] if args else kwargs["hidden_states"]
-            stream[layer] = h.reshape(-1, h.shape[-1]).float().pow(2).sum(-1).clamp_min(1e-12)  # (tokens,)
-        return fn
-
-    def o_hook(layer):
-        def fn(_module, args):
-            x = args[0].reshape(-1, args[0].shape[-1]).float()  # (tokens, in)
-            if relative:
-                x = x / stream[layer].sqrt()[:, None]
-            g = (x.T @ x).double()
-            grams[layer] = g if grams[layer] is None else grams[layer] + g
-        return fn
-
-    handles = [m.register_forward_pre_hook(o_hook(i)) for i, m in enumerate(mods)]
-    if relative:
-        handles += [b.register_forward_pre_hook(block_hook(i), with_kwargs=True) for i, b in enumerate(blocks(model))]
-    device = next(model.parameters()).device
-    try:
-        for row in tqdm(ids, desc="calibration", disable=not progress, unit="block"):
-            model(input_ids=row[None].to(device))
-    finally:
-        for h in handles:
-            h.remove()
-    tokens = ids.numel()
+    U, T = layout.units_per_layer, ids.shape[1]
     energy = torch.empty(layout.num_layers, U, dtype=torch.float64)
-    for layer, mod in enumerate(mods):
-        w = unit_slices(mod.weight.detach(), o, U)["o"].double()  # (U, out, width)
+    # one sequence per block call, the Gram summed sequence by sequence
+    for layer, d in walk(model, ids, device, progress, batch_tokens=T):
+        g = None
+        for row in range(ids.shape[0]):
+            x = d.z[row * T:(row + 1) * T].float()  # (tokens, in)
+            if relative:
+                stream = d.h[row].reshape(-1, d.h.shape[-1]).float().pow(2).sum(-1).clamp_min(1e-12)
+                x = x / stream.sqrt()[:, None]
+            gr = (x.T @ x).double()
+            g = gr if g is None else g + gr
+        w = unit_slices(blocks(model)[layer].get_submodule(o.path).weight.detach(), o, U)["o"].double()
         for u in range(U):
-            idx = o.unit_index(u)
-            g = grams[layer][idx][:, idx]  # (width, width)
-            energy[layer, u] = (w[u].T @ w[u] * g).sum() / tokens
+            idx = o.unit_index(u).to(g.device)
+            energy[layer, u] = float((w[u].T @ w[u] * g[idx][:, idx]).sum() / ids.numel())
     return energy
 
 
@@ -203,7 +180,7 @@ class PruneConfig(CalibConfig):
 
 @register_method("prune", PruneConfig, "baseline: remove the units that change the residual stream least on "
                                        "calibration text", needs_tokenizer=True)
-def prune(model, cfg: PruneConfig, tokenizer=None, progress: bool = False) -> SharePlan:
+def prune(model, cfg: PruneConfig, tokenizer=None, progress: bool = False, device=None) -> SharePlan:
     """Head pruning by output energy relative to the residual stream (see `output_energy`), lowest first.
 
     Units of every layer, layer 0 included, are candidates: a pruned unit needs no source, and
@@ -216,7 +193,8 @@ def prune(model, cfg: PruneConfig, tokenizer=None, progress: bool = False) -> Sh
     notes = {"importance": f"mean over calibration tokens of {score}"}
     if n == 0:
         return new_plan(model, "prune", cfg.ratio, notes=notes)
-    energy = output_energy(model, tokenizer, cfg.calib, cfg.calib_tokens, relative=cfg.relative, progress=progress)
+    energy = output_energy(model, tokenizer, cfg.calib, cfg.calib_tokens, relative=cfg.relative, progress=progress,
+                           device=device)
     order = sorted((float(energy[layer, u]), layer, u)
                    for layer in range(layout.num_layers) for u in range(layout.units_per_layer))
     pruned = sorted((layer, u) for _, layer, u in order[:n])

@@ -45,9 +45,9 @@ import torch
 from ..arch import arch_spec, blocks, layout_of
 from ..plan import new_plan, units_for_ratio
 from ..sharing import own_index
-from ..units import basis_key, coef_key, get_slices, read_fitted, set_slices, weights_fingerprint
+from ..units import basis_key, coef_key, fitted_key, get_slices, set_slices, weights_fingerprint
 from . import CalibConfig, check, is_integer, is_number, register_method
-from .calibration import calibration_ids, capture, layer_gram, run_block
+from .calibration import calibration_ids, layer_gram, walk
 from .fitshare import RHO, _refit_hook
 from .lstsq import candidate_subsets, half, heldout_share_costs, knapsack, layer_options
 
@@ -83,16 +83,6 @@ class BasisShareConfig(CalibConfig):
         check(self, "basis_kv", isinstance(self.basis_kv, bool), "true or false")
 
 
-def _inputs(data) -> list[torch.Tensor]:
-    """(N, hidden) float64 input of every layer's attention (after the block's norm)."""
-    out = []
-    for d in data:
-        args, kwargs = d.attn_call
-        x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        out.append(x.reshape(-1, x.shape[-1]).double())
-    return out
-
-
 def _orient(w: torch.Tensor, conv1d: bool) -> torch.Tensor:
     """A weight as (out, in), whatever its storage orientation (and back: the map is its own inverse)."""
     return w.T if conv1d else w
@@ -106,28 +96,23 @@ def _rank_for_budget(dense: list[tuple[int, int]], budget: int) -> int:
 
 
 @torch.no_grad()
-def _whitened_basis(x: torch.Tensor, w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(basis (rank, hidden), coefficients (rows, rank)) minimising ||x w^T - x basis^T coef^T||.
+def _whitened_basis(g: torch.Tensor, w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(basis (rank, hidden), coefficients (rows, rank)) minimising ||x w^T - x basis^T coef^T|| for inputs x
+    whose Gram x^T x is `g` (float64).
 
     With x^T x = S S^T, the error is ||S^T (w^T - basis^T coef^T)||: an SVD of S^T w^T, mapped back."""
-    g = x.T @ x
-    g = g + 1e-6 * g.diagonal().mean() * torch.eye(g.shape[0], dtype=g.dtype)
+    g = g + 1e-6 * g.diagonal().mean() * torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
     s = torch.linalg.cholesky(g)
     u, sv, vh = torch.linalg.svd(s.T @ w.T, full_matrices=False)
     basis = torch.linalg.solve_triangular(s.T, u[:, :rank], upper=True).T  # (rank, hidden)
     return basis, (sv[:rank, None] * vh[:rank]).T
 
 
-def _pruning_costs(model, data, layout, rho: float, n_seqs: int, progress: bool) -> list[dict]:
-    """Per layer, {subset of units: cross-fitted error left after pruning it and refitting o} (fitprune's)."""
-    from tqdm.auto import tqdm
-
-    costs = []
-    for layer in tqdm(range(layout.num_layers), desc="pruning costs", disable=not progress, unit="layer"):
-        gram = layer_gram(model, data, layout, layer, [])
-        options = layer_options(gram, layout.units_per_layer, [], rho, math.inf)
-        costs.append(heldout_share_costs(gram, options, data[layer], layout, rho, n_seqs, math.inf))
-    return costs
+def _pruning_costs(model, d, layout, layer: int, rho: float, n_seqs: int) -> dict:
+    """{subset of the layer's units: cross-fitted error left after pruning it and refitting o} (fitprune's)."""
+    gram = layer_gram(model, d, layout, layer, [])
+    options = layer_options(gram, layout.units_per_layer, [], rho, math.inf)
+    return heldout_share_costs(gram, options, d, layout, rho, n_seqs, math.inf)
 
 
 def _groups(num_layers: int, size: int) -> list[list[int]]:
@@ -135,14 +120,12 @@ def _groups(num_layers: int, size: int) -> list[list[int]]:
     return [list(range(s, min(num_layers, s + size))) for s in range(0, num_layers, size)]
 
 
-def _fixed_choice(model, data, layout, ins, cfg, n: int, n_seqs: int, budget: int, progress: bool):
-    """select="fixed": `prune` of the budget to pruning units (fitprune's knapsack), the rest to one rank for
-    every group that the budget allows. Returns (pruned units, [(group layers, rank)])."""
+def _fixed_choice(layout, ins, cfg, n_prune: int, costs: list[dict], budget: int):
+    """select="fixed": `prune` of the budget (`n_prune` units) to pruning units (fitprune's knapsack over the
+    per-layer `costs`), the rest to one rank for every group that the budget allows. Returns (pruned units,
+    [(group layers, rank)])."""
     U, L = layout.units_per_layer, layout.num_layers
-    n_prune = round(cfg.prune * n)
-    pruned: set = set()
-    if n_prune:
-        pruned = set(knapsack(_pruning_costs(model, data, layout, cfg.rho, n_seqs, progress), n_prune))
+    pruned: set = set(knapsack(costs, n_prune)) if n_prune else set()
     left = budget - len(pruned) * layout.unit_params()
     groups = _groups(L, cfg.group)
     groups = [g for g in groups if any((layer, u) not in pruned for layer in g for u in range(U))]
@@ -161,17 +144,11 @@ def _fixed_choice(model, data, layout, ins, cfg, n: int, n_seqs: int, budget: in
     return pruned, [(g, rank) for g in groups] if rank else []
 
 
-def _heldout_choice(model, data, layout, xs, ins, cfg, n_seqs: int, budget: int, progress: bool):
-    """select="heldout": per group of `group` layers a rank or no basis, per layer the units to prune, for the
-    least summed cross-fitted error (`_choice_costs`) that removes the budget (`_allocate`)."""
-    U, L = layout.units_per_layer, layout.num_layers
-    groups = _groups(L, cfg.group)
-    subsets = {}
-    for layer in range(L):
-        cands = candidate_subsets(layer_gram(model, data, layout, layer, []), U, cfg.rho)
-        subsets[layer] = [frozenset(), *(frozenset(c) for c in cands)]
-    split = half(xs[0].shape[0], n_seqs)
-    costs = _choice_costs(model, data, layout, xs, groups, ins, subsets, cfg.rho, split, progress)
+def _heldout_choice(model, walk_again, layout, grams, ins, cfg, subsets: dict, split: int, budget: int):
+    """select="heldout": per group of `group` layers a rank or no basis, per layer the units to prune (among
+    `subsets`), for the least summed cross-fitted error (`_choice_costs`) that removes the budget (`_allocate`)."""
+    groups = _groups(layout.num_layers, cfg.group)
+    costs = _choice_costs(model, walk_again, layout, grams, groups, ins, subsets, cfg.rho, split)
     options = {}
     for (layer, r), by_subset in costs.items():
         options[(layer, r)] = {s: (c, _group_rows(layout, ins, [layer], {(layer, u) for u in s}))
@@ -188,9 +165,9 @@ def _heldout_choice(model, data, layout, xs, ins, cfg, n_seqs: int, budget: int,
                                                  "(calibration text; the fitted tensors travel with the plan)",
                  needs_tokenizer=True)
 @torch.no_grad()
-def basisshare(model, cfg: BasisShareConfig, tokenizer=None, progress: bool = False):
+def basisshare(model, cfg: BasisShareConfig, tokenizer=None, progress: bool = False, device=None):
     """Pruning and shared bases under one budget (see the module docstring); the model is not changed."""
-    return _plan(model, cfg, tokenizer, progress, "basisshare")
+    return _plan(model, cfg, tokenizer, progress, "basisshare", device)
 
 
 @dataclass
@@ -202,13 +179,13 @@ class ChoiceShareConfig(BasisShareConfig):
                                                    "of layers a basis rank or none, per layer the units to prune "
                                                    "(calibration text; the fitted tensors travel with the plan)",
                  needs_tokenizer=True)
-def choiceshare(model, cfg: ChoiceShareConfig, tokenizer=None, progress: bool = False):
+def choiceshare(model, cfg: ChoiceShareConfig, tokenizer=None, progress: bool = False, device=None):
     """basisshare with `select="heldout"` (see `_heldout_choice`); the model is not changed."""
-    return _plan(model, cfg, tokenizer, progress, "choiceshare")
+    return _plan(model, cfg, tokenizer, progress, "choiceshare", device)
 
 
 @torch.no_grad()
-def _plan(model, cfg: BasisShareConfig, tokenizer, progress: bool, name: str):
+def _plan(model, cfg: BasisShareConfig, tokenizer, progress: bool, name: str, device=None):
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
@@ -220,77 +197,105 @@ def _plan(model, cfg: BasisShareConfig, tokenizer, progress: bool, name: str):
     budget = n * layout.unit_params()
     ids = calibration_ids(model, tokenizer, cfg.calib, cfg.calib_tokens)
     base = weights_fingerprint(model)
-    data = capture(model, ids)
-    xs = _inputs(data)
     bl = blocks(model)
     whole = layout.layer_projections() if cfg.basis_kv else []
     ins = layout.in_projections() + whole  # what the bases carry
+    heldout = cfg.select == "heldout"
+    n_prune = 0 if heldout else round(cfg.prune * n)
+    groups = _groups(L, cfg.group)
+    group_of = {layer: i for i, g in enumerate(groups) for layer in g}
+    tokens = ids.numel()
+    split = half(tokens, len(ids))
+    folds = (slice(0, split), slice(split, tokens))
+
+    # one walk: every group's attention-input Grams per fold (the bases' whitening), and per layer what the
+    # choice needs (heldout: the subsets worth weighing; fixed: the pruning costs)
+    grams: list[list[torch.Tensor]] = [[0.0, 0.0] for _ in groups]
+    subsets, prune_costs = {}, []
     t_choice = time.perf_counter()
-    if cfg.select == "heldout":
-        pruned, chosen = _heldout_choice(model, data, layout, xs, ins, cfg, len(ids), budget, progress)
+    for layer, d in walk(model, ids, device, progress, desc="inputs"):
+        x = d.x.double()
+        for f, part in enumerate(folds):
+            grams[group_of[layer]][f] = grams[group_of[layer]][f] + x[part].T @ x[part]
+        if heldout:
+            cands = candidate_subsets(layer_gram(model, d, layout, layer, []), U, cfg.rho)
+            subsets[layer] = [frozenset(), *(frozenset(c) for c in cands)]
+        elif n_prune:
+            prune_costs.append(_pruning_costs(model, d, layout, layer, cfg.rho, len(ids)))
+    if heldout:
+        again = lambda: walk(model, ids, device, progress, desc="choice costs")  # noqa: E731
+        pruned, chosen = _heldout_choice(model, again, layout, grams, ins, cfg, subsets, split, budget)
     else:
-        pruned, chosen = _fixed_choice(model, data, layout, ins, cfg, n, len(ids), budget, progress)
+        pruned, chosen = _fixed_choice(layout, ins, cfg, n_prune, prune_costs, budget)
     t_choice = time.perf_counter() - t_choice
 
     own = {layer: [u for u in range(U) if (layer, u) not in pruned] for layer in range(L)}
     rows = {(layer, p.path): _own_rows(layout, p, layer, pruned) for layer in range(L) for p in ins}
-    weights = {(layer, p.path): _orient(bl[layer].get_submodule(p.path).weight, p.conv1d).double()[rows[(layer, p.path)]]
-               for layer in range(L) for p in ins}
     bases, coefs = [], {}
     for g, r in tqdm(chosen, desc="bases", disable=not progress, unit="group"):
         keys = [(layer, p.path) for layer in g for p in ins]
-        w = torch.cat([weights[k] for k in keys])  # (rows of the group, hidden)
-        basis, c = _whitened_basis(torch.cat([xs[layer] for layer in g]), w, r)
+        gram = grams[group_of[g[0]]][0] + grams[group_of[g[0]]][1]
+        w = torch.cat([_weight(bl, k, ins).to(gram.device)[rows[k].to(gram.device)] for k in keys])  # (rows, hidden)
+        basis, c = _whitened_basis(gram, w, r)
         bases.append((g, basis))
         start = 0
         for k in keys:
             coefs[k] = c[start:start + len(rows[k])]
             start += len(rows[k])
+    del grams
     in_basis = {layer: basis for g, basis in bases for layer in g}
     touched = {layer for layer, _ in pruned} | set(in_basis)
     t1 = time.perf_counter()
 
-    # the sequential pass on the model as the plan will make it (dense weights standing in for basis x coef)
-    saved = {(layer, u): get_slices(bl[layer], layout, u) for layer in touched for u in range(U)}
-    saved_whole = {(layer, p.path): bl[layer].get_submodule(p.path).weight.data.clone()
-                   for layer in in_basis for p in whole}  # no unit owns them: get_slices does not see them
-    apath = arch_spec(layout.model_type).attention
-    try:
-        for layer, u in pruned:
-            zero = {k: (torch.zeros_like(w), b) for k, (w, b) in saved[(layer, u)].items()}
-            set_slices(bl[layer], layout, u, zero)
-        h = data[0].h
-        for layer in tqdm(range(L), desc="refit", disable=not progress, unit="layer"):
-            block, handles = bl[layer], []
+    # the sequential pass on the model as the plan will make it (dense weights standing in for basis x coef),
+    # each layer edited while it runs and restored after; the edited model's stream runs beside the original
+    apath, opath = arch_spec(layout.model_type).attention, layout.o_projection().path
+    fitted: dict[str, torch.Tensor] = {}
+    h = None
+    for layer, d in walk(model, ids, device, progress, desc="refit"):
+        if layer > max(touched):
+            break
+        h = d.h if h is None else h
+        block = bl[layer]
+        if layer not in touched:
+            h = d.run_block(block, h)
+            continue
+        saved = {u: get_slices(block, layout, u) for u in range(U)}
+        # no unit owns them: get_slices does not see them
+        saved_whole = {p.path: block.get_submodule(p.path).weight.data.clone() for p in whole} \
+            if layer in in_basis else {}
+        handles = []
+        try:
+            for u in range(U):
+                if (layer, u) in pruned:
+                    set_slices(block, layout, u, {k: (torch.zeros_like(w), b) for k, (w, b) in saved[u].items()})
             if layer in in_basis:
-                _write_dense(block, ins, rows, coefs, in_basis[layer], layer)
-                if cfg.coef_ridge is not None:
-                    handles.append(block.get_submodule(apath).register_forward_pre_hook(
-                        _coef_hook(block, ins, rows, coefs, weights, in_basis[layer], layer, xs[layer],
-                                   cfg.coef_ridge), with_kwargs=True))
-            if layer in touched:
-                gone = [u for u in range(U) if (layer, u) in pruned]
-                handles.append(block.get_submodule(layout.o_projection().path).register_forward_pre_hook(
-                    _refit_hook(block, layout, layer, data[layer], gone, {}, bl, cfg.rho, {}, True)))
-            try:
-                h = run_block(block, data[layer].block_call, h)
-            finally:
-                for hd in handles:
-                    hd.remove()
-        kept = [(layer, u) for layer in touched for u in own[layer]]
-        fitted = read_fitted(model, kept, [layout.o_projection().path])
-    finally:
-        for (layer, u), slices in saved.items():
-            set_slices(bl[layer], layout, u, slices)
-        for (layer, path), w in saved_whole.items():
-            bl[layer].get_submodule(path).weight.data.copy_(w)
-    dtype = bl[0].get_submodule(layout.o_projection().path).weight.dtype
+                basis = in_basis[layer].to(d.x.device)
+                hook = None if cfg.coef_ridge is None else \
+                    _coef_hook(block, ins, rows, coefs, bl, basis, layer, d.x.double(), cfg.coef_ridge)
+                _write_dense(block, ins, rows, coefs, basis, layer)
+                if hook is not None:
+                    handles.append(block.get_submodule(apath).register_forward_pre_hook(hook, with_kwargs=True))
+            gone = [u for u in range(U) if (layer, u) in pruned]
+            handles.append(block.get_submodule(opath).register_forward_pre_hook(
+                _refit_hook(block, layout, layer, d, gone, {}, None, cfg.rho, {}, True)))
+            h = d.run_block(block, h)
+            for u in own[layer]:
+                fitted[fitted_key(layer, opath, u)] = get_slices(block, layout, u)[opath][0].cpu().contiguous()
+        finally:
+            for hd in handles:
+                hd.remove()
+            for u, slices in saved.items():
+                set_slices(block, layout, u, slices)
+            for path, w in saved_whole.items():
+                block.get_submodule(path).weight.data.copy_(w)
+    dtype = bl[0].get_submodule(opath).weight.dtype
     for i, (_, basis) in enumerate(bases):
-        fitted[basis_key(i)] = basis.to(dtype).contiguous()
+        fitted[basis_key(i)] = basis.to("cpu", dtype).contiguous()
     conv1d = {p.path: p.conv1d for p in ins}
     for (layer, path), c in coefs.items():
         if len(c):
-            fitted[coef_key(layer, path)] = _orient(c, conv1d[path]).to(dtype).contiguous()
+            fitted[coef_key(layer, path)] = _orient(c, conv1d[path]).to("cpu", dtype).contiguous()
     h = layout.hidden_size
     by_bases = sum(h * m - r * (h + m) for m, r in ((sum(len(rows[(la, p.path)]) for la in g for p in ins), r)
                                                      for g, r in chosen))
@@ -307,6 +312,13 @@ def _plan(model, cfg: BasisShareConfig, tokenizer, progress: bool, name: str):
                                                       for g, r in chosen])
 
 
+def _weight(bl, key: tuple[int, str], ins) -> torch.Tensor:
+    """(rows, hidden) float64: a layer's projection weight in (out, in) orientation."""
+    layer, path = key
+    conv1d = next(p.conv1d for p in ins if p.path == path)
+    return _orient(bl[layer].get_submodule(path).weight, conv1d).double()
+
+
 def _write_dense(block, ins, rows, coefs, basis, layer) -> None:
     """Write coef x basis into the kept rows of the layer's q/k/v (pruned rows stay zero)."""
     for p in ins:
@@ -315,18 +327,20 @@ def _write_dense(block, ins, rows, coefs, basis, layer) -> None:
             continue
         mod = block.get_submodule(p.path)
         w = _orient(mod.weight.data, p.conv1d)
-        w[idx] = (coefs[(layer, p.path)] @ basis).to(w.dtype)
+        w[idx.to(w.device)] = (coefs[(layer, p.path)].to(basis.device) @ basis).to(w.dtype)
 
 
-def _coef_hook(block, ins, rows, coefs, weights, basis, layer, x0, ridge):
+def _coef_hook(block, ins, rows, coefs, bl, basis, layer, x0, ridge):
     """A pre-hook on the attention module: refit the layer's coefficients on the input it now gets, so that
     its q/k/v outputs match the original layer's on the original input, and write them (dense) first."""
+    # the original kept rows, read before `_write_dense` replaces them
+    weights = {(layer, p.path): _weight(bl, (layer, p.path), ins)[rows[(layer, p.path)]] for p in ins}
 
     def hook(_m, args, kwargs):
         x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         a = x.reshape(-1, x.shape[-1]).double() @ basis.T  # (N, rank)
         g = a.T @ a
-        g = g + ridge * g.diagonal().mean() * torch.eye(g.shape[0], dtype=g.dtype)
+        g = g + ridge * g.diagonal().mean() * torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
         chol = torch.linalg.cholesky(g)
         for p in ins:
             key = (layer, p.path)
@@ -383,63 +397,58 @@ def _subset_errors(fits: tuple, evals: tuple, wo: torch.Tensor, cols: list[torch
 
 
 @torch.no_grad()
-def _choice_costs(model, data, layout, xs, groups, ins, subsets, rho: float, split: int, progress: bool) -> dict:
+def _choice_costs(model, walk_again, layout, grams, groups, ins, subsets, rho: float, split: int) -> dict:
     """{(layer, rank or None): {subset: cross-fitted error per token}}: the layer's attention output error
     when `subset` is pruned, its q/k/v rows are put on its group's whitened basis of that rank (None: left
     dense) and the o columns that stay are refitted. The basis is fitted on one fold of the tokens (all rows of
-    the group, whatever is pruned later), the o refit on the same fold, the error measured on the other."""
-    from tqdm.auto import tqdm
-
-    bl, apath = blocks(model), arch_spec(layout.model_type).attention
+    the group, whatever is pruned later; `grams[group][fold]` are the fold's input Grams), the o refit on the
+    same fold, the error measured on the other. One walk of the calibration pipeline (`walk_again()`); a
+    group's fold bases exist only while its layers are walked."""
+    bl = blocks(model)
     op = layout.o_projection()
-    U, n = layout.units_per_layer, xs[0].shape[0]
-    folds = (slice(0, split), slice(split, n))
+    U = layout.units_per_layer
     cols = [op.unit_index(u) for u in range(U)]
+    group_of = {layer: i for i, g in enumerate(groups) for layer in g}
     costs = {}
-    got: dict = {}  # the o projection's input of the last attention run
-    steps = sum(len(g) * (1 + 2 * len(_rank_grid(layout.hidden_size, _group_rows(layout, ins, g))))
-                for g in groups)
-    bar = tqdm(total=steps, desc="choice costs", disable=not progress, unit="run")
-    for g in groups:
-        full = {layer: {p.path: _orient(bl[layer].get_submodule(p.path).weight, p.conv1d).double() for p in ins}
-                for layer in g}
-        w = torch.cat([full[layer][p.path] for layer in g for p in ins])
-        ranks = _rank_grid(layout.hidden_size, w.shape[0])
-        factors = [_whitened_basis(torch.cat([xs[layer][f] for layer in g]), w, max(ranks)) for f in folds]
-        for layer in g:
-            d, block = data[layer], bl[layer]
-            o = block.get_submodule(op.path)
-            wo = _orient(o.weight, op.conv1d).double()  # (D, in)
-            a = d.z.double() @ wo.T  # the attention output without the o bias: what the refit must match
-            dense = [_fold_stats(d.z, a, d.w, f) for f in folds]
-            costs[(layer, None)] = _subset_errors((dense[0], dense[1]), (dense[1], dense[0]), wo, cols,
-                                                  subsets[layer], rho, n)
-            bar.update()
-            saved = {p.path: block.get_submodule(p.path).weight.data.clone() for p in ins}
-            hook = o.register_forward_pre_hook(lambda _m, args: got.__setitem__("z", args[0]))
-            first = sum(len(full[la][p.path]) for la in g if la < layer for p in ins)  # the layer's rows in w
-            try:
-                for r in ranks:
-                    fits, evals = [], []
-                    for f, (basis, coef) in enumerate(factors):
-                        start = first
-                        for p in ins:
-                            rows = len(full[layer][p.path])
-                            dense_w = coef[start:start + rows, :r] @ basis[:r]
-                            block.get_submodule(p.path).weight.data.copy_(_orient(dense_w, p.conv1d))
-                            start += rows
-                        args, kwargs = d.attn_call
-                        block.get_submodule(apath)(*args, **kwargs)
-                        z = got["z"].reshape(-1, got["z"].shape[-1])
-                        fits.append(_fold_stats(z, a, d.w, folds[f]))
-                        evals.append(_fold_stats(z, a, d.w, folds[1 - f]))
-                        bar.update()
-                    costs[(layer, r)] = _subset_errors(tuple(fits), tuple(evals), wo, cols, subsets[layer], rho, n)
-            finally:
-                hook.remove()
-                for p in ins:
-                    block.get_submodule(p.path).weight.data.copy_(saved[p.path])
-    bar.close()
+    factors, ranks, full = None, None, None
+    for layer, d in walk_again():
+        n = d.z.shape[0]
+        folds = (slice(0, split), slice(split, n))
+        g = groups[group_of[layer]]
+        dev = d.z.device
+        if layer == g[0]:  # the group's fold bases, from the weights of all its layers
+            full = {la: {p.path: _weight(bl, (la, p.path), ins).to(dev) for p in ins} for la in g}
+            w = torch.cat([full[la][p.path] for la in g for p in ins])
+            ranks = _rank_grid(layout.hidden_size, w.shape[0])
+            factors = [_whitened_basis(grams[group_of[layer]][f].to(dev), w, max(ranks)) for f in (0, 1)]
+            del w
+        block = bl[layer]
+        wo = _orient(block.get_submodule(op.path).weight, op.conv1d).double()  # (D, in)
+        a = d.z.double() @ wo.T  # the attention output without the o bias: what the refit must match
+        dense = [_fold_stats(d.z, a, d.w, f) for f in folds]
+        costs[(layer, None)] = _subset_errors((dense[0], dense[1]), (dense[1], dense[0]), wo, cols,
+                                              subsets[layer], rho, n)
+        saved = {p.path: block.get_submodule(p.path).weight.data.clone() for p in ins}
+        first = sum(len(full[la][p.path]) for la in g if la < layer for p in ins)  # the layer's rows in w
+        try:
+            for r in ranks:
+                fits, evals = [], []
+                for f, (basis, coef) in enumerate(factors):
+                    start = first
+                    for p in ins:
+                        rows = len(full[layer][p.path])
+                        dense_w = coef[start:start + rows, :r] @ basis[:r]
+                        block.get_submodule(p.path).weight.data.copy_(_orient(dense_w, p.conv1d))
+                        start += rows
+                    z = d.attention_z(block, layout)
+                    fits.append(_fold_stats(z, a, d.w, folds[f]))
+                    evals.append(_fold_stats(z, a, d.w, folds[1 - f]))
+                costs[(layer, r)] = _subset_errors(tuple(fits), tuple(evals), wo, cols, subsets[layer], rho, n)
+        finally:
+            for p in ins:
+                block.get_submodule(p.path).weight.data.copy_(saved[p.path])
+        if layer == g[-1]:
+            factors, full = None, None
     return costs
 
 

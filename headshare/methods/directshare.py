@@ -33,7 +33,7 @@ class DirectShareConfig(MethodConfig):
 
 
 @register_method("directshare", DirectShareConfig, "the paper: qk weight cosine, dynamic selection, copy")
-def directshare(model, cfg: DirectShareConfig, tokenizer=None, progress: bool = False) -> SharePlan:
+def directshare(model, cfg: DirectShareConfig, tokenizer=None, progress: bool = False, device=None) -> SharePlan:
     """The paper's DirectShare selection: weight cosine of the match function, dynamic strategy."""
     layout = layout_of(model.config)
     sim = similarity_matrix(model, cfg.metric, progress=progress)
@@ -101,7 +101,7 @@ class AlignShareConfig(MethodConfig):
 
 
 @register_method("alignshare", AlignShareConfig, "DirectShare with a symmetry-aligned weight similarity (data-free, copies)")
-def alignshare(model, cfg: AlignShareConfig, tokenizer=None, progress: bool = False) -> SharePlan:
+def alignshare(model, cfg: AlignShareConfig, tokenizer=None, progress: bool = False, device=None) -> SharePlan:
     """The paper's dynamic selection and copy, matched by `aligned_similarity` instead of raw weight cosine."""
     layout = layout_of(model.config)
     sim = aligned_similarity(model, cfg.sketch, cfg.seed)

@@ -31,10 +31,19 @@ from torch import nn
 
 from ..arch import blocks, layout_of
 from ..plan import Assignment, SharePlan, new_plan, units_for_ratio
-from ..units import get_slices, o_columns, read_fitted, set_o_columns, set_slices, unit_z, weights_fingerprint
+from ..units import (
+    fitted_key,
+    get_slices,
+    o_columns,
+    parse_fitted_key,
+    set_o_columns,
+    set_slices,
+    unit_z,
+    weights_fingerprint,
+)
 from . import CalibConfig, check, is_number, register_method
 from .actshare import WINDOW, window_ok
-from .calibration import LayerData, calibration_ids, candidate_sources, capture, layer_gram, run_block
+from .calibration import calibration_ids, candidate_sources, layer_gram, walk
 from .lstsq import (
     RidgeResidual,
     fit_scales,
@@ -51,63 +60,80 @@ SELECT = ("heldout", "pruning", "sharing")  # fitshare's subset costs: see heldo
 
 
 @torch.no_grad()
-def refit(model: nn.Module, data: list[LayerData], removed: set, borrow: dict, rho: float = RHO,
-          progress: bool = False, heldout: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:
+def refit(model: nn.Module, ids: torch.Tensor, removed: set, borrow: dict, rho: float = RHO,
+          progress: bool = False, heldout: bool = True, device=None) -> tuple[dict, dict[str, torch.Tensor]]:
     """The sequential refit: in every layer with removed units, the o columns of the units that stay are
     refitted so that the layer's attention output matches the original model's, and borrowed units get a
-    fitted scale. Layers run in order on the model as the plan will make it, so each refit also absorbs
-    what earlier layers changed. Borrowed units read their root's weights as `share` will (the root's own
-    layer, earlier, was refitted first).
+    fitted scale. Layers run in order on the model as the plan will make it (a second stream beside the
+    original one that `walk` carries), so each refit also absorbs what earlier layers changed. Borrowed
+    units read their root's weights as `share` will: q/k/v as stored, o columns as refitted if the root's
+    layer was refitted first.
 
-    The model is edited while this runs and restored before it returns. Returns ({(layer, unit): scale} for
-    the units that borrow, the refitted o columns as `units.read_fitted` names them): a candidate whose
-    borrowing does not lower the cross-fitted error (`heldout_lenders`) is pruned instead.
+    Each layer is edited only while it runs and restored right after. Returns ({(layer, unit): scale} for
+    the units that borrow, the refitted o columns as `units.read_fitted` names them, on the CPU): a candidate
+    whose borrowing does not lower the cross-fitted error (`heldout_lenders`) is pruned instead.
     """
-    from tqdm.auto import tqdm
-
     layout = layout_of(model.config)
     U = layout.units_per_layer
     bl = blocks(model)
     o = layout.o_projection()
-    first = min((lay for lay, _ in removed), default=len(bl))
-    touched = {(lay, u) for lay in {lay for lay, _ in removed} for u in range(U)}  # every unit of those layers
-    original = {u: get_slices(bl[u[0]], layout, u[1]) for u in touched}
+    layers = {lay for lay, _ in removed}
     scales: dict = {}
     fitted: dict[str, torch.Tensor] = {}
-    h = data[first].h if first < len(bl) else None
-    try:
-        for layer in tqdm(range(first, len(bl)), desc="refit", disable=not progress, unit="layer"):
-            block = bl[layer]
-            gone = [u for u in range(U) if (layer, u) in removed]
-            handle = None
-            if gone:
-                for u in gone:
-                    if (layer, u) in borrow:
-                        sl, su = borrow[(layer, u)]
-                        set_slices(block, layout, u, get_slices(bl[sl], layout, su))
-                handle = block.get_submodule(o.path).register_forward_pre_hook(
-                    _refit_hook(block, layout, layer, data[layer], gone, borrow, bl, rho, scales, heldout))
+
+    def source(sl: int, su: int) -> dict:
+        """A root's slices as `share` will read them: its o columns as refitted, if they were."""
+        slices = get_slices(bl[sl], layout, su)
+        key = fitted_key(sl, o.path, su)
+        if key in fitted:
+            slices[o.path] = (fitted[key], slices[o.path][1])
+        return slices
+
+    if not layers:
+        return scales, fitted
+    h = None
+    for layer, d in walk(model, ids, device, progress, desc="refit"):
+        if layer > max(layers):
+            break
+        if layer < min(layers):
+            continue
+        h = d.h if h is None else h
+        block = bl[layer]
+        gone = [u for u in range(U) if (layer, u) in removed]
+        if not gone:
+            h = d.run_block(block, h)
+            continue
+        saved = {u: get_slices(block, layout, u) for u in range(U)}
+        try:
+            for u in gone:
+                if (layer, u) in borrow:
+                    set_slices(block, layout, u, source(*borrow[(layer, u)]))
+            handle = block.get_submodule(o.path).register_forward_pre_hook(
+                _refit_hook(block, layout, layer, d, gone, borrow, source, rho, scales, heldout))
             try:
-                h = run_block(block, data[layer].block_call, h)
+                h = d.run_block(block, h)
             finally:
-                if handle is not None:
-                    handle.remove()
-        fitted = read_fitted(model, sorted(touched - set(removed)), [o.path])
-    finally:
-        for (layer, u), slices in original.items():
-            set_slices(bl[layer], layout, u, slices)
-    return scales, fitted
+                handle.remove()
+            for u in range(U):
+                if u not in gone:
+                    fitted[fitted_key(layer, o.path, u)] = get_slices(block, layout, u)[o.path][0].cpu().contiguous()
+        finally:
+            for u, slices in saved.items():
+                set_slices(block, layout, u, slices)
+    return scales, dict(sorted(fitted.items(), key=lambda kv: parse_fitted_key(kv[0])))
 
 
-def _refit_hook(block, layout, layer, data, gone, borrow, bl, rho, scales, heldout=True) -> Callable:
+def _refit_hook(block, layout, layer, data, gone, borrow, source, rho, scales, heldout=True) -> Callable:
     """A pre-hook on the o projection: sees this layer's heads' outputs on the modified model's input,
-    fits, and writes the o columns before the projection runs (so the block's output already uses them)."""
+    fits, and writes the o columns before the projection runs (so the block's output already uses them).
+    `source(layer, unit)` gives a root's slices as `share` will read them."""
     U = layout.units_per_layer
+    opath = layout.o_projection().path
 
     def hook(_m, args):
         z = args[0].reshape(-1, args[0].shape[-1])
         target, w = data.a.double(), data.w
-        bias = block.get_submodule(layout.o_projection().path).bias
+        bias = block.get_submodule(opath).bias
         if bias is not None:  # a per-layer constant that no unit owns: not part of the fit
             target = target - bias.detach().double()
         kept = [u for u in range(U) if u not in gone]
@@ -117,7 +143,7 @@ def _refit_hook(block, layout, layer, data, gone, borrow, bl, rho, scales, heldo
         kz = torch.cat([zs[u] for u in kept], 1) if kept else None
         fit = RidgeResidual(kz, w, rho)
         lent = [u for u in gone if (layer, u) in borrow]
-        roots = {u: o_columns(bl[borrow[(layer, u)][0]], layout, borrow[(layer, u)][1]) for u in lent}
+        roots = {u: _columns(source(*borrow[(layer, u)])[opath][0], layout).to(z.device) for u in lent}
         ys = {u: zs[u] @ roots[u].T for u in lent}
         # a candidate borrows only if that lowers the cross-fitted error: an in-sample gain of a few
         # scalars is not enough (on SmolLM2 in-sample sharing made held-out perplexity worse than pruning)
@@ -141,11 +167,15 @@ def _refit_hook(block, layout, layer, data, gone, borrow, bl, rho, scales, heldo
     return hook
 
 
-def _fit_plan(model, method: str, cfg: CalibConfig, tokenizer, rho: float, window: int | None,
-              min_gain: float, progress: bool, heldout: bool = True, select: str = "heldout") -> SharePlan:
-    """fitshare / fitprune: knapsack selection, source choice, sequential refit (fitted o columns in the plan)."""
-    from tqdm.auto import tqdm
+def _columns(w: torch.Tensor, layout) -> torch.Tensor:
+    """A unit's o slice in storage orientation as (hidden, width) float64, like `units.o_columns`."""
+    return (w.t() if layout.o_projection().conv1d else w).double()
 
+
+def _fit_plan(model, method: str, cfg: CalibConfig, tokenizer, rho: float, window: int | None,
+              min_gain: float, progress: bool, heldout: bool = True, select: str = "heldout",
+              device=None) -> SharePlan:
+    """fitshare / fitprune: knapsack selection, source choice, sequential refit (fitted o columns in the plan)."""
     t0 = time.perf_counter()
     layout = layout_of(model.config)
     n = units_for_ratio(cfg.ratio, layout)
@@ -153,18 +183,17 @@ def _fit_plan(model, method: str, cfg: CalibConfig, tokenizer, rho: float, windo
         return new_plan(model, method, cfg.ratio)
     ids = calibration_ids(model, tokenizer, cfg.calib, cfg.calib_tokens)
     base = weights_fingerprint(model)
-    data = capture(model, ids)
     U, share = layout.units_per_layer, math.isfinite(min_gain)
     options, costs = [], []
-    for layer in tqdm(range(layout.num_layers), desc="costs", disable=not progress, unit="layer"):
+    for layer, d in walk(model, ids, device, progress, desc="costs"):
         sources = candidate_sources(layer, U, window, ()) if share else []
-        gram = layer_gram(model, data, layout, layer, sources)
+        gram = layer_gram(model, d, layout, layer, sources)
         options.append(layer_options(gram, U, sources, rho, min_gain))
         if share and select == "heldout":
-            costs.append(heldout_share_costs(gram, options[-1], data[layer], layout, rho, len(ids), min_gain))
+            costs.append(heldout_share_costs(gram, options[-1], d, layout, rho, len(ids), min_gain))
             continue
         # the cross-fitted pruning error: no candidate lends (min_gain infinite)
-        held = heldout_share_costs(gram, options[-1], data[layer], layout, rho, len(ids), math.inf)
+        held = heldout_share_costs(gram, options[-1], d, layout, rho, len(ids), math.inf)
         # select="sharing": the in-sample gain of sharing scales the held-out pruning cost (it moves the choice
         # towards units with a good source: better at 50 % on SmolLM2, worse at 10-30 %, see BENCHMARKS.md);
         # "pruning": the held-out pruning cost alone
@@ -184,7 +213,7 @@ def _fit_plan(model, method: str, cfg: CalibConfig, tokenizer, rho: float, windo
             if pick is not None and pick[0] >= min_gain:
                 borrow[(layer, u)], gains[(layer, u)] = pick[1], pick[0]
     t1 = time.perf_counter()
-    scales, fitted = refit(model, data, removed, borrow, rho, progress, heldout)
+    scales, fitted = refit(model, ids, removed, borrow, rho, progress, heldout, device)
     borrow = {u: src for u, src in borrow.items() if u in scales}  # the others did not pay off held out
     assignments = [Assignment(layer, u, *borrow[(layer, u)], score=round(gains[(layer, u)], 6),
                               scale=scales[(layer, u)]) for layer, u in sorted(borrow)]
@@ -226,7 +255,7 @@ class FitShareConfig(FitPruneConfig):
 @register_method("fitshare", FitShareConfig, "share or prune per unit under one budget, refit the o columns that "
                                              "stay (calibration text; the fitted columns travel with the plan)",
                  needs_tokenizer=True)
-def fitshare(model, cfg: FitShareConfig, tokenizer=None, progress: bool = False) -> SharePlan:
+def fitshare(model, cfg: FitShareConfig, tokenizer=None, progress: bool = False, device=None) -> SharePlan:
     """Units chosen per layer subset with a knapsack over layers on the cross-fitted error left after
     refitting the units that stay (`select="sharing"`: that error scaled by what sharing would remove); a
     removed unit is a candidate to borrow its best earlier source when that removes >= `min_gain` of the
@@ -234,11 +263,11 @@ def fitshare(model, cfg: FitShareConfig, tokenizer=None, progress: bool = False)
     lowers the cross-fitted error (`heldout=False`: always), else it is pruned. The refitted o columns are
     the plan's fitted weights; the model is not changed."""
     return _fit_plan(model, "fitshare", cfg, tokenizer, cfg.rho, cfg.window, cfg.min_gain, progress, cfg.heldout,
-                     cfg.select)
+                     cfg.select, device)
 
 
 @register_method("fitprune", FitPruneConfig, "fitshare without sharing: prune per layer subset, refit the o "
                                              "columns that stay (calibration text)", needs_tokenizer=True)
-def fitprune(model, cfg: FitPruneConfig, tokenizer=None, progress: bool = False) -> SharePlan:
+def fitprune(model, cfg: FitPruneConfig, tokenizer=None, progress: bool = False, device=None) -> SharePlan:
     """The same selection and refit as `fitshare`, every removed unit pruned: what sharing adds is the gap."""
-    return _fit_plan(model, "fitprune", cfg, tokenizer, cfg.rho, None, math.inf, progress)
+    return _fit_plan(model, "fitprune", cfg, tokenizer, cfg.rho, None, math.inf, progress, device=device)

@@ -1,0 +1,183 @@
+"""The calibration pipeline: one block at a time, what each layer sees is what the whole model computes."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import transformers
+from archs import tiny_model
+from conftest import TINY_CORPUS
+
+import headshare
+from headshare.arch import blocks, layout_of
+from headshare.methods.calibration import calibration_ids, held_out_loss, plan_applied, stream, walk
+from headshare.plan import SharePlan
+
+
+def _ids(tok, n: int = 2, t: int = 24) -> torch.Tensor:
+    ids = tok(" ".join(TINY_CORPUS * 3))["input_ids"][: n * t]
+    return torch.tensor(ids).view(n, t)
+
+
+def _reference(model, ids) -> dict:
+    """Every block's input and o-projection input/output from one plain forward of the whole model."""
+    layout = layout_of(model.config)
+    seen, hooks = {}, []
+    for i, b in enumerate(blocks(model)):
+        hooks.append(b.register_forward_pre_hook(
+            lambda m, a, k, i=i: seen.__setitem__(("h", i), k.get("hidden_states", a[0] if a else None)),
+            with_kwargs=True))
+        hooks.append(b.get_submodule(layout.o_projection().path).register_forward_hook(
+            lambda m, a, out, i=i: seen.__setitem__(("o", i), (a[0], out))))
+    with torch.no_grad():
+        model(ids, use_cache=False)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+@pytest.mark.parametrize("arch", ["llama-gqa", "qwen2-bias", "gpt2", "gemma"])
+def test_walk_sees_what_the_whole_model_computes(arch, tiny_tokenizer):
+    model = tiny_model(arch)
+    ids = _ids(tiny_tokenizer)
+    before = copy.deepcopy(model.state_dict())
+    ref = _reference(model, ids)
+    n = 0
+    for layer, d in walk(model, ids):
+        assert torch.equal(d.h, ref[("h", layer)])
+        z, a = ref[("o", layer)]
+        assert torch.equal(d.z, z.reshape(-1, z.shape[-1])) and torch.equal(d.a, a.reshape(-1, a.shape[-1]))
+        n += 1
+    assert n == layout_of(model.config).num_layers
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_layers_with_their_own_calls_get_them(tiny_tokenizer):
+    """Gemma 3 alternates sliding-window and global layers, each with its own mask and rotary embedding:
+    each block must be replayed with its own call, not the first block's."""
+    cfg = transformers.Gemma3TextConfig(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                        num_attention_heads=4, num_key_value_heads=1, head_dim=16,
+                                        max_position_embeddings=64, sliding_window=4,
+                                        layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForCausalLM(cfg).eval()
+    ids = _ids(tiny_tokenizer)
+    ref = _reference(model, ids)
+    for layer, d in walk(model, ids):
+        assert torch.equal(d.h, ref[("h", layer)]), layer
+        assert torch.equal(d.a, ref[("o", layer)][1].reshape(d.a.shape)), layer
+
+
+def test_micro_batches_give_the_same_layer_data(tiny_tokenizer):
+    model = tiny_model("llama-gqa")
+    ids = _ids(tiny_tokenizer, n=4, t=16)
+    whole = [d for _, d in walk(model, ids)]
+    parts = [d for _, d in walk(model, ids, batch_tokens=16)]  # one sequence per block call
+    for a, b in zip(whole, parts, strict=True):
+        assert len(b.calls) == 4 and len(a.calls) == 1
+        torch.testing.assert_close(a.z, b.z)
+        torch.testing.assert_close(a.out, b.out)
+        torch.testing.assert_close(a.x, b.x)
+
+
+def test_a_plan_made_through_micro_batches_is_the_same(tiny_tokenizer, calib_file, monkeypatch):
+    from headshare.methods import calibration
+
+    model = tiny_model("llama-mha")
+    want = headshare.make_plan(model, 0.5, "fitprune", tokenizer=tiny_tokenizer, calib=calib_file, calib_tokens=128)
+    monkeypatch.setattr(calibration, "BATCH_TOKENS", 16)
+    got = headshare.make_plan(model, 0.5, "fitprune", tokenizer=tiny_tokenizer, calib=calib_file, calib_tokens=128)
+    assert got.pruned == want.pruned
+    for k in want.fitted:
+        torch.testing.assert_close(got.fitted[k], want.fitted[k], rtol=1e-4, atol=1e-6)
+
+
+def test_explicit_cpu_device_is_the_model_device(tiny_tokenizer, calib_file):
+    model = tiny_model("llama-gqa")
+    kw = dict(tokenizer=tiny_tokenizer, calib=calib_file, calib_tokens=128)
+    a = headshare.make_plan(model, 0.5, "basisshare", **kw)
+    b = headshare.make_plan(model, 0.5, "basisshare", device="cpu", **kw)
+    assert a.pruned == b.pruned and a.bases == b.bases
+    assert all(torch.equal(a.fitted[k], b.fitted[k]) for k in a.fitted)
+
+
+@pytest.mark.parametrize("method", ["prune", "fitprune", "basisshare", "choiceshare"])
+def test_bfloat16_model_gives_the_plan_float32_gives(method, tiny_tokenizer, calib_file):
+    """Statistics accumulate in float32/float64 whatever the model's dtype, so a bf16 copy of a model chooses
+    the same units (the fitted tensors differ by bf16 rounding only)."""
+    model = tiny_model("llama-mha", seed=1)
+    kw = dict(tokenizer=tiny_tokenizer, calib=calib_file, calib_tokens=128)
+    fp32 = headshare.make_plan(model, 0.5, method, **kw)
+    bf16 = headshare.make_plan(copy.deepcopy(model).to(torch.bfloat16), 0.5, method, **kw)
+    assert bf16.pruned == fp32.pruned and bf16.bases == fp32.bases
+    assert sorted(bf16.fitted) == sorted(fp32.fitted)
+    for k, v in fp32.fitted.items():
+        assert bf16.fitted[k].dtype == torch.bfloat16
+        err = (bf16.fitted[k].float() - v).norm() / v.norm().clamp_min(1e-12)
+        assert err < 0.1, (k, float(err))
+
+
+def test_a_model_dispatched_by_accelerate_is_computed_where_it_was_put(tiny_tokenizer, calib_file):
+    from accelerate import dispatch_model
+
+    model = tiny_model("llama-gqa")
+    kw = dict(tokenizer=tiny_tokenizer, calib=calib_file, calib_tokens=128)
+    want = headshare.make_plan(copy.deepcopy(model), 0.5, "fitprune", **kw)
+    dispatched = dispatch_model(model, device_map={"": "cpu"})
+    got = headshare.make_plan(dispatched, 0.5, "fitprune", **kw)
+    assert got.pruned == want.pruned
+    assert all(torch.equal(got.fitted[k], want.fitted[k]) for k in want.fitted)
+
+
+def _plans(model, tok, calib, query: bool) -> list[SharePlan]:
+    layout = layout_of(model.config)
+    kw = dict(tokenizer=tok, calib=calib, calib_tokens=128)
+    borrow = SharePlan.from_dict({"layout": layout.to_dict(), "method": "manual", "ratio": 0.3,
+                                  "assignments": [{"layer": 2, "unit": 0, "source_layer": 0, "source_unit": 1,
+                                                   "scale": 0.5},
+                                                  {"layer": 1, "unit": 1, "source_layer": 0, "source_unit": 1}],
+                                  "pruned": [[2, 1]]})
+    plans = [borrow, headshare.make_plan(model, 0.5, "fitshare", min_gain=0.0, **kw),
+             headshare.make_plan(model, 0.5, "basisshare", **kw)]
+    if query:  # query-head units need separate q/k/v projections
+        plans.append(headshare.make_plan(model, 0.5, "choiceshare", unit="query", basis_kv=True, **kw))
+    return plans
+
+
+@pytest.mark.parametrize("arch", ["llama-gqa", "qwen2-bias", "gpt2"])
+def test_a_plan_applied_block_by_block_computes_what_the_shared_model_does(arch, tiny_tokenizer, calib_file):
+    model = tiny_model(arch)
+    ids = _ids(tiny_tokenizer)
+    before = copy.deepcopy(model.state_dict())
+    for plan in _plans(model, tiny_tokenizer, calib_file, query=arch != "gpt2"):
+        shared = headshare.share(copy.deepcopy(model), plan)
+        with torch.no_grad():
+            want = shared.base_model(ids, use_cache=False).last_hidden_state
+        got = stream(model, ids, edit=lambda layer, plan=plan: plan_applied(model, plan, layer))
+        norm = model.base_model.get_submodule("norm" if arch != "gpt2" else "ln_f")
+        with torch.no_grad():
+            torch.testing.assert_close(norm(got), want, rtol=1e-4, atol=1e-5)
+        assert held_out_loss(model, ids, plan) == pytest.approx(held_out_loss(shared, ids), abs=1e-5)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "plan_applied left edits"
+
+
+def test_held_out_loss_is_the_models_own_loss(tiny_tokenizer):
+    model = tiny_model("llama-gqa")
+    ids = _ids(tiny_tokenizer, n=3, t=16)
+    with torch.no_grad():
+        want = sum(float(model(input_ids=r[None], labels=r[None]).loss) for r in ids) / 3
+    assert held_out_loss(model, ids) == pytest.approx(want, rel=1e-6)
+
+
+def test_calibration_ids_need_a_tokenizer(calib_file):
+    with pytest.raises(ValueError, match="tokenizer"):
+        calibration_ids(tiny_model("llama-gqa"), None, calib_file, 64)
+
+
+def test_walk_refuses_a_shared_model(tiny_tokenizer):
+    model = tiny_model("llama-gqa")
+    headshare.share(model, headshare.make_plan(model, 0.3))
+    with pytest.raises(ValueError, match="already shared"):
+        next(walk(model, _ids(tiny_tokenizer)))
