@@ -49,7 +49,7 @@ from ..units import basis_key, coef_key, fitted_key, get_slices, set_slices, wei
 from . import CalibConfig, check, is_integer, is_number, register_method
 from .calibration import calibration_ids, layer_gram, walk
 from .fitshare import RHO, _refit_hook
-from .lstsq import candidate_subsets, half, heldout_share_costs, knapsack, layer_options
+from .lstsq import candidate_subsets, half, heldout_prune_costs, knapsack
 
 GROUP = 4  # layers per basis; SmolLM2 at 30 %, prune 2/3: 2 layers 17.97, 4 layers 17.88, 8 layers 18.01
 PRUNE = 2 / 3  # share of the budget pruning takes; SmolLM2 at 30 %, 2 layers: 1/2 18.03, 2/3 17.97, 4/5 18.14
@@ -111,8 +111,8 @@ def _whitened_basis(g: torch.Tensor, w: torch.Tensor, rank: int) -> tuple[torch.
 def _pruning_costs(model, d, layout, layer: int, rho: float, n_seqs: int) -> dict:
     """{subset of the layer's units: cross-fitted error left after pruning it and refitting o} (fitprune's)."""
     gram = layer_gram(model, d, layout, layer, [])
-    options = layer_options(gram, layout.units_per_layer, [], rho, math.inf)
-    return heldout_share_costs(gram, options, d, layout, rho, n_seqs, math.inf)
+    subsets = [frozenset(c) for c in candidate_subsets(gram, layout.units_per_layer, rho)]
+    return heldout_prune_costs(gram, subsets, d, layout, rho, n_seqs)
 
 
 def _groups(num_layers: int, size: int) -> list[list[int]]:

@@ -141,21 +141,88 @@ def fit_scales(fit: RidgeResidual, v: torch.Tensor, ys: list[torch.Tensor]) -> t
 
 def candidate_subsets(gram: LayerGram, units: int, rho: float) -> list[tuple[int, ...]]:
     """The subsets of a layer's units that the selection weighs: all of them up to `EXHAUSTIVE` units a
-    layer; beyond (query-head units: 9 a layer on SmolLM2, 511 subsets) the nested ones a greedy order gives,
-    each step removing the unit whose loss the refit of the others leaves least (in-sample, cheap)."""
+    layer; beyond (query-head units: 9 a layer on SmolLM2, 511 subsets; 32 on a 7B model) the nested ones a
+    greedy order gives, each step removing the unit whose in-sample loss, with the o columns of the others
+    refitted, is least (`greedy_order`; the ridge is rho x the mean diagonal of the whole layer's Gram)."""
     if units <= EXHAUSTIVE:
         return [c for k in range(1, units + 1) for c in itertools.combinations(range(units), k)]
-    order: list[int] = []
-    out = []
-    while len(order) < units:
-        def cost(u: int) -> float:
-            removed = [*order, u]
-            gram.set_kept([("own", v) for v in range(units) if v not in removed], rho)
-            return gram.cost(removed, {})
+    keys = [("own", u) for u in range(units)]
+    g = torch.cat([torch.cat([gram.g(a, b) for b in keys], 1) for a in keys], 0)
+    ww = torch.cat([torch.cat([gram.ww(a, b) for b in keys], 1) for a in keys], 0).to(g.dtype)
+    lam = rho * float(g.diagonal().mean().clamp_min(1e-30))
+    return greedy_order(g, ww, [gram.z[k].shape[1] for k in keys], lam)
 
-        order.append(min((u for u in range(units) if u not in order), key=lambda u: (cost(u), u)))
-        out.append(tuple(sorted(order)))
+
+def greedy_order(g: torch.Tensor, ww: torch.Tensor, widths: list[int], lam: float) -> list[tuple[int, ...]]:
+    """Nested subsets of a layer's units, one per size: each step removes the unit u whose removal, with the
+    o columns of the rest refitted by ridge `lam`, leaves the least in-sample error
+    sum over a, b in R of <W_a'W_b, G_ab - G_aK (G_KK + lam)^-1 G_Kb> (R the removed units with u, K the
+    others; ties to the lower index). `g` and `ww` are the layer's Gram (z_a' W z_b) and o-column products
+    (W_a'W_b) over all its units, in blocks of `widths`.
+
+    One factorisation for the whole order, as in OBS and SparseGPT: H = (G_KK + lam)^-1 is kept and
+    downdated by a unit's block as it leaves (H_KK - H_Ku H_uu^-1 H_uK), with P = H G_KR and F = P W_RR.
+    Then, for a candidate u, with Q = [P_R, H_u. G_Ku] at u's rows (H_u. G_Ku = I - lam H_uu, since
+    H (G_KK + lam) = I):
+
+        cost(R + u) = cost(R) + 2 lam <W_Ru, Q_R'> + lam <W_uu, Q_u> + <H_uu^-1, Q W_{R+u,R+u} Q'>
+
+    d x d work per candidate (d its width) and K x d x (K + R) per step: a layer of 32 units of 128 costs
+    about a second a step, where a factorisation per candidate cost minutes (issue 21). The ridge is fixed
+    for the order (a kept set's own mean diagonal would change H by a multiple of I at every step, which no
+    downdate follows); the costs the selection then weighs are computed with each subset's own ridge."""
+    units = len(widths)
+    off = _offsets(widths)
+    dtype = g.dtype
+    kept, removed = list(range(units)), []
+    h = torch.cholesky_inverse(torch.linalg.cholesky(g + lam * torch.eye(g.shape[0], dtype=dtype)))
+    p = g.new_zeros(g.shape[0], 0)  # H G_KR: rows the kept units' blocks in `kept` order, columns R's
+    f = g.new_zeros(g.shape[0], 0)  # P W_RR
+    wr = g.new_zeros(g.shape[0], 0)  # W_.R: rows in the layer's order
+    base = 0.0  # cost(R)
+    tiny = 1e-12 * abs(float((ww * g).sum()))  # of the cost of removing every unit
+    out = []
+    while len(kept) > 1:
+        koff = _offsets([widths[u] for u in kept])
+        best = None
+        for i, u in enumerate(kept):
+            sl, su = slice(koff[i], koff[i + 1]), slice(off[u], off[u + 1])
+            huu, wuu = h[sl, sl], ww[su, su]
+            qu = torch.eye(widths[u], dtype=dtype) - lam * huu
+            s = qu @ wuu @ qu.T
+            cost = base + lam * float((wuu * qu).sum())
+            if removed:
+                qr, wur = p[sl], wr[su]
+                cost += 2 * lam * float((wur * qr).sum())
+                x = qr @ wur.T @ qu.T
+                s = s + f[sl] @ qr.T + x + x.T
+            cost += float(torch.cholesky_solve(s, torch.linalg.cholesky(huu)).diagonal().sum())
+            # costs within rounding of zero (a silent unit's) count as zero, so that they tie and go by index
+            key = (cost if cost > tiny else 0.0, u)
+            if best is None or key < best[0]:
+                best = (key, cost, i)
+        (_, u), base, i = best
+        sl, su = slice(koff[i], koff[i + 1]), slice(off[u], off[u + 1])
+        rows = torch.cat([torch.arange(0, sl.start), torch.arange(sl.stop, h.shape[0])])
+        a = (h[:, sl] @ torch.linalg.inv(h[sl, sl]))[rows]  # H_Ku H_uu^-1, on the rows that stay
+        wur, wuu = wr[su], ww[su, su]
+        p = p[rows].sub_(a @ p[sl])
+        f = f[rows].sub_(a @ f[sl])
+        # u joins R: its column block of P is -H_Ku H_uu^-1 (what the downdated H makes of G_Ku)
+        f = torch.cat([f.sub_(a @ wur), p @ wur.T - a @ wuu], 1)
+        p = torch.cat([p, -a], 1)
+        h = h.index_select(0, rows).index_select(1, rows).sub_(a @ h[sl].index_select(1, rows))
+        wr = torch.cat([wr, ww[:, su]], 1)
+        kept.pop(i)
+        removed.append(u)
+        out.append(tuple(sorted(removed)))
+    out.append(tuple(range(units)))
     return out
+
+
+def _offsets(widths: list[int]) -> list[int]:
+    """Where each unit's block starts in a matrix whose blocks follow `widths` (and where the last ends)."""
+    return [0, *itertools.accumulate(widths)]
 
 
 def layer_options(gram: LayerGram, units: int, sources: list, rho: float, min_gain: float) -> dict:
@@ -265,20 +332,92 @@ def heldout_share_costs(gram: LayerGram, options: dict, data: LayerData, layout:
 
     In-sample costs flatter the refit most where it overfits, which steers the selection towards units that
     only look cheap to compensate; on SmolLM2 the held-out error of a refit with a small ridge was above not
-    refitting at all in some layers (BENCHMARKS.md)."""
+    refitting at all in some layers (BENCHMARKS.md).
+
+    Subsets without a candidate lender go to `heldout_prune_costs` (the same quantity from the folds' Grams,
+    no per-subset work the size of the tokens or the hidden size)."""
     U = layout.units_per_layer
+    lending = {removed: {u: r[0][1] for u, r in ranked.items() if r and r[0][0] >= min_gain}
+               for removed, (_, _, ranked) in options.items()}
+    out = heldout_prune_costs(gram, [r for r, lent in lending.items() if not lent], data, layout, rho, rows)
+    if all(not lent for lent in lending.values()):
+        return out
     z = {u: gram.z[("own", u)].double() for u in range(U)}
     y = {u: z[u] @ gram.o[("own", u)].T for u in range(U)}
     n = data.w.shape[0]
     split = half(n, rows)
-    out = {}
-    for removed, (_, _, ranked) in options.items():
+    for removed, lent in lending.items():
+        if not lent:
+            continue
         kept = [u for u in range(U) if u not in removed]
         kz = torch.cat([z[u] for u in kept], 1) if kept else None
         v = sum(y[u] for u in removed)
-        ys = {u: gram.z[r[0][1]].double() @ gram.o[r[0][1]].T for u, r in ranked.items()
-              if r and r[0][0] >= min_gain}
+        ys = {u: gram.z[s].double() @ gram.o[s].T for u, s in lent.items()}
         out[removed] = heldout_lending(kz, v, data.w, ys, rho, split)[1] / n
+    return {r: out[r] for r in options}
+
+
+def fold_grams(z: torch.Tensor, w: torch.Tensor, split: int, dtype: torch.dtype = torch.float64) -> tuple:
+    """(Z'WZ of tokens [0, split), of tokens [split, n)): the two cross-fitting folds' Grams, accumulated in
+    `dtype` and returned in float64. float32 is twice as fast; on a random layer of Llama-2-7B's shape it
+    moved `prune_errors` by 1e-8 relative."""
+    out = []
+    for part in (slice(0, split), slice(split, z.shape[0])):
+        zf = z[part].to(dtype)
+        out.append((zf.T @ (zf * w[part].to(dtype))).double())
+    return tuple(out)
+
+
+def prune_errors(grams: tuple, wo: torch.Tensor, cols: list[torch.Tensor], subsets, rho: float, n: int) -> dict:
+    """{subset: error per token} when the units of `subset` are pruned and the o columns of the others are
+    refitted by ridge on one fold and the error of the attention output measured on the other, both ways round
+    (direction i fits on `grams[i]`, Z'WZ of fold i over all o inputs, and measures on the other). `wo` is the
+    o weight (D, in), `cols[u]` the input columns of unit u; the target is the attention output z wo' without
+    bias, so this is `basis._subset_errors` and `heldout_share_costs(min_gain=inf)`: lam = rho x the mean
+    diagonal of the kept columns' fold Gram, the ridge on the change of the columns.
+
+    Why no per-subset work is D wide: with K the kept and R the other columns, the fold-a target left for
+    the kept columns is z_R wo_R', so their change is Y wo_R' with Y = (G_KK + lam)^-1 G_KR (K x R, not K x D),
+    and the fold-b error is <WW_RR, G_RR - 2 Y'G_KR + Y'G_KK Y> with WW = wo'wo, formed once. One Cholesky of
+    the kept block per subset and fold, as the refit itself needs; the direct form's cancellation (a'Wa minus
+    nearly as much) is avoided too."""
+    w2 = wo.detach().double()  # a module's weight may carry autograd; nothing here is differentiated
+    ww = w2.T @ w2  # the only product over the hidden size, shared by every subset
+    width = ww.shape[0]
+    out = {}
+    for s in subsets:
+        k = torch.cat([cols[u] for u in range(len(cols)) if u not in s] or [torch.zeros(0, dtype=torch.long)])
+        mask = torch.ones(width, dtype=torch.bool)
+        mask[k] = False
+        r = mask.nonzero().squeeze(1)  # the removed units' columns, and any column no unit owns
+        wrr = ww[r][:, r]
+        err = 0.0
+        for ga, gb in (grams, grams[::-1]):
+            gbr = gb[r]
+            err += float((wrr * gbr[:, r]).sum())
+            if not len(k):
+                continue
+            gk = ga[k][:, k]
+            lam = rho * gk.diagonal().mean().clamp_min(1e-30)
+            chol = torch.linalg.cholesky(gk + lam * torch.eye(len(k), dtype=gk.dtype))
+            y = torch.cholesky_solve(ga[k][:, r], chol)  # (K, R): the kept columns' change per removed column
+            yw = y @ wrr
+            err += float((yw * (gb[k][:, k] @ y - 2 * gbr[:, k].T)).sum())
+        out[s] = max(err, 0.0) / n
     return out
 
 
+def heldout_prune_costs(gram: LayerGram, subsets, data: LayerData, layout: Layout, rho: float, rows: int) -> dict:
+    """{subset: cross-fitted error per token of pruning it}: `heldout_share_costs(..., min_gain=math.inf)` for
+    these subsets, by `prune_errors` on the folds' float64 Grams of the layer's own units (`gram`), the halves
+    of the `rows` calibration sequences."""
+    U = layout.units_per_layer
+    subsets = list(subsets)
+    if not subsets:
+        return {}
+    keys = [("own", u) for u in range(U)]
+    z = torch.cat([gram.z[k].double() for k in keys], 1)
+    wo = torch.cat([gram.o[k].double() for k in keys], 1)
+    cols = [torch.arange(s, e) for s, e in itertools.pairwise(_offsets([gram.z[k].shape[1] for k in keys]))]
+    n = data.w.shape[0]
+    return prune_errors(fold_grams(z, data.w, half(n, rows)), wo, cols, subsets, rho, n)

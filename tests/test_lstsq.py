@@ -1,0 +1,275 @@
+"""The fast least-squares paths of `lstsq` against the direct computations they replace.
+
+The oracles below are the earlier implementations (`candidate_subsets` refactorising every candidate's kept
+set, and the same at the fixed ridge the fast order uses, `basis._subset_errors` solving with hidden-wide right-hand sides, `heldout_share_costs` refitting on the
+tokens), kept here verbatim in substance so that the fast ones are checked against them and not against
+themselves.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from headshare.methods.lstsq import (
+    LayerGram,
+    candidate_subsets,
+    greedy_order,
+    half,
+    heldout_lending,
+    heldout_prune_costs,
+    heldout_share_costs,
+    layer_options,
+    prune_errors,
+)
+
+# --- oracles: the implementations the fast paths replace ---------------------------------------------------
+
+
+def old_candidate_subsets(gram: LayerGram, units: int, rho: float) -> list[tuple[int, ...]]:
+    """The greedy nested order with one factorisation per candidate (each with its own kept set's ridge)."""
+    order: list[int] = []
+    out = []
+    while len(order) < units:
+        def cost(u: int) -> float:
+            removed = [*order, u]
+            gram.set_kept([("own", v) for v in range(units) if v not in removed], rho)
+            return gram.cost(removed, {})
+
+        order.append(min((u for u in range(units) if u not in order), key=lambda u: (cost(u), u)))
+        out.append(tuple(sorted(order)))
+    return out
+
+
+def fixed_ridge_greedy(g: torch.Tensor, ww: torch.Tensor, widths: list[int], lam: float) -> list[tuple[int, ...]]:
+    """The greedy nested order with one solve per candidate, every refit at the same ridge `lam`."""
+    starts = [0, *itertools.accumulate(widths)]
+
+    def idx(us):
+        return torch.cat([torch.arange(starts[u], starts[u + 1]) for u in us]) if us else torch.zeros(0, dtype=torch.long)
+
+    order: list[int] = []
+    out = []
+    while len(order) < len(widths):
+        def cost(u: int) -> float:
+            r = idx([*order, u])
+            k = idx([v for v in range(len(widths)) if v not in order and v != u])
+            left = g[r][:, r]
+            if len(k):
+                left = left - g[r][:, k] @ torch.linalg.solve(g[k][:, k] + lam * torch.eye(len(k), dtype=g.dtype),
+                                                               g[k][:, r])
+            return max(float((ww[r][:, r] * left).sum()), 0.0)
+
+        order.append(min((u for u in range(len(widths)) if u not in order), key=lambda u: (cost(u), u)))
+        out.append(tuple(sorted(order)))
+    return out
+
+
+def old_subset_errors(fits: tuple, evals: tuple, wo: torch.Tensor, cols: list[torch.Tensor], subsets: list,
+                      rho: float, n: int) -> dict:
+    """`basis._subset_errors`: the refitted columns themselves (kept x D), solved per subset and fold."""
+    out = {}
+    for s in subsets:
+        keep = [cols[u] for u in range(len(cols)) if u not in s]
+        err = 0.0
+        for (ga, ca, _), (gb, cb, aab) in zip(fits, evals, strict=True):
+            if not keep:
+                err += aab
+                continue
+            k = torch.cat(keep)
+            m = wo[:, k].T
+            gk = ga[k][:, k]
+            lam = rho * gk.diagonal().mean().clamp_min(1e-30)
+            chol = torch.linalg.cholesky(gk + lam * torch.eye(len(k), dtype=gk.dtype))
+            x = m + torch.cholesky_solve(ca[k] - gk @ m, chol)
+            err += aab - 2 * float((x * cb[k]).sum()) + float((x * (gb[k][:, k] @ x)).sum())
+        out[s] = max(err, 0.0) / n
+    return out
+
+
+def old_heldout_share_costs(gram: LayerGram, options: dict, data, layout, rho: float, rows: int,
+                            min_gain: float) -> dict:
+    """`heldout_share_costs` refitting every subset on the tokens themselves."""
+    U = layout.units_per_layer
+    z = {u: gram.z[("own", u)].double() for u in range(U)}
+    y = {u: z[u] @ gram.o[("own", u)].T for u in range(U)}
+    n = data.w.shape[0]
+    split = half(n, rows)
+    out = {}
+    for removed, (_, _, ranked) in options.items():
+        kept = [u for u in range(U) if u not in removed]
+        kz = torch.cat([z[u] for u in kept], 1) if kept else None
+        v = sum(y[u] for u in removed)
+        ys = {u: gram.z[r[0][1]].double() @ gram.o[r[0][1]].T for u, r in ranked.items()
+              if r and r[0][0] >= min_gain}
+        out[removed] = heldout_lending(kz, v, data.w, ys, rho, split)[1] / n
+    return out
+
+
+def exact_fold_stats(z: torch.Tensor, wo: torch.Tensor, w: torch.Tensor, part: slice) -> tuple:
+    """`basis._fold_stats` in float64 throughout, for the target a = z wo' (no rounding between the two)."""
+    zf, wf = z[part].double(), w[part].double()
+    a = zf @ wo.T
+    zw = zf * wf
+    return zf.T @ zw, zw.T @ a, float((a ** 2 * wf).sum())
+
+
+# --- random layers -----------------------------------------------------------------------------------------
+
+
+def random_layer(units: int, width: int, hidden: int, tokens: int, seed: int, sources: int = 0):
+    """Features with shared directions (so that refits matter) and units of unequal size, o columns of unequal
+    scale, positive token weights; `sources` extra borrowed features under keys (0, j)."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(units * width, units * width, generator=g) / (units * width) ** 0.5
+    base = torch.randn(tokens, units * width, generator=g)
+    z = (0.5 * base + base @ mix) * torch.rand(units * width, generator=g).add(0.2)
+    feats = {("own", u): z[:, u * width:(u + 1) * width] for u in range(units)}
+    cols = {("own", u): torch.randn(hidden, width, generator=g, dtype=torch.float64) * (1 + u % 3)
+            for u in range(units)}
+    for j in range(sources):
+        feats[(0, j)] = z[:, (j % units) * width:(j % units + 1) * width] * 0.9 + \
+            0.3 * torch.randn(tokens, width, generator=g)
+        cols[(0, j)] = torch.randn(hidden, width, generator=g, dtype=torch.float64)
+    w = torch.rand(tokens, 1, generator=g, dtype=torch.float64) + 0.5
+    return feats, cols, w
+
+
+@pytest.mark.parametrize("rho", [0.0, 1e-3, 1.0, 1e3])
+def test_greedy_order_is_the_refactorising_greedy_at_its_ridge(rho):
+    """The downdated order (one factorisation per layer) against a solve per candidate, on unequal blocks."""
+    widths = [3, 4, 3, 5, 3, 4, 2, 4]
+    total = sum(widths)
+    for seed in range(4):
+        g = torch.Generator().manual_seed(seed)
+        z = torch.randn(300, total, generator=g, dtype=torch.float64) @ torch.randn(
+            total, total, generator=g, dtype=torch.float64) * torch.rand(total, generator=g, dtype=torch.float64)
+        w = torch.rand(300, 1, generator=g, dtype=torch.float64) + 0.1
+        o = torch.randn(11, total, generator=g, dtype=torch.float64)
+        gram, ww = z.T @ (z * w), o.T @ o
+        lam = rho * float(gram.diagonal().mean())
+        got = greedy_order(gram, ww, widths, lam)
+        assert got == fixed_ridge_greedy(gram, ww, widths, lam)
+        assert [len(s) for s in got] == list(range(1, len(widths) + 1))
+        assert all(set(a) < set(b) for a, b in zip(got, got[1:], strict=False))
+
+
+def test_candidate_subsets_without_ridge_follow_the_refactorising_greedy():
+    """rho = 0: no ridge, so fixing it changes nothing and the order is the one the old code gave."""
+    for seed in range(2):
+        feats, cols, w = random_layer(8, 4, 12, 200, seed)
+        old = old_candidate_subsets(LayerGram(feats, cols, w), 8, 0.0)
+        assert candidate_subsets(LayerGram(feats, cols, w), 8, 0.0) == old
+
+
+def test_candidate_subsets_take_the_whole_layers_ridge():
+    """With a ridge, the order is the fixed-ridge greedy at rho x the mean diagonal of the whole layer's Gram."""
+    feats, cols, w = random_layer(8, 8, 32, 256, 8005)
+    gram = LayerGram(feats, cols, w)
+    keys = [("own", u) for u in range(8)]
+    g = torch.cat([torch.cat([gram.g(a, b) for b in keys], 1) for a in keys], 0)
+    ww = torch.cat([torch.cat([gram.ww(a, b) for b in keys], 1) for a in keys], 0)
+    want = fixed_ridge_greedy(g, ww, [8] * 8, float(g.diagonal().mean()))
+    assert candidate_subsets(gram, 8, 1.0) == want
+
+
+def test_candidate_subsets_remove_silent_units_first_in_index_order():
+    """Units whose output is zero cost nothing to remove: they tie and go first, the lower index first."""
+    feats, cols, w = random_layer(8, 4, 12, 200, 4)
+    for u in (5, 2):
+        feats[("own", u)] = torch.zeros_like(feats[("own", u)])
+    old = old_candidate_subsets(LayerGram(feats, cols, w), 8, 1.0)
+    assert old[:2] == [(2,), (2, 5)]
+    assert candidate_subsets(LayerGram(feats, cols, w), 8, 1.0)[:2] == old[:2]
+
+
+def test_prune_errors_match_the_hidden_wide_solve():
+    g = torch.Generator().manual_seed(3)
+    n, width, hidden = 200, 23, 17
+    z = torch.randn(n, width, generator=g, dtype=torch.float64) @ torch.randn(width, width, generator=g,
+                                                                               dtype=torch.float64)
+    w = torch.rand(n, 1, generator=g, dtype=torch.float64) + 0.1
+    wo = torch.randn(hidden, width, generator=g, dtype=torch.float64)
+    # units own interleaved columns (like key/value units with several parts); column 22 is no unit's
+    cols = [torch.tensor([0, 1, 10, 11, 12]), torch.tensor([2, 3, 13, 14]), torch.tensor([4, 5, 6, 15, 16]),
+            torch.tensor([7, 8, 17, 18]), torch.tensor([9, 19, 20, 21])]
+    folds = (slice(0, 90), slice(90, n))
+    stats = [exact_fold_stats(z, wo, w, f) for f in folds]
+    subsets = [frozenset(c) for k in range(6) for c in itertools.combinations(range(5), k)]
+    for rho in (0.0, 1.0, 1e8):
+        want = old_subset_errors((stats[0], stats[1]), (stats[1], stats[0]), wo, cols, subsets, rho, n)
+        got = prune_errors((stats[0][0], stats[1][0]), wo, cols, subsets, rho, n)
+        assert list(got) == subsets
+        for s in subsets:
+            assert got[s] == pytest.approx(want[s], rel=1e-9, abs=1e-12 * want[frozenset(range(5))])
+
+
+def test_heldout_costs_without_lenders_match_the_token_refits():
+    U = 5
+    feats, cols, w = random_layer(U, 3, 8, 160, 11)
+    gram = LayerGram(feats, cols, w)
+    layout, data = SimpleNamespace(units_per_layer=U), SimpleNamespace(w=w)
+    for rho in (1e-2, 1.0):
+        options = layer_options(gram, U, [], rho, math.inf)
+        want = old_heldout_share_costs(gram, options, data, layout, rho, 4, math.inf)
+        for got in (heldout_share_costs(gram, options, data, layout, rho, 4, math.inf),
+                    heldout_prune_costs(gram, options, data, layout, rho, 4)):
+            assert list(got) == list(want)
+            assert list(got.values()) == pytest.approx(list(want.values()), rel=1e-9)
+
+
+def test_heldout_costs_with_lenders_are_unchanged():
+    """Subsets with a candidate lender keep the token path; the others take the fast one; the dict is the same."""
+    U = 4
+    feats, cols, w = random_layer(U, 3, 8, 160, 5, sources=3)
+    gram = LayerGram(feats, cols, w)
+    layout, data = SimpleNamespace(units_per_layer=U), SimpleNamespace(w=w)
+    sources = [(0, j) for j in range(3)]
+    for min_gain in (0.0, 0.1):
+        options = layer_options(gram, U, sources, 1.0, min_gain)
+        want = old_heldout_share_costs(gram, options, data, layout, 1.0, 2, min_gain)
+        got = heldout_share_costs(gram, options, data, layout, 1.0, 2, min_gain)
+        assert list(got) == list(want)
+        assert list(got.values()) == pytest.approx(list(want.values()), rel=1e-9)
+
+
+@pytest.mark.slow
+def test_on_a_smollm2_layer_with_query_units(smollm2_dir):
+    """A real layer (9 query-head units of width 64, hidden 576): the fast cross-fitted pruning errors agree
+    with both earlier computations on the greedy subsets, and the greedy order is the fixed-ridge greedy's."""
+    from headshare.arch import blocks, layout_of, unit_kind
+    from headshare.fetch import load_model
+    from headshare.methods.calibration import calibration_ids, capture, layer_gram
+
+    model, tok = load_model(str(smollm2_dir))
+    ids = calibration_ids(model, tok, "builtin:calib", 2048)
+    with unit_kind("query"):
+        layout = layout_of(model.config)
+        data = capture(model, ids)
+        layer, U = 5, layout.units_per_layer
+        gram = layer_gram(model, data[layer], layout, layer, [])
+    assert U == 9
+    d = data[layer]
+    subsets = [frozenset(s) for s in candidate_subsets(gram, U, 1.0)]
+    options = {s: (0.0, 0.0, {u: [] for u in s}) for s in subsets}
+    want = old_heldout_share_costs(gram, options, d, layout, 1.0, len(ids), math.inf)
+    got = heldout_share_costs(gram, options, d, layout, 1.0, len(ids), math.inf)
+    assert list(got.values()) == pytest.approx(list(want.values()), rel=1e-9)
+
+    op = layout.o_projection()
+    wo = blocks(model)[layer].get_submodule(op.path).weight.detach().double()  # (D, in): Llama's o is an nn.Linear
+    cols = [op.unit_index(u) for u in range(U)]
+    n = d.z.shape[0]
+    folds = (slice(0, half(n, len(ids))), slice(half(n, len(ids)), n))
+    stats = [exact_fold_stats(d.z, wo, d.w, f) for f in folds]
+    want = old_subset_errors((stats[0], stats[1]), (stats[1], stats[0]), wo, cols, subsets, 1.0, n)
+    got = prune_errors((stats[0][0], stats[1][0]), wo, cols, subsets, 1.0, n)
+    assert list(got.values()) == pytest.approx(list(want.values()), rel=1e-9)
+    keys = [("own", u) for u in range(U)]
+    g = torch.cat([torch.cat([gram.g(a, b) for b in keys], 1) for a in keys], 0)
+    ww = torch.cat([torch.cat([gram.ww(a, b) for b in keys], 1) for a in keys], 0)
+    assert candidate_subsets(gram, U, 1.0) == fixed_ridge_greedy(g, ww, [64] * U, float(g.diagonal().mean()))
