@@ -119,6 +119,25 @@ def test_bfloat16_model_gives_the_plan_float32_gives(method, tiny_tokenizer, cal
         assert err < 0.1, (k, float(err))
 
 
+def test_half_precision_blocks_compute_in_float32_on_the_cpu_and_keep_their_tensors(tiny_tokenizer):
+    """On a CPU a bf16 block computes in float32 during its turn (bf16 products are slow there), and afterwards
+    holds its own bf16 tensors again, the same storage: nothing rounded, a memory-mapped weight stays mapped."""
+    model = tiny_model("llama-gqa").to(torch.bfloat16)
+    before = {n: (p.data_ptr(), p.dtype) for n, p in model.named_parameters()}
+    ids = torch.randint(4, 50, (2, 16), generator=torch.Generator().manual_seed(0))
+    for layer, d in walk(model, ids):
+        block = blocks(model)[layer]
+        assert {p.dtype for p in block.parameters()} == {torch.float32}
+        assert d.z.dtype == d.out.dtype == torch.float32
+        assert {p.dtype for p in blocks(model)[(layer + 1) % 3].parameters()} == {torch.bfloat16}
+    assert {n: (p.data_ptr(), p.dtype) for n, p in model.named_parameters()} == before
+    # the float32 stream agrees with the bf16 model's own forward (whose last hidden state is after the final
+    # norm) up to bf16 rounding
+    ref = model(ids, output_hidden_states=True).hidden_states[-1]
+    got = model.model.norm(list(walk(model, ids))[-1][1].out.to(torch.bfloat16))
+    assert ((got.float() - ref.float()).norm() / ref.float().norm()) < 0.05
+
+
 def test_a_model_dispatched_by_accelerate_is_computed_where_it_was_put(tiny_tokenizer, calib_file):
     from accelerate import dispatch_model
 

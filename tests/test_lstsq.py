@@ -18,12 +18,14 @@ import torch
 from headshare.methods.lstsq import (
     LayerGram,
     candidate_subsets,
+    fold_grams,
     greedy_order,
     half,
     heldout_lending,
     heldout_prune_costs,
     heldout_share_costs,
     layer_options,
+    nested_prune_errors,
     prune_errors,
 )
 
@@ -273,3 +275,45 @@ def test_on_a_smollm2_layer_with_query_units(smollm2_dir):
     g = torch.cat([torch.cat([gram.g(a, b) for b in keys], 1) for a in keys], 0)
     ww = torch.cat([torch.cat([gram.ww(a, b) for b in keys], 1) for a in keys], 0)
     assert candidate_subsets(gram, U, 1.0) == fixed_ridge_greedy(g, ww, [64] * U, float(g.diagonal().mean()))
+
+
+@pytest.mark.parametrize("rho", [0.0, 1e-2, 1.0, 1e3])
+def test_nested_prune_errors_are_the_per_subset_solves_at_the_fixed_ridge(rho):
+    """The downdated errors of a nested chain against one Cholesky per subset (`fixed_ridge=True`)."""
+    g = torch.Generator().manual_seed(7)
+    widths = [3, 4, 3, 5, 3, 4, 2, 4]
+    total, n = sum(widths), 300
+    z = torch.randn(n, total, generator=g, dtype=torch.float64) @ torch.randn(total, total, generator=g,
+                                                                               dtype=torch.float64)
+    w = torch.rand(n, 1, generator=g, dtype=torch.float64) + 0.1
+    wo = torch.randn(9, total, generator=g, dtype=torch.float64)
+    starts = [0, *itertools.accumulate(widths)]
+    cols = [torch.arange(starts[u], starts[u + 1]) for u in range(len(widths))]
+    grams = (z[:140].T @ (z[:140] * w[:140]), z[140:].T @ (z[140:] * w[140:]))
+    order = [5, 0, 7, 2, 3, 6, 1, 4]
+    chain = [frozenset(order[:k]) for k in range(1, len(order) + 1)]
+    want = prune_errors(grams, wo, cols, chain, rho, n, fixed_ridge=True)
+    got = nested_prune_errors(grams, wo.T @ wo, widths, order, rho)
+    scale = want[chain[-1]] * n
+    for s, e in zip(chain, got, strict=True):
+        assert e == pytest.approx(want[s] * n, rel=1e-8, abs=1e-10 * scale)
+
+
+def test_heldout_prune_costs_take_the_nested_path_for_the_greedys_subsets():
+    U = 8  # > EXHAUSTIVE
+    feats, cols, w = random_layer(U, 3, 8, 160, 12)
+    gram = LayerGram(feats, cols, w)
+    layout, data = SimpleNamespace(units_per_layer=U), SimpleNamespace(w=w)
+    chain = [frozenset(s) for s in candidate_subsets(gram, U, 1.0)]
+    got = heldout_prune_costs(gram, chain, data, layout, 1.0, 4)
+    z = torch.cat([feats[("own", u)].double() for u in range(U)], 1)
+    wo = torch.cat([cols[("own", u)] for u in range(U)], 1)
+    blocks = [torch.arange(3 * u, 3 * u + 3) for u in range(U)]
+    want = prune_errors(fold_grams(z, w, half(160, 4)), wo, blocks, chain, 1.0, 160, fixed_ridge=True)
+    assert list(got) == chain
+    assert list(got.values()) == pytest.approx(list(want.values()), rel=1e-8)
+    # subsets that are not nested keep each subset's own ridge
+    loose = [frozenset({0}), frozenset({1}), frozenset({0, 2})]
+    own = prune_errors(fold_grams(z, w, half(160, 4)), wo, blocks, loose, 1.0, 160)
+    assert list(heldout_prune_costs(gram, loose, data, layout, 1.0, 4).values()) == pytest.approx(
+        list(own.values()), rel=1e-9)

@@ -43,7 +43,7 @@ from ..units import (
 )
 from . import CalibConfig, check, is_number, register_method
 from .actshare import WINDOW, window_ok
-from .calibration import calibration_ids, candidate_sources, layer_gram, walk
+from .calibration import calibration_ids, candidate_sources, layer_gram, model_dtype, walk
 from .lstsq import (
     RidgeResidual,
     fit_scales,
@@ -80,6 +80,7 @@ def refit(model: nn.Module, ids: torch.Tensor, removed: set, borrow: dict, rho: 
     layers = {lay for lay, _ in removed}
     scales: dict = {}
     fitted: dict[str, torch.Tensor] = {}
+    stored = model_dtype(model)  # blocks may compute in float32 during their turn (calibration.compute_dtype)
 
     def source(sl: int, su: int) -> dict:
         """A root's slices as `share` will read them: its o columns as refitted, if they were."""
@@ -116,7 +117,7 @@ def refit(model: nn.Module, ids: torch.Tensor, removed: set, borrow: dict, rho: 
                 handle.remove()
             for u in range(U):
                 if u not in gone:
-                    fitted[fitted_key(layer, o.path, u)] = get_slices(block, layout, u)[o.path][0].cpu().contiguous()
+                    fitted[fitted_key(layer, o.path, u)] = get_slices(block, layout, u)[o.path][0].to("cpu", stored).contiguous()
         finally:
             for u, slices in saved.items():
                 set_slices(block, layout, u, slices)

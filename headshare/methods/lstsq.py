@@ -368,7 +368,8 @@ def fold_grams(z: torch.Tensor, w: torch.Tensor, split: int, dtype: torch.dtype 
     return tuple(out)
 
 
-def prune_errors(grams: tuple, wo: torch.Tensor, cols: list[torch.Tensor], subsets, rho: float, n: int) -> dict:
+def prune_errors(grams: tuple, wo: torch.Tensor, cols: list[torch.Tensor], subsets, rho: float, n: int,
+                 fixed_ridge: bool = False) -> dict:
     """{subset: error per token} when the units of `subset` are pruned and the o columns of the others are
     refitted by ridge on one fold and the error of the attention output measured on the other, both ways round
     (direction i fits on `grams[i]`, Z'WZ of fold i over all o inputs, and measures on the other). `wo` is the
@@ -380,7 +381,8 @@ def prune_errors(grams: tuple, wo: torch.Tensor, cols: list[torch.Tensor], subse
     the kept columns is z_R wo_R', so their change is Y wo_R' with Y = (G_KK + lam)^-1 G_KR (K x R, not K x D),
     and the fold-b error is <WW_RR, G_RR - 2 Y'G_KR + Y'G_KK Y> with WW = wo'wo, formed once. One Cholesky of
     the kept block per subset and fold, as the refit itself needs; the direct form's cancellation (a'Wa minus
-    nearly as much) is avoided too."""
+    nearly as much) is avoided too. `fixed_ridge`: lam = rho x the mean diagonal of the whole fold Gram
+    instead, what `nested_prune_errors` computes."""
     w2 = wo.detach().double()  # a module's weight may carry autograd; nothing here is differentiated
     ww = w2.T @ w2  # the only product over the hidden size, shared by every subset
     width = ww.shape[0]
@@ -398,7 +400,7 @@ def prune_errors(grams: tuple, wo: torch.Tensor, cols: list[torch.Tensor], subse
             if not len(k):
                 continue
             gk = ga[k][:, k]
-            lam = rho * gk.diagonal().mean().clamp_min(1e-30)
+            lam = rho * (ga if fixed_ridge else gk).diagonal().mean().clamp_min(1e-30)
             chol = torch.linalg.cholesky(gk + lam * torch.eye(len(k), dtype=gk.dtype))
             y = torch.cholesky_solve(ga[k][:, r], chol)  # (K, R): the kept columns' change per removed column
             yw = y @ wrr
@@ -407,10 +409,71 @@ def prune_errors(grams: tuple, wo: torch.Tensor, cols: list[torch.Tensor], subse
     return out
 
 
+def nested_prune_errors(grams: tuple, ww: torch.Tensor, widths: list[int], order: list[int], rho: float) -> list:
+    """`prune_errors(..., fixed_ridge=True)` x n for the nested subsets order[:1], order[:2], ..., of units whose
+    columns are consecutive blocks of `widths` (`grams`: the two folds' Grams, `ww` = wo'wo, in those blocks).
+
+    The same bookkeeping as `greedy_order`, per fitting fold a: H = (Ga_KK + lam)^-1 downdated as units
+    leave, Y = H Ga_KR (the kept columns' change per removed column), F = Y WW_RR and V = Gb_KK Y, each
+    updated by products d wide, so that the fold-b error <WW_RR, Gb_RR> - 2 <F, Gb_KR> + <F, V> costs no
+    factorisation per subset: on a layer 32 x 128 wide, K x d x (K + R) per step where each subset's own
+    solve was K^2 x R."""
+    off = _offsets(widths)
+    errs = [0.0] * len(order)
+    for ga, gb in (grams, grams[::-1]):
+        lam = rho * float(ga.diagonal().mean().clamp_min(1e-30))
+        kept = list(range(len(widths)))
+        h = torch.cholesky_inverse(torch.linalg.cholesky(ga + lam * torch.eye(ga.shape[0], dtype=ga.dtype)))
+        gbk = gb.clone()  # Gb over the kept columns (in `kept` order)
+        zero = ga.new_zeros(ga.shape[0], 0)
+        y, f, v, gkr = zero, zero, zero, zero  # Y, F, V and Gb_KR: rows the kept columns, columns R's
+        wr = ga.new_zeros(ga.shape[0], 0)  # WW_.R, rows in block order
+        ri = torch.zeros(0, dtype=torch.long)
+        rr = 0.0  # <WW_RR, Gb_RR>
+        for step, u in enumerate(order):
+            koff = _offsets([widths[k] for k in kept])
+            i = kept.index(u)
+            sl, su = slice(koff[i], koff[i + 1]), slice(off[u], off[u + 1])
+            rows = torch.cat([torch.arange(0, sl.start), torch.arange(sl.stop, h.shape[0])])
+            a = h[:, sl] @ torch.linalg.inv(h[sl, sl])  # H_Ku H_uu^-1 (the identity at u's own rows)
+            gba = gbk @ a
+            wur, wuu = wr[su], ww[su, su]
+            gbu = gb[su]
+            rr += 2 * float((wur * gbu[:, ri]).sum()) + float((wuu * gbu[:, su]).sum())
+            # Y and V with u's rows zeroed (the downdated H vanishes there), then u's own column block
+            yt = y - a @ y[sl]
+            vt = v - gba @ y[sl]
+            yu = -a
+            yu[sl] = 0
+            vu = gbk[:, sl] - gba
+            f = torch.cat([f - a @ f[sl] + yu @ wur, yt @ wur.T + yu @ wuu], 1)[rows]
+            y = torch.cat([yt, yu], 1)[rows]
+            v = torch.cat([vt, vu], 1)[rows]
+            gkr = torch.cat([gkr, gbk[:, sl]], 1)[rows]
+            h = h.index_select(0, rows).index_select(1, rows).sub_(a[rows] @ h[sl].index_select(1, rows))
+            gbk = gbk.index_select(0, rows).index_select(1, rows)
+            wr = torch.cat([wr, ww[:, su]], 1)
+            ri = torch.cat([ri, torch.arange(off[u], off[u + 1])])
+            kept.pop(i)
+            errs[step] += rr - 2 * float((f * gkr).sum()) + float((f * v).sum())
+    return errs
+
+
+def _chain(subsets: list) -> list[int] | None:
+    """The removal order whose prefixes include every subset, if the subsets are nested; None otherwise."""
+    order: list[int] = []
+    for s in sorted(subsets, key=len):
+        if not set(order) <= s:
+            return None
+        order += sorted(s - set(order))
+    return order
+
+
 def heldout_prune_costs(gram: LayerGram, subsets, data: LayerData, layout: Layout, rho: float, rows: int) -> dict:
     """{subset: cross-fitted error per token of pruning it}: `heldout_share_costs(..., min_gain=math.inf)` for
     these subsets, by `prune_errors` on the folds' float64 Grams of the layer's own units (`gram`), the halves
-    of the `rows` calibration sequences."""
+    of the `rows` calibration sequences. Beyond `EXHAUSTIVE` units a layer, nested subsets (the greedy's) take
+    `nested_prune_errors`, with the ridge fixed per layer and fold."""
     U = layout.units_per_layer
     subsets = list(subsets)
     if not subsets:
@@ -420,4 +483,11 @@ def heldout_prune_costs(gram: LayerGram, subsets, data: LayerData, layout: Layou
     wo = torch.cat([gram.o[k].double() for k in keys], 1)
     cols = [torch.arange(s, e) for s, e in itertools.pairwise(_offsets([gram.z[k].shape[1] for k in keys]))]
     n = data.w.shape[0]
-    return prune_errors(fold_grams(z, data.w, half(n, rows)), wo, cols, subsets, rho, n)
+    grams = fold_grams(z, data.w, half(n, rows))
+    order = _chain(subsets) if U > EXHAUSTIVE else None
+    if order is None:
+        return prune_errors(grams, wo, cols, subsets, rho, n)
+    # the greedy's nested subsets (many units a layer): one downdated factorisation per fold, at the
+    # ridge fixed for the layer as the greedy order has it
+    errs = nested_prune_errors(grams, wo.T @ wo, [len(c) for c in cols], order, rho)
+    return {s: max(errs[len(s) - 1], 0.0) / n for s in subsets}
