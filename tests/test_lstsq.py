@@ -241,8 +241,9 @@ def test_heldout_costs_with_lenders_are_unchanged():
 
 @pytest.mark.slow
 def test_on_a_smollm2_layer_with_query_units(smollm2_dir):
-    """A real layer (9 query-head units of width 64, hidden 576): the fast cross-fitted pruning errors agree
-    with both earlier computations on the greedy subsets, and the greedy order is the fixed-ridge greedy's."""
+    """A real layer (9 query-head units of width 64, hidden 576): on the greedy's nested subsets the held-out
+    costs are the per-subset solves at the layer's fixed ridge (`nested_prune_errors`), each subset's own-ridge
+    errors (`prune_errors`) agree with the hidden-wide solve, and the greedy order is the fixed-ridge greedy's."""
     from headshare.arch import blocks, layout_of, unit_kind
     from headshare.fetch import load_model
     from headshare.methods.calibration import calibration_ids, capture, layer_gram
@@ -258,9 +259,17 @@ def test_on_a_smollm2_layer_with_query_units(smollm2_dir):
     d = data[layer]
     subsets = [frozenset(s) for s in candidate_subsets(gram, U, 1.0)]
     options = {s: (0.0, 0.0, {u: [] for u in s}) for s in subsets}
-    want = old_heldout_share_costs(gram, options, d, layout, 1.0, len(ids), math.inf)
     got = heldout_share_costs(gram, options, d, layout, 1.0, len(ids), math.inf)
-    assert list(got.values()) == pytest.approx(list(want.values()), rel=1e-9)
+    z = torch.cat([gram.z[("own", u)].double() for u in range(U)], 1)
+    o = torch.cat([gram.o[("own", u)].double() for u in range(U)], 1)
+    blocks_ = [torch.arange(64 * u, 64 * u + 64) for u in range(U)]
+    n = d.w.shape[0]
+    grams = fold_grams(z, d.w, half(n, len(ids)))
+    want = prune_errors(grams, o, blocks_, subsets, 1.0, n, fixed_ridge=True)
+    assert list(got.values()) == pytest.approx(list(want.values()), rel=1e-8)
+    # the fixed ridge against each subset's own: the same costs to within a few per cent here
+    own = prune_errors(grams, o, blocks_, subsets, 1.0, n)
+    assert list(got.values()) == pytest.approx(list(own.values()), rel=0.05)
 
     op = layout.o_projection()
     wo = blocks(model)[layer].get_submodule(op.path).weight.detach().double()  # (D, in): Llama's o is an nn.Linear
