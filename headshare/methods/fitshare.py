@@ -46,6 +46,7 @@ from .actshare import WINDOW, window_ok
 from .calibration import calibration_ids, candidate_sources, layer_gram, model_dtype, walk
 from .lstsq import (
     RidgeResidual,
+    candidate_subsets,
     fit_scales,
     half,
     heldout_lenders,
@@ -189,7 +190,10 @@ def _fit_plan(model, method: str, cfg: CalibConfig, tokenizer, rho: float, windo
     for layer, d in walk(model, ids, device, progress, desc="costs"):
         sources = candidate_sources(layer, U, window, ()) if share else []
         gram = layer_gram(model, d, layout, layer, sources)
-        options.append(layer_options(gram, U, sources, rho, min_gain))
+        if share or select == "sharing":
+            options.append(layer_options(gram, U, sources, rho, min_gain))
+        else:  # pruning alone reads only the held-out costs: no in-sample refit per subset (a factorisation each)
+            options.append({frozenset(c): (0.0, 0.0, {}) for c in candidate_subsets(gram, U, rho)})
         if share and select == "heldout":
             costs.append(heldout_share_costs(gram, options[-1], d, layout, rho, len(ids), min_gain))
             continue
