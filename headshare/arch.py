@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .errors import HeadshareError
+
 
 @dataclass(frozen=True)
 class ArchSpec:
@@ -73,8 +75,8 @@ ARCHITECTURES: dict[str, ArchSpec] = {
 }
 
 
-class UnsupportedModelError(ValueError):
-    pass
+class UnsupportedModelError(HeadshareError):
+    """A model family or head layout headshare cannot cut into units."""
 
 
 def arch_spec(model_type: str) -> ArchSpec:
