@@ -16,9 +16,6 @@ made with is recorded in `plan.config`.
 from __future__ import annotations
 
 import inspect
-import math
-import types
-import typing
 from collections.abc import Callable
 from dataclasses import MISSING, asdict, dataclass, fields
 
@@ -26,6 +23,9 @@ import torch
 from torch import nn
 
 from ..arch import UNIT_KINDS, layout_of, unit_kind
+from ..config import Config, check, is_integer, is_number
+from ..config import parse_option as _parse_option
+from ..errors import HeadshareError
 from ..plan import SharePlan, units_for_ratio
 from ..units import refuse_shared
 
@@ -33,7 +33,7 @@ CONFIG_VERSION = 1
 
 
 @dataclass
-class MethodConfig:
+class MethodConfig(Config):
     """Options shared by every method: the fraction of all attention units to remove, and what a unit is
     ("kv": a key/value head with its query heads; "query": one query head, see `headshare.arch`)."""
 
@@ -52,37 +52,13 @@ class MethodConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> MethodConfig:
-        d = dict(d)
-        version = d.pop("version", CONFIG_VERSION)
-        if version > CONFIG_VERSION:
-            raise ValueError(f"method config version {version} is newer than this headshare ({CONFIG_VERSION})")
-        unknown = sorted(set(d) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"{cls.__name__} has no option {', '.join(map(repr, unknown))}; "
-                             f"its options: {', '.join(f.name for f in fields(cls))}")
-        return cls(**d)
+        return super().from_dict(d, version=CONFIG_VERSION)
 
     @classmethod
     def options(cls) -> dict[str, object]:
         """{option: default} for every option but the ratio and the unit."""
         return {f.name: (f.default if f.default is not MISSING else None) for f in fields(cls)
                 if f.name not in ("ratio", "unit")}
-
-
-def is_number(x) -> bool:
-    """A finite int or float, not a bool."""
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def is_integer(x) -> bool:
-    """An int, not a bool."""
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def check(cfg, name: str, ok: bool, what: str) -> None:
-    """Refuse a config value: `ok` False raises ValueError showing the option and its value."""
-    if not ok:
-        raise ValueError(f"{type(cfg).__name__}: {name} must be {what}, got {getattr(cfg, name)!r}")
 
 
 @dataclass
@@ -120,7 +96,7 @@ def register_method(name: str, config: type[MethodConfig], help: str = "",
 
     def deco(fn: MethodFn) -> MethodFn:
         if name in METHODS:
-            raise ValueError(f"method {name!r} is already registered")
+            raise HeadshareError(f"method {name!r} is already registered")
         takes_device = "device" in inspect.signature(fn).parameters
         METHODS[name] = Method(name, config, fn, help or (fn.__doc__ or "").strip().splitlines()[0], needs_tokenizer,
                                takes_device)
@@ -131,7 +107,7 @@ def register_method(name: str, config: type[MethodConfig], help: str = "",
 
 def get_method(name: str) -> Method:
     if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; registered: {', '.join(METHODS)}")
+        raise HeadshareError(f"unknown method {name!r}; registered: {', '.join(METHODS)}")
     return METHODS[name]
 
 
@@ -140,7 +116,7 @@ def method_of(config: MethodConfig) -> Method:
     for m in METHODS.values():
         if type(config) is m.config:
             return m
-    raise ValueError(f"{type(config).__name__} is the config of no registered method")
+    raise HeadshareError(f"{type(config).__name__} is the config of no registered method")
 
 
 def make_config(method: str, ratio: float = 0.0, **options) -> MethodConfig:
@@ -149,43 +125,8 @@ def make_config(method: str, ratio: float = 0.0, **options) -> MethodConfig:
 
 
 def parse_option(config: type[MethodConfig], text: str) -> tuple[str, object]:
-    """KEY=VALUE from the command line, the value parsed by the option's declared type."""
-    key, sep, raw = text.partition("=")
-    key = key.strip().replace("-", "_")
-    known = {f.name: f for f in fields(config)}
-    if not sep or not key:
-        raise ValueError(f"option {text!r}: expected KEY=VALUE")
-    if key not in known or key == "ratio":
-        raise ValueError(f"{config.__name__} has no option {key!r}; its options: "
-                         f"{', '.join(k for k in known if k != 'ratio') or 'none'}")
-    hints = typing.get_type_hints(config)
-    return key, _parse_value(hints[key], raw.strip(), key)
-
-
-def _parse_value(tp, raw: str, key: str):
-    args = typing.get_args(tp) if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union else (tp,)
-    if type(None) in args and raw.lower() in ("none", "null", ""):
-        return None
-    for t in (a for a in args if a is not type(None)):
-        if t is bool:
-            if raw.lower() in ("1", "true", "yes", "on"):
-                return True
-            if raw.lower() in ("0", "false", "no", "off"):
-                return False
-        elif t is int:
-            try:
-                return int(raw)
-            except ValueError:
-                pass
-        elif t is float:
-            try:
-                return float(raw)
-            except ValueError:
-                pass
-        elif t is str:
-            return raw
-    words = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "none"}
-    raise ValueError(f"option {key}: {raw!r} is not {' or '.join(words.get(a, str(a)) for a in args)}")
+    """KEY=VALUE from the command line for a method's config (the ratio has its own flag)."""
+    return _parse_option(config, text, hidden=("ratio",))
 
 
 def make_plan(model: nn.Module, ratio: float | MethodConfig = 0.0, method: str | None = None, *,
@@ -202,7 +143,7 @@ def make_plan(model: nn.Module, ratio: float | MethodConfig = 0.0, method: str |
     """
     if isinstance(ratio, MethodConfig):
         if options or method is not None:
-            raise ValueError("give either a config or a method name with options, not both")
+            raise HeadshareError("give either a config or a method name with options, not both")
         config, m = ratio, method_of(ratio)
     else:
         m = get_method(method or "directshare")
@@ -211,12 +152,12 @@ def make_plan(model: nn.Module, ratio: float | MethodConfig = 0.0, method: str |
     layout = layout_of(model.config, config.unit)
     units_for_ratio(config.ratio, layout)  # fail on a ratio the model cannot take before any work
     if m.needs_tokenizer and tokenizer is None and units_for_ratio(config.ratio, layout):
-        raise ValueError(f"method {m.name!r} reads calibration text and needs a tokenizer (tokenizer=...)")
+        raise HeadshareError(f"method {m.name!r} reads calibration text and needs a tokenizer (tokenizer=...)")
     with unit_kind(config.unit):  # the method and every helper it calls cut these units
         if m.takes_device:
             plan = m.fn(model, config, tokenizer, progress, device=None if device is None else torch.device(device))
         elif device is not None:
-            raise ValueError(f"method {m.name!r} computes where the model is: move the model instead of device=")
+            raise HeadshareError(f"method {m.name!r} computes where the model is: move the model instead of device=")
         else:
             plan = m.fn(model, config, tokenizer, progress)
     plan.method, plan.ratio, plan.config = m.name, config.ratio, config.to_dict()
