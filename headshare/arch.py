@@ -133,7 +133,7 @@ class Layout:
 
     def __post_init__(self) -> None:
         if self.unit_kind not in UNIT_KINDS:
-            raise ValueError(f"unit must be one of {', '.join(UNIT_KINDS)}, got {self.unit_kind!r}")
+            raise HeadshareError(f"unit must be one of {', '.join(UNIT_KINDS)}, got {self.unit_kind!r}")
         if self.unit_kind == "query" and arch_spec(self.model_type).qkv is not None:
             raise UnsupportedModelError(f"unit 'query' needs separate q/k/v projections; {self.model_type!r} "
                                         "fuses them (use the default unit)")
@@ -238,7 +238,7 @@ def unit_kind(kind: str | None):
         yield
         return
     if kind not in UNIT_KINDS:
-        raise ValueError(f"unit must be one of {', '.join(UNIT_KINDS)}, got {kind!r}")
+        raise HeadshareError(f"unit must be one of {', '.join(UNIT_KINDS)}, got {kind!r}")
     token = _UNIT.set(kind)
     try:
         yield

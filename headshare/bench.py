@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from .arch import UNIT_KINDS, arch_spec, blocks, layout_of
+from .errors import HeadshareError
 from .files import atomic_write_text
 from .methods import METHODS, MethodConfig, get_method, make_plan, parse_option
 from .plan import SharePlan
@@ -61,7 +62,7 @@ def split_method(name: str) -> tuple[str, str | None]:
     query-head units, so rows of both unit kinds sit side by side in one run."""
     method, sep, unit = name.partition("@")
     if sep and unit not in UNIT_KINDS:
-        raise ValueError(f"method {name!r}: the unit after '@' must be one of {', '.join(UNIT_KINDS)}")
+        raise HeadshareError(f"method {name!r}: the unit after '@' must be one of {', '.join(UNIT_KINDS)}")
     return method, (unit if sep else None)
 
 
@@ -74,11 +75,11 @@ def resolve_methods(names) -> list[str]:
     for name in names:
         for m in (list(METHODS) if name == "all" else [name]):
             if split_method(m)[0] not in METHODS:
-                raise ValueError(f"unknown method {m!r}; registered: {', '.join(METHODS)}")
+                raise HeadshareError(f"unknown method {m!r}; registered: {', '.join(METHODS)}")
             if m not in out:
                 out.append(m)
     if not out:
-        raise ValueError("no methods given")
+        raise HeadshareError("no methods given")
     return out
 
 
@@ -92,9 +93,9 @@ def parse_options(texts, methods) -> dict[str, object] | None:
         targets = [scope] if scope else [m for m in methods
                                          if name.replace("-", "_") in get_method(split_method(m)[0]).config.options()]
         if scope and scope not in methods:
-            raise ValueError(f"option {text!r} is for method {scope!r}, which this run does not include")
+            raise HeadshareError(f"option {text!r} is for method {scope!r}, which this run does not include")
         if not targets:
-            raise ValueError(f"option {name!r} belongs to none of the methods {', '.join(methods)}")
+            raise HeadshareError(f"option {name!r} belongs to none of the methods {', '.join(methods)}")
         for m in targets:
             k, v = parse_option(get_method(split_method(m)[0]).config, f"{name}={text.partition('=')[2]}")
             out[f"{scope}.{k}" if scope else k] = v
@@ -337,13 +338,13 @@ def read_rows(out: Path, settings: dict, resume: bool, force: bool) -> list[dict
     try:
         rows = json.loads(out.read_text() or "[]")
     except json.JSONDecodeError as e:
-        raise ValueError(f"{out}: not valid JSON ({e}); cannot resume") from None
+        raise HeadshareError(f"{out}: not valid JSON ({e}); cannot resume") from None
     if not isinstance(rows, list) or not all(isinstance(r, dict) and "method" in r and "ratio" in r for r in rows):
-        raise ValueError(f"{out} is not a benchmark file (expected a list of rows with method and ratio)")
+        raise HeadshareError(f"{out} is not a benchmark file (expected a list of rows with method and ratio)")
     for r in rows:
         for k in SETTING_KEYS:
             if r.get(k) != settings.get(k):
-                raise ValueError(f"{out} holds rows made with {k}={r.get(k)!r}, this run has {k}={settings[k]!r}; "
+                raise HeadshareError(f"{out} holds rows made with {k}={r.get(k)!r}, this run has {k}={settings[k]!r}; "
                                  "use another --json file or --force")
     return rows
 
@@ -498,7 +499,7 @@ def run_bench(model: str = "smollm2-135m", ratios=DEFAULT_RATIOS, methods=DEFAUL
     ratios = list(dict.fromkeys(_ratio_key(r) for r in ratios))
     for r in ratios:
         if not 0 <= r < 1:
-            raise ValueError(f"ratio must be in [0, 1), got {r}")
+            raise HeadshareError(f"ratio must be in [0, 1), got {r}")
     # rows made before dtypes were a setting were all float32 and hold no dtype: None keeps them resumable
     settings = {"model": model, "text": text, "calib": calib, "calib_tokens": calib_tokens,
                 "max_tokens": max_tokens, "window": window, "seed": seed, "options": options or None,
@@ -514,7 +515,7 @@ def run_bench(model: str = "smollm2-135m", ratios=DEFAULT_RATIOS, methods=DEFAUL
         original, tok = load_model(model, dtype=dtype,
                                    device="cpu" if offload else device)
         if tok is None:
-            raise ValueError(f"{model} has no tokenizer; save one beside the weights")
+            raise HeadshareError(f"{model} has no tokenizer; save one beside the weights")
         eval_text = load_text(text, split="eval")
         reference = CachedReference(original)
         baseline = next((r for r in rows if _ratio_key(r["ratio"]) == 0), None)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .arch import layout_of
+from .errors import HeadshareError
 from .files import atomic_dir, read_safetensors, safetensors_shapes
 from .plan import SharePlan
 from .sharing import _apply_structure
@@ -79,9 +80,9 @@ def read_record(path: str | Path) -> dict:
     try:
         d = json.loads(cfg.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg}: corrupt JSON ({e})") from None
+        raise HeadshareError(f"{cfg}: corrupt JSON ({e})") from None
     if "headshare" not in d:
-        raise ValueError(f"{path} is not a headshare checkpoint (config.json has no 'headshare' section)")
+        raise HeadshareError(f"{path} is not a headshare checkpoint (config.json has no 'headshare' section)")
     return d["headshare"]
 
 
@@ -106,7 +107,7 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None, device: str |
     config = AutoConfig.from_pretrained(path)
     base = getattr(transformers, record["base_class"], None)
     if base is None:
-        raise ValueError(f"{path}: transformers has no class {record['base_class']!r}; upgrade transformers")
+        raise HeadshareError(f"{path}: transformers has no class {record['base_class']!r}; upgrade transformers")
     if dtype == "auto":
         dtype = None
     if isinstance(dtype, str):
@@ -130,7 +131,7 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None, device: str |
     tied = _tied_keys(model)
     missing = [k for k in missing if k not in tied]
     if missing or unexpected:
-        raise ValueError(f"{path}: weights do not match the shared structure (missing {missing[:3]}, "
+        raise HeadshareError(f"{path}: weights do not match the shared structure (missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]})")
     _cast(model, dtype)
     if (path / "generation_config.json").is_file():
@@ -166,7 +167,7 @@ def stored_plan(path: Path, record: dict, layout) -> SharePlan:
         plan.fitted_names = []  # applied before saving: the weights hold them
         plan.validate(layout)
     except ValueError as e:
-        raise ValueError(f"{path}: the plan stored in config.json is invalid: {e}") from None
+        raise HeadshareError(f"{path}: the plan stored in config.json is invalid: {e}") from None
     return plan
 
 

@@ -13,10 +13,12 @@ import time
 from pathlib import Path
 
 from .arch import UNIT_KINDS
+from .errors import HeadshareError
 from .files import atomic_write_text, check_output
 from .methods import METHODS
 
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, KeyError)
+# bad input the user can fix: one line and exit 2; every other exception is a bug and keeps its traceback
+USER_ERRORS = (HeadshareError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)
 
 
 def _log(msg: str) -> None:
@@ -47,7 +49,7 @@ def _method_options(args, method: str) -> dict:
             if name not in names:
                 if name == "seed" and getattr(args, "command", None) == "posttrain":
                     continue  # posttrain's --seed seeds the training too; the method takes it only if it has one
-                raise ValueError(f"--{name.replace('_', '-')}: method {method!r} has no such option "
+                raise HeadshareError(f"--{name.replace('_', '-')}: method {method!r} has no such option "
                                  f"(its options: {', '.join(names) or 'none'})")
             kw[name] = v
     for text in getattr(args, "option", None) or ():
@@ -149,7 +151,7 @@ def _make_plan(source, model, tok, args):
     from .plan import SharePlan
 
     if source is None:
-        raise ValueError("give --ratio (or --plan FILE)")
+        raise HeadshareError("give --ratio (or --plan FILE)")
     if isinstance(source, SharePlan):
         return source
     place = _placement(args)
@@ -160,7 +162,7 @@ def _make_plan(source, model, tok, args):
 
 def cmd_plan(args) -> None:
     if Path(args.out).suffix == ".safetensors":
-        raise ValueError(f"--out {args.out}: give the plan a .json name; fitted weights go beside it")
+        raise HeadshareError(f"--out {args.out}: give the plan a .json name; fitted weights go beside it")
     _placement(args)  # a bad --device/--dtype fails before anything else
     source = _plan_source(args)
     _, model, tok = _load(args)
@@ -259,11 +261,11 @@ def _posttrain_placement(args):
 
     place = _placement(args)
     if place.device.type == "cuda" and place.device.index:
-        raise ValueError(f"--device {args.device}: posttrain trains on the first visible GPU (one per process under "
+        raise HeadshareError(f"--device {args.device}: posttrain trains on the first visible GPU (one per process under "
                          f"accelerate launch); choose GPU {place.device.index} with "
                          f"CUDA_VISIBLE_DEVICES={place.device.index} and --device cuda")
     if place.dtype == torch.float16:
-        raise ValueError("--dtype float16: posttrain trains in float32 or in bfloat16 mixed precision; "
+        raise HeadshareError("--dtype float16: posttrain trains in float32 or in bfloat16 mixed precision; "
                          "use --dtype bfloat16 or float32")
     return Placement(place.device, place.dtype)
 
@@ -348,15 +350,15 @@ def cmd_eval(args) -> None:
     paths = [resolve_model(args.model)] + ([resolve_model(args.reference)] if args.reference else [])
     shared = any(_is_shared_checkpoint(p) for p in paths)
     if place.offload and shared:
-        raise ValueError("--offload cannot run a shared checkpoint (its layers read weights of other layers); "
+        raise HeadshareError("--offload cannot run a shared checkpoint (its layers read weights of other layers); "
                          "drop --offload and use a device it fits on, or --device cpu")
     if place.offload and args.tasks:
-        raise ValueError("--tasks: lm-eval does not run an offloaded model; drop --offload (or --tasks)")
+        raise HeadshareError("--tasks: lm-eval does not run an offloaded model; drop --offload (or --tasks)")
     _check_fits(paths, place, args.model + (f" with reference {args.reference}" if args.reference else ""),
                 hint="use --device cpu" if shared else "add --offload")
     model, tok = load_model(paths[0], dtype=place.dtype, device=place.load_device)
     if tok is None:
-        raise ValueError(f"{args.model} has no tokenizer; save one beside the weights")
+        raise HeadshareError(f"{args.model} has no tokenizer; save one beside the weights")
     reference = load_model(paths[1], dtype=place.dtype, device=place.load_device)[0] if args.reference else None
     if place.offload:
         model = offload(model, place.device)
@@ -401,7 +403,7 @@ def cmd_bench(args) -> None:
     try:
         ratios = [_ratio(r) for r in args.ratios.split(",") if r.strip()]
     except argparse.ArgumentTypeError as e:
-        raise ValueError(f"--ratios: {e}") from None
+        raise HeadshareError(f"--ratios: {e}") from None
     options = parse_options(args.option, resolve_methods(args.methods))
     place = _placement(args)
     _check_fits([resolve_model(args.model)], place, _twice(args.model), copies=2)
@@ -421,7 +423,7 @@ def _head(text: str | None) -> tuple[int, int] | None:
     try:
         layer, head = (int(x) for x in text.split(","))
     except ValueError:
-        raise ValueError(f"--head must be LAYER,HEAD (two integers), got {text!r}") from None
+        raise HeadshareError(f"--head must be LAYER,HEAD (two integers), got {text!r}") from None
     return layer, head
 
 
@@ -437,7 +439,7 @@ def cmd_report(args) -> None:
     kw = _method_options(args, args.method)
     path, model, tok = _load(args, path, copies=2, hint="use --device cpu")  # the plan is measured on a copy
     if tok is None:
-        raise ValueError(f"{path} has no tokenizer; the report runs the model on text and needs one")
+        raise HeadshareError(f"{path} has no tokenizer; the report runs the model on text and needs one")
     r = report(model, tok, out, text=args.text, windows=args.windows, window=args.window, head=head,
                top=args.top, ratio=args.ratio, method=args.method, plan_kwargs=kw, name=args.model)
     s, p = r.data["summary"], r.data["plan"]
@@ -640,8 +642,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.fn(args)
     except USER_ERRORS as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"headshare: error: {msg}", file=sys.stderr)
+        print(f"headshare: error: {e}", file=sys.stderr)
         return 2
     return 0
 

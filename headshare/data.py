@@ -38,6 +38,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import HeadshareError
+
 # Common pure-Python (or C with pure docs) stdlib modules present on every CPython >= 3.10.
 # Kept sorted; modules with import side effects (this, antigravity, turtle, tkinter) are left out.
 BUILTIN_MODULES = (
@@ -130,7 +132,7 @@ def split_of(doc: str) -> str:
 def builtin_text(split: str = "eval") -> str:
     """The built-in corpus half `split` ("calib" or "eval"), docstrings joined by blank lines."""
     if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        raise HeadshareError(f"split must be one of {SPLITS}, got {split!r}")
     return "\n\n".join(d for d in builtin_docstrings() if split_of(d) == split)
 
 
@@ -144,7 +146,7 @@ def package_docstrings(package: str, progress: bool = False) -> list[str]:
     except (ImportError, ValueError):
         spec = None
     if spec is None or spec.origin is None and not spec.submodule_search_locations:
-        raise ValueError(f"pydoc: package {package!r} is not installed")
+        raise HeadshareError(f"pydoc: package {package!r} is not installed")
     if spec.submodule_search_locations:
         roots = [Path(p) for p in spec.submodule_search_locations]
         files = sorted(f for r in roots for f in r.rglob("*.py")
@@ -186,7 +188,7 @@ def pydoc_text(split: str = "calib", packages: tuple[str, ...] | None = None) ->
     """Half `split` of `pydoc_docstrings(packages)` (default: those of `PYDOC_PACKAGES` installed), joined
     by blank lines."""
     if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        raise HeadshareError(f"split must be one of {SPLITS}, got {split!r}")
     if packages is None:
         packages = tuple(p for p in PYDOC_PACKAGES if importlib.util.find_spec(p) is not None)
     return "\n\n".join(d for d in pydoc_docstrings(tuple(packages)) if split_of(d) == split)
@@ -204,15 +206,15 @@ def _text_of_json(path: Path) -> str:
         else:
             records = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"cannot parse {path}: {e}") from e
+        raise HeadshareError(f"cannot parse {path}: {e}") from e
     if isinstance(records, dict):
         records = records.get("text")
         records = [records] if isinstance(records, str) else records
     if not isinstance(records, list):
-        raise ValueError(f"{path}: expected a list of records or an object with a 'text' field")
+        raise HeadshareError(f"{path}: expected a list of records or an object with a 'text' field")
     texts = [r if isinstance(r, str) else r.get("text") if isinstance(r, dict) else None for r in records]
     if not any(isinstance(t, str) for t in texts):
-        raise ValueError(f"{path}: no record has a string 'text' field")
+        raise HeadshareError(f"{path}: no record has a string 'text' field")
     return _join(texts)
 
 
@@ -223,7 +225,7 @@ def _pick_split(dataset, split: str, where: str):
     for name in SPLIT_NAMES.get(split, (split,)):
         if name in dataset:
             return dataset[name]
-    raise ValueError(f"{where} has splits {sorted(dataset.keys())}; none matches split {split!r}")
+    raise HeadshareError(f"{where} has splits {sorted(dataset.keys())}; none matches split {split!r}")
 
 
 def _text_of_dataset(dataset, where: str) -> str:
@@ -232,7 +234,7 @@ def _text_of_dataset(dataset, where: str) -> str:
     if column not in dataset.column_names:
         strings = [c for c, f in dataset.features.items() if getattr(f, "dtype", None) in ("string", "large_string")]
         if len(strings) != 1:
-            raise ValueError(f"{where} has no 'text' column (columns: {dataset.column_names})")
+            raise HeadshareError(f"{where} has no 'text' column (columns: {dataset.column_names})")
         column = strings[0]
     # "\n\n" between rows is the usual choice for wikitext perplexity (and harmless elsewhere)
     return _join(dataset[column])
@@ -315,7 +317,7 @@ def tokenize(tokenizer, text: str, bos: bool | None = None) -> torch.Tensor:
         bos = adds_bos(tokenizer)
     if bos:
         if tokenizer.bos_token_id is None:
-            raise ValueError("bos=True but the tokenizer has no BOS token")
+            raise HeadshareError("bos=True but the tokenizer has no BOS token")
         ids = [tokenizer.bos_token_id, *ids]
     return torch.tensor(ids, dtype=torch.long)
 
@@ -327,7 +329,7 @@ def token_blocks(tokenizer, text: str, block_size: int, max_blocks: int | None =
     >>> blocks = token_blocks(tokenizer, load_text("builtin:calib"), 256)   # doctest: +SKIP
     """
     if block_size < 1:
-        raise ValueError(f"block_size must be positive, got {block_size}")
+        raise HeadshareError(f"block_size must be positive, got {block_size}")
     ids = tokenize(tokenizer, text, bos=False)
     n = len(ids) // block_size
     if max_blocks is not None:

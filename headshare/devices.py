@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .errors import HeadshareError
+
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "fp32": torch.float32,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -51,13 +53,13 @@ def resolve_device(text: str | None) -> torch.device:
         return torch.device("cpu")
     kind, _, index = name.partition(":")
     if kind != "cuda" or (index and not index.isdigit()):
-        raise ValueError(f"unknown --device {text!r}; use auto, cpu, cuda or cuda:N (N a GPU index)")
+        raise HeadshareError(f"unknown --device {text!r}; use auto, cpu, cuda or cuda:N (N a GPU index)")
     if not torch.cuda.is_available():
         why = "this torch is a CPU-only build" if torch.version.cuda is None else "torch sees no GPU on this machine"
-        raise ValueError(f"--device {text}: {why}; use --device cpu (or auto)")
+        raise HeadshareError(f"--device {text}: {why}; use --device cpu (or auto)")
     n, count = int(index or 0), torch.cuda.device_count()
     if n >= count:
-        raise ValueError(f"--device {text}: this machine has {count} GPU{'s' if count > 1 else ''} "
+        raise HeadshareError(f"--device {text}: this machine has {count} GPU{'s' if count > 1 else ''} "
                          f"(cuda:0 to cuda:{count - 1}); choose one of them")
     return torch.device("cuda", n)
 
@@ -109,10 +111,10 @@ def resolve_dtype(text: str | None, device: torch.device) -> torch.dtype:
                 return torch.bfloat16 if _bf16_native() else torch.float32
         return torch.float32
     if name not in DTYPES:
-        raise ValueError(f"unknown --dtype {text!r}; use auto, float32, bfloat16 or float16")
+        raise HeadshareError(f"unknown --dtype {text!r}; use auto, float32, bfloat16 or float16")
     dtype = DTYPES[name]
     if not computes_in(device, dtype):
-        raise ValueError(f"--dtype {text}: torch {torch.__version__} cannot compute in {_name(dtype)} on {device}; "
+        raise HeadshareError(f"--dtype {text}: torch {torch.__version__} cannot compute in {_name(dtype)} on {device}; "
                          "use --dtype float32 (or auto)")
     return dtype
 
@@ -142,7 +144,7 @@ def placement(device: str | None, dtype: str | None, offload: bool = False) -> P
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     if offload and dev.type != "cpu" and not computes_in(torch.device("cpu"), dt):
-        raise ValueError(f"--offload keeps the weights on the CPU, where torch {torch.__version__} cannot compute in "
+        raise HeadshareError(f"--offload keeps the weights on the CPU, where torch {torch.__version__} cannot compute in "
                          f"{_name(dt)}; use --dtype float32")
     return Placement(dev, dt, offload)
 
@@ -208,7 +210,7 @@ def check_fits(weights: int, device: torch.device, *, what: str = "the model",
     margin = max(ACTIVATION_MIN_BYTES, int(ACTIVATION_SHARE * weights))
     free = free_bytes(device)
     if weights + margin > free:
-        raise ValueError(f"{what} does not fit on {device} ({_gb(weights)} GB of weights + {_gb(margin)} GB for "
+        raise HeadshareError(f"{what} does not fit on {device} ({_gb(weights)} GB of weights + {_gb(margin)} GB for "
                          f"activations, {_gb(free)} GB free): {hint}")
 
 
@@ -248,7 +250,7 @@ def offload(model: nn.Module, device: torch.device) -> nn.Module:
     from .units import is_shared
 
     if is_shared(model):
-        raise ValueError("--offload cannot run a shared model (its layers read weights of other layers); "
+        raise HeadshareError("--offload cannot run a shared model (its layers read weights of other layers); "
                          "drop --offload and use a device it fits on, or --device cpu")
     # force_hooks: with every module mapped to "cpu" accelerate would otherwise just move the model there;
     # preloading the block classes moves a block's weights in one go when it starts, not layer by layer.

@@ -25,6 +25,8 @@ from tqdm.auto import tqdm
 from headshare.data import tokenize
 from headshare.devices import execution_device
 
+from .errors import HeadshareError
+
 CHUNK = 256  # positions per float64 log-softmax in compare(): bounds memory at CHUNK x vocab x 8 bytes
 
 
@@ -38,9 +40,9 @@ def windows(n: int, window: int, stride: int) -> list[tuple[int, int, int]]:
     and the first token of each goes unscored (it has no context inside its window).
     """
     if window < 2 or not 1 <= stride <= window:
-        raise ValueError(f"need window >= 2 and 1 <= stride <= window, got window={window}, stride={stride}")
+        raise HeadshareError(f"need window >= 2 and 1 <= stride <= window, got window={window}, stride={stride}")
     if n < 2:
-        raise ValueError(f"need at least 2 tokens to score, got {n}")
+        raise HeadshareError(f"need at least 2 tokens to score, got {n}")
     out, prev_end = [], 0
     for begin in range(0, n, stride):
         end = min(begin + window, n)

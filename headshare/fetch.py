@@ -47,6 +47,8 @@ from typing import Any
 
 import torch
 
+from .errors import HeadshareError
+
 COMPLETE_MARKER = ".headshare-complete"
 
 
@@ -189,7 +191,7 @@ def fetch(alias: str, force: bool = False, progress: bool = True) -> Path:
     >>> path = fetch("smollm2-135m")   # doctest: +SKIP
     """
     if alias not in MODEL_ALIASES:
-        raise ValueError(f"unknown model alias {alias!r}; known: {', '.join(sorted(MODEL_ALIASES))}")
+        raise HeadshareError(f"unknown model alias {alias!r}; known: {', '.join(sorted(MODEL_ALIASES))}")
     spec = MODEL_ALIASES[alias]
     final = cache_dir() / "models" / alias
     if (final / COMPLETE_MARKER).is_file() and not force:
@@ -255,9 +257,9 @@ def _read_config(path: Path) -> dict:
     try:
         cfg = json.loads(file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"corrupt config file {file}: {e}") from e
+        raise HeadshareError(f"corrupt config file {file}: {e}") from e
     if not isinstance(cfg, dict):
-        raise ValueError(f"corrupt config file {file}: expected a JSON object")
+        raise HeadshareError(f"corrupt config file {file}: expected a JSON object")
     return cfg
 
 
@@ -301,7 +303,7 @@ def load_model(spec: str, dtype: torch.dtype | None = None,
             model = auto.from_pretrained(path, dtype=dtype or torch.float32, **where)
         except (OSError, ValueError, SafetensorError) as e:  # a damaged file: one line, not a traceback
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(f"cannot load model from {path}: {first}") from e
+            raise HeadshareError(f"cannot load model from {path}: {first}") from e
     model.eval()
     return model, _load_tokenizer(path)
 

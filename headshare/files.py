@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import HeadshareError
+
 
 def check_output(out: str | Path, model_dir: str | Path | None = None, force: bool = False) -> Path:
     """Refuse an output directory that would clobber something: inside the input model, an existing
@@ -23,7 +25,7 @@ def check_output(out: str | Path, model_dir: str | Path | None = None, force: bo
     if model_dir is not None:
         src = Path(model_dir).resolve()
         if out == src or src in out.parents:
-            raise ValueError(f"output {out} is inside the input model directory {src}; choose another place")
+            raise HeadshareError(f"output {out} is inside the input model directory {src}; choose another place")
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a directory")
     if out.exists() and any(out.iterdir()) and not force:

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from .arch import UNIT_KINDS, Layout, layout_of
+from .errors import HeadshareError
 from .similarity import best_earlier_matches
 
 # 2: method config, fitted weights beside the JSON; 3: shared bases; 4: the unit kind in the layout (older
@@ -97,48 +98,48 @@ class SharePlan:
     def from_dict(cls, d: dict, fitted: dict[str, torch.Tensor] | None = None) -> SharePlan:
         """Read a plan document; every malformed entry is refused with a ValueError that names it."""
         if not isinstance(d, dict) or not isinstance(d.get("assignments"), list) or not isinstance(d.get("layout"), dict):
-            raise ValueError("not a headshare plan: expected a JSON object with 'layout' and a list 'assignments'")
+            raise HeadshareError("not a headshare plan: expected a JSON object with 'layout' and a list 'assignments'")
         version = d.get("version", 1)
         if not _int(version) or version > PLAN_VERSION:
-            raise ValueError(f"plan version {version!r} is newer than this headshare understands "
+            raise HeadshareError(f"plan version {version!r} is newer than this headshare understands "
                              f"({PLAN_VERSION}); upgrade headshare")
         assignments = []
         for i, a in enumerate(d["assignments"]):
             if not isinstance(a, dict):
-                raise ValueError(f"plan assignment {i} is not an object: {a!r}")
+                raise HeadshareError(f"plan assignment {i} is not an object: {a!r}")
             unknown = set(a) - set(Assignment.__dataclass_fields__)
             missing = {"layer", "unit", "source_layer", "source_unit"} - set(a)
             if unknown or missing:
-                raise ValueError(f"plan assignment {i} {a}: " + (f"unknown keys {sorted(unknown)}" if unknown
+                raise HeadshareError(f"plan assignment {i} {a}: " + (f"unknown keys {sorted(unknown)}" if unknown
                                                                  else f"missing {sorted(missing)}"))
             if not all(_int(a[k]) for k in ("layer", "unit", "source_layer", "source_unit")):
-                raise ValueError(f"plan assignment {i} {a}: layers and units must be integers")
+                raise HeadshareError(f"plan assignment {i} {a}: layers and units must be integers")
             if not _real(a.get("scale", 1.0)) or not (a.get("score") is None or _real(a["score"])):
-                raise ValueError(f"plan assignment {i} {a}: scale and score must be numbers")
+                raise HeadshareError(f"plan assignment {i} {a}: scale and score must be numbers")
             assignments.append(Assignment(**a))
         pruned = d.get("pruned", [])
         if not isinstance(pruned, list) or not all(isinstance(p, list | tuple) and len(p) == 2
                                                    and all(_int(x) for x in p) for p in pruned):
-            raise ValueError(f"plan 'pruned' must be a list of [layer, unit] integer pairs, got {pruned!r}")
+            raise HeadshareError(f"plan 'pruned' must be a list of [layer, unit] integer pairs, got {pruned!r}")
         notes = dict(d.get("notes") or {})
         names = d.get("fitted", [])
         if version == 1 and notes.get("requires_weights"):
             # version 1 fitted plans could not carry their weights; applied without them they break the model
             names = ["(not stored: a version 1 plan fitted together with weights)"]
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-            raise ValueError(f"plan 'fitted' must be a list of weight names, got {names!r}")
+            raise HeadshareError(f"plan 'fitted' must be a list of weight names, got {names!r}")
         bases = d.get("bases", [])
         if not isinstance(bases, list) or not all(
                 isinstance(b, dict) and {"layers", "rank"} <= set(b) <= {"layers", "rank", "kv"} and _int(b["rank"])
                 and isinstance(b["layers"], list) and b["layers"] and all(_int(x) for x in b["layers"])
                 and isinstance(b.get("kv", False), bool) for b in bases):
-            raise ValueError("plan 'bases' must be a list of {'layers': [integers], 'rank': integer, optional 'kv': "
+            raise HeadshareError("plan 'bases' must be a list of {'layers': [integers], 'rank': integer, optional 'kv': "
                              f"true/false}}, got {bases!r}")
         if d["layout"].get("unit_kind", "kv") not in UNIT_KINDS:
-            raise ValueError(f"plan layout 'unit_kind' must be one of {', '.join(UNIT_KINDS)}, "
+            raise HeadshareError(f"plan layout 'unit_kind' must be one of {', '.join(UNIT_KINDS)}, "
                              f"got {d['layout']['unit_kind']!r}")
         if not _real(d.get("ratio")):
-            raise ValueError(f"plan 'ratio' must be a number, got {d.get('ratio')!r}")
+            raise HeadshareError(f"plan 'ratio' must be a number, got {d.get('ratio')!r}")
         return cls(layout=d["layout"], method=str(d.get("method", "?")), ratio=d["ratio"], assignments=assignments,
                    pruned=[tuple(p) for p in pruned], metric=d.get("metric"), unit=d.get("unit", ""),
                    config=dict(d.get("config") or {}), notes=notes, fitted=dict(fitted or {}),
@@ -157,7 +158,7 @@ class SharePlan:
 
         path = Path(path)
         if path.suffix == ".safetensors":
-            raise ValueError(f"{path}: give the plan a .json name; its fitted weights go beside it")
+            raise HeadshareError(f"{path}: give the plan a .json name; its fitted weights go beside it")
         if self.fitted:
             tensors = {k: v.detach().contiguous().cpu() for k, v in self.fitted.items()}
             atomic_write(self.fitted_file(path), lambda tmp: save_file(tensors, str(tmp)))
@@ -172,11 +173,11 @@ class SharePlan:
         try:
             d = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
+            raise HeadshareError(f"{path}: not valid JSON ({e})") from None
         try:
             plan = cls.from_dict(d)
         except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
+            raise HeadshareError(f"{path}: {e}") from None
         if plan.fitted_names:
             from .files import read_safetensors
 
@@ -186,7 +187,7 @@ class SharePlan:
                                         "is not beside it")
             plan.fitted = read_safetensors(file)
             if sorted(plan.fitted) != sorted(plan.fitted_names):
-                raise ValueError(f"{file}: holds other fitted weights than {path.name} names")
+                raise HeadshareError(f"{file}: holds other fitted weights than {path.name} names")
         return plan
 
     # -- meaning --------------------------------------------------------------------------------------
@@ -238,17 +239,17 @@ class SharePlan:
         """Refuse a plan that does not fit `layout`, with a message naming the first problem."""
         mine = layout.to_dict()
         if self.unit_kind != layout.unit_kind:
-            raise ValueError(f"plan cuts {self.unit_kind!r} units, this layout {layout.unit_kind!r} units: apply it "
+            raise HeadshareError(f"plan cuts {self.unit_kind!r} units, this layout {layout.unit_kind!r} units: apply it "
                              "with headshare.share, which reads the plan's unit kind")
         for key in ("model_type", "num_layers", "units_per_layer", "head_dim", "hidden_size"):
             if key in self.layout and self.layout[key] != mine[key]:
-                raise ValueError(f"plan does not fit this model: plan has {key}={self.layout[key]}, "
+                raise HeadshareError(f"plan does not fit this model: plan has {key}={self.layout[key]}, "
                                  f"model has {mine[key]}")
         L, U = layout.num_layers, layout.units_per_layer
 
         def check(layer: int, unit: int, what: str) -> None:
             if not (0 <= layer < L and 0 <= unit < U):
-                raise ValueError(f"plan names {what} unit ({layer}, {unit}), outside this model's "
+                raise HeadshareError(f"plan names {what} unit ({layer}, {unit}), outside this model's "
                                  f"{L} layers x {U} units")
 
         seen: set[tuple[int, int]] = set()
@@ -257,53 +258,53 @@ class SharePlan:
             check(a.layer, a.unit, "a borrowing")
             check(a.source_layer, a.source_unit, "a source")
             if a.source_layer >= a.layer:
-                raise ValueError(f"unit ({a.layer}, {a.unit}) borrows from ({a.source_layer}, {a.source_unit}); "
+                raise HeadshareError(f"unit ({a.layer}, {a.unit}) borrows from ({a.source_layer}, {a.source_unit}); "
                                  "sources must be in an earlier layer")
             if (a.layer, a.unit) in seen or (a.layer, a.unit) in pruned:
-                raise ValueError(f"unit ({a.layer}, {a.unit}) appears twice in the plan")
+                raise HeadshareError(f"unit ({a.layer}, {a.unit}) appears twice in the plan")
             if (a.source_layer, a.source_unit) in pruned:
-                raise ValueError(f"unit ({a.layer}, {a.unit}) borrows from a pruned unit")
+                raise HeadshareError(f"unit ({a.layer}, {a.unit}) borrows from a pruned unit")
             if not math.isfinite(a.scale):
-                raise ValueError(f"unit ({a.layer}, {a.unit}) has a non-finite scale {a.scale}")
+                raise HeadshareError(f"unit ({a.layer}, {a.unit}) has a non-finite scale {a.scale}")
             seen.add((a.layer, a.unit))
         for p in pruned:
             check(*p, "a pruned")
         if len(pruned) != len(self.pruned):
-            raise ValueError("plan lists a pruned unit twice")
+            raise HeadshareError("plan lists a pruned unit twice")
         in_basis: dict[int, int] = {}
         for g, b in enumerate(self.bases):
             if not 1 <= b["rank"] <= layout.hidden_size:
-                raise ValueError(f"basis {g} has rank {b['rank']}; it must be in 1..{layout.hidden_size} (hidden size)")
+                raise HeadshareError(f"basis {g} has rank {b['rank']}; it must be in 1..{layout.hidden_size} (hidden size)")
             for layer in b["layers"]:
                 if not 0 <= layer < L:
-                    raise ValueError(f"basis {g} names layer {layer}, outside this model's {L} layers")
+                    raise HeadshareError(f"basis {g} names layer {layer}, outside this model's {L} layers")
                 if layer in in_basis:
-                    raise ValueError(f"layer {layer} is in two bases ({in_basis[layer]} and {g})")
+                    raise HeadshareError(f"layer {layer} is in two bases ({in_basis[layer]} and {g})")
                 in_basis[layer] = g
             if b.get("kv") and not layout.layer_projections():
-                raise ValueError(f"basis {g} carries k/v rows beside its units ('kv'), which only query-head units "
+                raise HeadshareError(f"basis {g} carries k/v rows beside its units ('kv'), which only query-head units "
                                  "leave outside the units")
         for a in self.assignments:
             if a.layer in in_basis or a.source_layer in in_basis:
-                raise ValueError(f"unit ({a.layer}, {a.unit}) borrows from ({a.source_layer}, {a.source_unit}) "
+                raise HeadshareError(f"unit ({a.layer}, {a.unit}) borrows from ({a.source_layer}, {a.source_unit}) "
                                  "across a basis layer; units of basis layers neither borrow nor lend")
         if self.fitted_names and not self.fitted:
-            raise ValueError(f"this {self.method!r} plan names {len(self.fitted_names)} fitted weights but carries "
+            raise HeadshareError(f"this {self.method!r} plan names {len(self.fitted_names)} fitted weights but carries "
                              "none: read it with SharePlan.load(path), which takes the .safetensors file beside it")
         for k, t in self.fitted.items():
             if not torch.isfinite(t).all():
-                raise ValueError(f"fitted weight {k!r} has non-finite values")
+                raise HeadshareError(f"fitted weight {k!r} has non-finite values")
 
 
 def units_for_ratio(ratio: float, layout: Layout) -> int:
     """floor(ratio x all units), as in the authors' code; refuses ratios outside [0, 1)."""
     if not (_real(ratio) and 0 <= ratio < 1):
-        raise ValueError(f"ratio must be in [0, 1), got {ratio!r}")
+        raise HeadshareError(f"ratio must be in [0, 1), got {ratio!r}")
     # round first so that 0.3 * 90 = 26.999999999999996 still counts as 27
     n = math.floor(round(ratio * layout.units_total, 9))
     borrowers = (layout.num_layers - 1) * layout.units_per_layer
     if n > borrowers:
-        raise ValueError(f"ratio {ratio} asks for {n} shared units but only {borrowers} units (those outside "
+        raise HeadshareError(f"ratio {ratio} asks for {n} shared units but only {borrowers} units (those outside "
                          "layer 0) can borrow")
     return n
 

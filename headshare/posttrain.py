@@ -61,6 +61,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from .arch import Layout, blocks, layout_of, unit_kind
+from .errors import HeadshareError
 from .files import atomic_dir, check_output
 from .plan import SharePlan
 from .units import unit_views
@@ -108,28 +109,28 @@ class PostTrainConfig:
     def __post_init__(self) -> None:
         self.adam_betas = tuple(self.adam_betas)
         if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+            raise HeadshareError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.constraint not in CONSTRAINTS:
-            raise ValueError(f"constraint must be one of {', '.join(CONSTRAINTS)}, got {self.constraint!r}")
+            raise HeadshareError(f"constraint must be one of {', '.join(CONSTRAINTS)}, got {self.constraint!r}")
         if self.parts not in PARTS:
-            raise ValueError(f"parts must be one of {', '.join(PARTS)}, got {self.parts!r}")
+            raise HeadshareError(f"parts must be one of {', '.join(PARTS)}, got {self.parts!r}")
         if not (_number(self.lam) and 0 <= self.lam <= 1):
-            raise ValueError(f"lambda must be in [0, 1], got {self.lam!r}")
+            raise HeadshareError(f"lambda must be in [0, 1], got {self.lam!r}")
         if not (_number(self.pull_until) and 0 < self.pull_until <= 1):
-            raise ValueError(f"pull_until must be in (0, 1], got {self.pull_until!r}")
+            raise HeadshareError(f"pull_until must be in (0, 1], got {self.pull_until!r}")
         if not (_number(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+            raise HeadshareError(f"lr must be a positive number, got {self.lr!r}")
         if not (_number(self.weight_decay) and self.weight_decay >= 0):
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+            raise HeadshareError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
         if len(self.adam_betas) != 2 or not all(_number(b) and 0 <= b < 1 for b in self.adam_betas):
-            raise ValueError(f"adam_betas must be two numbers in [0, 1), got {self.adam_betas!r}")
+            raise HeadshareError(f"adam_betas must be two numbers in [0, 1), got {self.adam_betas!r}")
         for name, low in (("steps", 1), ("block_size", 2), ("batch_size", 1), ("save_steps", 1),
                           ("logging_steps", 1), ("warmup_steps", 0), ("seed", 0)):
             v = getattr(self, name)
             if not (isinstance(v, int) and not isinstance(v, bool) and v >= low):
-                raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
+                raise HeadshareError(f"{name} must be an integer >= {low}, got {v!r}")
         if self.version > CONFIG_VERSION:
-            raise ValueError(f"config version {self.version} is newer than this headshare ({CONFIG_VERSION})")
+            raise HeadshareError(f"config version {self.version} is newer than this headshare ({CONFIG_VERSION})")
 
     @property
     def effective_lambda(self) -> float:
@@ -171,9 +172,9 @@ def pair_distances(model: nn.Module, pairs, kind: str = "fro", parts: str = "qkv
     kind "fro": ||W - W'||_F per part; "mse": mean of (W - W')^2 per part. Gradients flow to the weights.
     """
     if kind not in DISTANCES:
-        raise ValueError(f"distance must be one of {', '.join(DISTANCES)}, got {kind!r}")
+        raise HeadshareError(f"distance must be one of {', '.join(DISTANCES)}, got {kind!r}")
     if parts not in PARTS:
-        raise ValueError(f"parts must be one of {', '.join(PARTS)}, got {parts!r}")
+        raise HeadshareError(f"parts must be one of {', '.join(PARTS)}, got {parts!r}")
     layout = layout_of(model.config)
     layer_list = blocks(model)
     layers = sorted({u[0] for pair in pairs for u in pair})
@@ -322,15 +323,15 @@ def training_blocks(tokenizer, data, block_size: int) -> torch.Tensor:
         data = "builtin:calib"
     if isinstance(data, torch.Tensor):
         if data.dim() != 2 or data.shape[1] != block_size:
-            raise ValueError(f"data blocks must be (n, block_size={block_size}), got {tuple(data.shape)}")
+            raise HeadshareError(f"data blocks must be (n, block_size={block_size}), got {tuple(data.shape)}")
         return data.long()
     if data.replace(" ", "") == "builtin:eval":
-        raise ValueError("refusing to train on builtin:eval, the held-out half used for evaluation; "
+        raise HeadshareError("refusing to train on builtin:eval, the held-out half used for evaluation; "
                          "use builtin:calib (the default)")
     text = load_text(data, split="calib")
     out = token_blocks(tokenizer, text, block_size)
     if out.shape[0] == 0:
-        raise ValueError(f"{data!r} holds fewer tokens than one block of {block_size}")
+        raise HeadshareError(f"{data!r} holds fewer tokens than one block of {block_size}")
     return out
 
 
@@ -394,18 +395,18 @@ def posttrain(model: nn.Module, tokenizer, plan: SharePlan | None, data, config:
 def _posttrain(model, tokenizer, plan, data, config, callbacks) -> nn.Module:
     cfg = config or PostTrainConfig()
     if plan is None and cfg.mode != "tune-only":
-        raise ValueError(f"mode {cfg.mode!r} needs a plan (pairs to share)")
+        raise HeadshareError(f"mode {cfg.mode!r} needs a plan (pairs to share)")
     if plan is not None:
         plan.validate(layout_of(model.config))
         if plan.bases and cfg.mode == "postshare":
             # the weight-similarity pull acts on pairs of units; a basis is fitted, not pulled towards
-            raise ValueError(f"a {plan.method!r} plan puts layers on shared bases, which postshare's pull cannot "
+            raise HeadshareError(f"a {plan.method!r} plan puts layers on shared bases, which postshare's pull cannot "
                              "make; post-train it with mode 'share-then-tune' (--mode share-then-tune)")
     out = Path(cfg.out).resolve() if cfg.out else None
     if out is not None:
         check_output(out, force=cfg.force)
     if cfg.resume and cfg.work_dir is None and out is None:
-        raise ValueError("resume needs the work_dir (or out) of the interrupted run")
+        raise HeadshareError("resume needs the work_dir (or out) of the interrupted run")
     blocks_ = training_blocks(tokenizer, data, cfg.block_size)  # before any directory is made
     if cfg.work_dir is not None or out is not None:
         return _run(model, tokenizer, plan, blocks_, cfg, out, Path(cfg.work_dir or f"{out}.work").resolve(),
@@ -428,7 +429,7 @@ def _run(model, tokenizer, plan, blocks_: torch.Tensor, cfg: PostTrainConfig, ou
     args.device  # noqa: B018 -- sets up the process group under `accelerate launch` (gloo on CPU)
     state = PartialState()
     if blocks_.shape[0] < cfg.batch_size * state.num_processes:
-        raise ValueError(f"{blocks_.shape[0]} blocks of {cfg.block_size} tokens cannot fill one batch of "
+        raise HeadshareError(f"{blocks_.shape[0]} blocks of {cfg.block_size} tokens cannot fill one batch of "
                          f"{cfg.batch_size} x {state.num_processes} processes; give more text or smaller blocks")
     found = _checkpoints(work / "trainer")
     if found and not cfg.resume and not cfg.force:

@@ -55,6 +55,7 @@ import numpy as np
 import torch
 
 from .arch import arch_spec, blocks, layout_of
+from .errors import HeadshareError
 from .files import atomic_dir
 from .similarity import METRICS, metric_parts
 from .units import unit_slices
@@ -145,7 +146,7 @@ def attention_similarity(model, windows: torch.Tensor, progress: bool = True,
     L, H = layout.num_layers, layout.num_heads
     n, T = windows.shape
     if n == 0:
-        raise ValueError("no calibration windows: the text is shorter than one window")
+        raise HeadshareError("no calibration windows: the text is shorter than one window")
     apath = arch_spec(layout.model_type).attention
     gram_heads = torch.zeros(L * H, L * H, dtype=torch.float64)
     gram_layers = torch.zeros(L, L, dtype=torch.float64)
@@ -218,10 +219,10 @@ def compute(model, tokenizer, *, text: str = "builtin:calib", windows: int = 8, 
     L, H, U = layout.num_layers, layout.num_heads, layout.units_per_layer
     head = (L - 1, 0) if head is None else tuple(head)
     if not (0 <= head[0] < L and 0 <= head[1] < H):
-        raise ValueError(f"--head {head[0]},{head[1]} is outside this model's {L} layers x {H} heads")
+        raise HeadshareError(f"--head {head[0]},{head[1]} is outside this model's {L} layers x {H} heads")
     top = H if top is None else top
     if not 1 <= top < L * H:
-        raise ValueError(f"top must be in [1, {L * H - 1}], got {top}")
+        raise HeadshareError(f"top must be in [1, {L * H - 1}], got {top}")
 
     t0 = time.time()
     ids = token_blocks(tokenizer, load_text(text, split="calib"), window, max_blocks=windows)

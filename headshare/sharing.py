@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .arch import Layout, ProjSpec, arch_spec, blocks, layout_of, unit_kind
+from .errors import HeadshareError
 from .plan import SharePlan
 from .units import basis_key, coef_key, is_unit_key, refuse_shared, weights_fingerprint, write_fitted
 
@@ -240,9 +241,9 @@ def check_basis_tensors(plan: SharePlan, layout: Layout) -> None:
                     want[coef_key(layer, proj.path)] = (rows, b["rank"]) if not proj.conv1d else (b["rank"], rows)
         for key, shape in want.items():
             if key not in plan.fitted:
-                raise ValueError(f"basis {g} needs the fitted tensor {key!r}, which the plan does not carry")
+                raise HeadshareError(f"basis {g} needs the fitted tensor {key!r}, which the plan does not carry")
             if tuple(plan.fitted[key].shape) != shape:
-                raise ValueError(f"fitted tensor {key!r} has shape {tuple(plan.fitted[key].shape)}, basis {g} "
+                raise HeadshareError(f"fitted tensor {key!r} has shape {tuple(plan.fitted[key].shape)}, basis {g} "
                                  f"needs {shape}")
 
 
@@ -318,7 +319,7 @@ def _share(model: nn.Module, plan: SharePlan) -> nn.Module:
     plan.validate(layout)
     params0, bytes0 = unique_parameters(model)
     if plan.fitted and plan.base_sha1 is not None and weights_fingerprint(model) != plan.base_sha1:
-        raise ValueError(
+        raise HeadshareError(
             f"this {plan.method!r} plan carries weights fitted on other attention weights than this model's "
             "(their fingerprints differ): applied here it would give a broken model. Make the plan on this "
             "model, or apply it to the model it was made on")

@@ -19,6 +19,7 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from .arch import Layout, blocks, checkpoint_key_pattern, layout_of
+from .errors import HeadshareError
 from .files import atomic_write_text, safetensors_error, safetensors_shapes
 from .units import refuse_shared, unit_slices
 
@@ -33,13 +34,13 @@ METRICS: dict[str, tuple[str, ...]] = {
 
 def metric_parts(metric: str, layout: Layout) -> tuple[str, ...]:
     if metric not in METRICS:
-        raise ValueError(f"unknown match function {metric!r}; choose one of {', '.join(METRICS)}")
+        raise HeadshareError(f"unknown match function {metric!r}; choose one of {', '.join(METRICS)}")
     parts = METRICS[metric]
     if layout.query_units and any(p in ("k", "v") for p in parts):
         # with query-head units (multi-query attention, or unit "query") no unit owns a key/value head
         parts = tuple(p for p in parts if p == "q")
         if not parts:
-            raise ValueError(f"match function {metric!r} needs per-unit k/v, which query-head units "
+            raise HeadshareError(f"match function {metric!r} needs per-unit k/v, which query-head units "
                              "(multi-query attention, or unit 'query') lack")
     return parts
 
@@ -92,7 +93,7 @@ class CheckpointWeights(WeightSource):
         self.path = Path(path)
         config = AutoConfig.from_pretrained(self.path)
         if getattr(config, "headshare", None):
-            raise ValueError(f"{self.path} is already shared (a headshare checkpoint); analyze the original model "
+            raise HeadshareError(f"{self.path} is already shared (a headshare checkpoint); analyze the original model "
                              "it was made from")
         self.layout = layout_of(config)
         files = sorted(self.path.glob("*.safetensors"))
@@ -110,7 +111,7 @@ class CheckpointWeights(WeightSource):
         missing = [(layer, p) for layer in range(self.layout.num_layers) for p in patterns
                    if (layer, p) not in self._where]
         if missing:
-            raise ValueError(f"{self.path}: checkpoint lacks attention weights, e.g. layer {missing[0][0]} "
+            raise HeadshareError(f"{self.path}: checkpoint lacks attention weights, e.g. layer {missing[0][0]} "
                              f"{missing[0][1]}")
 
     def projection_weight(self, layer: int, path: str) -> torch.Tensor:

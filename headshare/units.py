@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .arch import Layout, ProjSpec, UnsupportedModelError, arch_spec, blocks, layout_of
+from .errors import HeadshareError
 
 # the attribute SharedProjection sets on its class, so this module can tell without importing it
 SHARED_MARKER = "headshare_shared"
@@ -35,7 +36,7 @@ def is_shared(model: nn.Module) -> bool:
 def refuse_shared(model: nn.Module, action: str) -> None:
     """A clear error for steps that need the original, unshared weights."""
     if is_shared(model):
-        raise ValueError(f"this model is already shared (a headshare checkpoint); {action} needs the original "
+        raise HeadshareError(f"this model is already shared (a headshare checkpoint); {action} needs the original "
                          "model: give the model the shared one was made from")
 
 
@@ -180,7 +181,7 @@ def parse_fitted_key(key: str) -> tuple[int, str, int]:
     """(layer, projection path, unit) of a `fitted_key`; a malformed name is refused."""
     m = _FITTED_KEY.match(key)
     if not m:
-        raise ValueError(f"fitted weight {key!r} is not named LAYER.PROJECTION.unitUNIT")
+        raise HeadshareError(f"fitted weight {key!r} is not named LAYER.PROJECTION.unitUNIT")
     return int(m.group(1)), m.group(2), int(m.group(3))
 
 
@@ -193,16 +194,16 @@ def write_fitted(model: nn.Module, fitted: dict[str, torch.Tensor]) -> None:
     for key, w in fitted.items():
         layer, path, unit = parse_fitted_key(key)
         if path not in projs:
-            raise ValueError(f"fitted weight {key!r} names no projection of this model")
+            raise HeadshareError(f"fitted weight {key!r} names no projection of this model")
         if not (0 <= layer < layout.num_layers and 0 <= unit < layout.units_per_layer):
-            raise ValueError(f"fitted weight {key!r} is outside this model's {layout.num_layers} layers x "
+            raise HeadshareError(f"fitted weight {key!r} is outside this model's {layout.num_layers} layers x "
                              f"{layout.units_per_layer} units")
         p, mod = projs[path], bl[layer].get_submodule(path)
         idx = _idx(p, unit, mod.weight.device)
         want = list(mod.weight.shape)
         want[p.weight_dim()] = len(idx)
         if list(w.shape) != want:
-            raise ValueError(f"fitted weight {key!r} has shape {tuple(w.shape)}, this model's slice is {tuple(want)}")
+            raise HeadshareError(f"fitted weight {key!r} has shape {tuple(w.shape)}, this model's slice is {tuple(want)}")
         writes.append((p, mod, idx, w))
     with torch.no_grad():
         for p, mod, idx, w in writes:

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 
 from ..arch import blocks, layout_of
+from ..errors import HeadshareError
 from ..plan import Assignment, SharePlan, new_plan, units_for_ratio
 from ..units import o_columns, unit_z
 from . import CalibConfig, check, is_integer, register_method
@@ -75,7 +76,7 @@ def actshare(model, cfg: ActShareConfig, tokenizer=None, progress: bool = False,
         chosen.update(moved)
         chosen[unit] = own
     if len(chosen) < n:
-        raise ValueError(f"actshare found only {len(chosen)} of {n} units with a source; lower the ratio "
+        raise HeadshareError(f"actshare found only {len(chosen)} of {n} units with a source; lower the ratio "
                          "or widen the window")
     assignments = [Assignment(u[0], u[1], src[0], src[1], score=round(cost / prune_cost[u], 6) if prune_cost[u] > 0
                               else 1.0, scale=scale) for u, (cost, src, scale) in chosen.items()]

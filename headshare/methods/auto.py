@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from ..arch import UNIT_KINDS, layout_of
+from ..errors import HeadshareError
 from ..plan import new_plan, units_for_ratio
 from . import METHODS, CalibConfig, check, is_integer, make_config, register_method
 from .calibration import held_out_loss
@@ -63,7 +64,7 @@ def candidate_ratio(model, budget: int, unit: str) -> float:
     layout = layout_of(model.config, unit)
     n = math.ceil(budget / layout.unit_params())
     if n >= layout.units_total:
-        raise ValueError(f"a budget of {budget:,} parameters needs {n} of the {layout.units_total} {unit} units")
+        raise HeadshareError(f"a budget of {budget:,} parameters needs {n} of the {layout.units_total} {unit} units")
     return n / layout.units_total
 
 
@@ -72,7 +73,7 @@ def _val_ids(tokenizer, cfg: AutoShareConfig) -> torch.Tensor:
 
     ids = tokenize(tokenizer, load_text(cfg.calib, split="calib"), bos=False)
     if len(ids) < cfg.calib_tokens + cfg.val_tokens:
-        raise ValueError(f"calibration text {cfg.calib!r} has {len(ids):,} tokens; autoshare fits on the first "
+        raise HeadshareError(f"calibration text {cfg.calib!r} has {len(ids):,} tokens; autoshare fits on the first "
                          f"calib_tokens={cfg.calib_tokens:,} and scores on the next val_tokens={cfg.val_tokens:,}: "
                          "give a longer text or fewer tokens")
     val = ids[cfg.calib_tokens:cfg.calib_tokens + cfg.val_tokens]
@@ -120,7 +121,7 @@ def autoshare(model, cfg: AutoShareConfig, tokenizer=None, progress: bool = Fals
         if best is None or loss < best[0]:
             best = (loss, plan, scores[-1]["candidate"])
     if best is None:
-        raise ValueError("no autoshare candidate can remove this budget on this model: "
+        raise HeadshareError("no autoshare candidate can remove this budget on this model: "
                          + "; ".join(f"{s['candidate']}: {s['reason']}" for s in skipped) + "; lower the ratio")
     _, plan, chosen = best
     plan.notes = {**plan.notes, "chosen": chosen, "candidates": scores, "val_tokens": int(val.numel()),

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 import torch
 
 from ..arch import arch_spec, blocks, layout_of
+from ..errors import HeadshareError
 from ..plan import new_plan, units_for_ratio
 from ..sharing import own_index
 from ..units import basis_key, coef_key, fitted_key, get_slices, set_slices, weights_fingerprint
@@ -146,7 +147,7 @@ def _fixed_choice(layout, ins, cfg, n_prune: int, costs: list[dict], budget: int
             break
         groups, rank = worth, 0
     if left > 0 and rank == 0:
-        raise ValueError(f"ratio {cfg.ratio} with prune={cfg.prune} leaves the bases a budget no rank >= 1 meets; "
+        raise HeadshareError(f"ratio {cfg.ratio} with prune={cfg.prune} leaves the bases a budget no rank >= 1 meets; "
                          "raise prune or lower the ratio")
     return pruned, [(g, rank) for g in groups] if rank else []
 
@@ -518,7 +519,7 @@ def _allocate(groups, options: dict, budget: int, unit_params: int, h: int) -> t
         trace.append((best_r, per_rank))
         arr = best
     if not math.isfinite(arr[BINS]):
-        raise ValueError(f"no choice of pruning and bases removes {budget} parameters")
+        raise HeadshareError(f"no choice of pruning and bases removes {budget} parameters")
     pruned, ranks_of = set(), {}
     t = BINS
     for g, (best_r, per_rank) in zip(reversed(groups), reversed(trace), strict=True):

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from ..arch import Layout, arch_spec, blocks, layout_of
+from ..errors import HeadshareError
 from ..units import get_slices, o_columns, refuse_shared, set_slices, unit_z
 from .lstsq import LayerGram
 
@@ -47,12 +48,12 @@ def calibration_ids(model, tokenizer, calib: str, calib_tokens: int, block_size:
     from ..data import load_text, tokenize
 
     if tokenizer is None:
-        raise ValueError("this method needs a tokenizer for its calibration text (pass tokenizer=...)")
+        raise HeadshareError("this method needs a tokenizer for its calibration text (pass tokenizer=...)")
     max_pos = getattr(model.config, "max_position_embeddings", None) or block_size
     block = max(2, min(block_size, max_pos, calib_tokens))
     ids = tokenize(tokenizer, load_text(calib, split="calib"), bos=False)[:calib_tokens]
     if len(ids) < 2:
-        raise ValueError(f"calibration text {calib!r} has fewer than 2 tokens")
+        raise HeadshareError(f"calibration text {calib!r} has fewer than 2 tokens")
     if len(ids) < block:  # a short text still calibrates, as one shorter block
         return ids[None]
     n = len(ids) // block
@@ -174,14 +175,14 @@ class LayerData:
     def attn_call(self) -> tuple:
         """The attention call of a layer calibrated in one micro-batch."""
         if len(self.attn_calls) != 1:
-            raise ValueError("this layer was calibrated in several micro-batches: use attn_calls")
+            raise HeadshareError("this layer was calibrated in several micro-batches: use attn_calls")
         return self.attn_calls[0]
 
     @property
     def block_call(self) -> tuple:
         """The block call of a layer calibrated in one micro-batch (hidden states left out)."""
         if len(self.calls) != 1:
-            raise ValueError("this layer was calibrated in several micro-batches: use calls")
+            raise HeadshareError("this layer was calibrated in several micro-batches: use calls")
         return self.calls[0]
 
     def run_block(self, block: nn.Module, h: torch.Tensor) -> torch.Tensor:

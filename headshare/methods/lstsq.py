@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..arch import Layout
+from ..errors import HeadshareError
 
 if TYPE_CHECKING:
     from .calibration import LayerData
@@ -268,7 +269,7 @@ def knapsack(costs: list[dict], n: int) -> list[tuple[int, int]]:
                     best[layer + 1][mm] = best[layer][m] + c
                     back[layer + 1][mm] = (subset, m)
     if best[L][n] == inf:
-        raise ValueError(f"cannot remove {n} units from {L} layers")
+        raise HeadshareError(f"cannot remove {n} units from {L} layers")
     chosen, m = [], n
     for layer in range(L, 0, -1):
         subset, m = back[layer][m]
