@@ -47,7 +47,8 @@ from .errors import HeadshareError
 from .files import atomic_write_text
 from .methods import METHODS, MethodConfig, get_method, make_plan, parse_option
 from .plan import SharePlan
-from .sharing import BASIS_NAME, share, unique_parameters
+from .sharing import share, unique_parameters
+from .structure import BASIS_NAME
 
 DEFAULT_RATIOS = (0.0, 0.1, 0.2, 0.3, 0.5)
 DEFAULT_METHODS = ("directshare", "random", "layerwise", "prune")

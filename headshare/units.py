@@ -5,6 +5,7 @@ plain modules of an unshared model, in the weight's own storage orientation unle
 
 - `unit_slices` / `unit_views`: a projection weight (a block's tensors) as per-unit views, nn.Linear orientation;
 - `get_slices` / `set_slices`: copies of one unit's weight and bias slices in every projection;
+- `own_index`: feature indices of a set of units as a shared projection stores them;
 - `o_columns` / `set_o_columns`: a unit's o-projection columns as a (hidden, width) float64 matrix;
 - `unit_z`: a unit's features of the o projection's input (its heads' attention output);
 - `head_weights`: per query head q, k, v rows and o columns, for the symmetry-aligned similarity;
@@ -72,6 +73,14 @@ def unit_views(block: nn.Module, layout: Layout, biases: bool = False) -> list[t
 
 def _idx(proj: ProjSpec, unit: int, device) -> torch.Tensor:
     return proj.unit_index(unit).to(device)
+
+
+def own_index(proj: ProjSpec, own: list[int]) -> torch.Tensor:
+    """Feature indices of the units `own`, in a shared projection's storage layout (part by part)."""
+    if not own:
+        return torch.zeros(0, dtype=torch.long)
+    return torch.cat([torch.cat([torch.arange(off + u * w, off + (u + 1) * w) for u in own])
+                      for _, off, w in proj.parts])
 
 
 def get_slices(block: nn.Module, layout: Layout, unit: int) -> dict[str, tuple]:

@@ -15,8 +15,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from headshare.methods.gram import LayerGram
 from headshare.methods.lstsq import (
-    LayerGram,
     candidate_subsets,
     fold_grams,
     greedy_order,

@@ -45,8 +45,7 @@ import torch
 from ..arch import arch_spec, blocks, layout_of
 from ..errors import HeadshareError
 from ..plan import new_plan, units_for_ratio
-from ..sharing import own_index
-from ..units import basis_key, coef_key, fitted_key, get_slices, set_slices, weights_fingerprint
+from ..units import basis_key, coef_key, fitted_key, get_slices, own_index, set_slices, weights_fingerprint
 from . import CalibConfig, check, is_integer, is_number, register_method
 from .calibration import calibration_ids, layer_gram, model_dtype, walk
 from .fitshare import RHO, _refit_hook

@@ -35,8 +35,8 @@ from torch import nn
 
 from ..arch import Layout, arch_spec, blocks, layout_of
 from ..errors import HeadshareError
-from ..units import get_slices, o_columns, refuse_shared, set_slices, unit_z
-from .lstsq import LayerGram
+from ..units import coef_key, fitted_key, get_slices, o_columns, own_index, refuse_shared, set_slices, unit_z
+from .gram import LayerGram
 
 # sequences per forward call of a block: bounds the block's intermediate activations (attention scores, the
 # MLP's inner width) on large calibration sets; the default calibration (8 x 512 tokens) runs as one call
@@ -375,9 +375,6 @@ def plan_applied(model: nn.Module, plan, layer: int):
     with dense weights standing in for the shared structure: borrowed units hold their root's slices (as
     fitted, o scaled), pruned units zeros, fitted unit slices replace the model's, and basis layers hold
     their coefficients times the basis. The layer's weights are restored on leaving."""
-    from ..sharing import own_index
-    from ..units import coef_key, fitted_key
-
     layout = layout_of(model.config, plan.unit_kind)
     bl, U = blocks(model), layout.units_per_layer
     block = bl[layer]
