@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .arch import layout_of, unit_kind
+from .arch import layout_of
 from .checkpoint import MODELING_FILE, shared_model_class
 from .errors import HeadshareError
 from .plan import SharePlan
@@ -35,22 +35,17 @@ def share(model: nn.Module, plan: SharePlan) -> nn.Module:
     >>> headshare.share(model, plan)              # doctest: +SKIP
     >>> model.save_pretrained("out")              # doctest: +SKIP
     """
-    with unit_kind(plan.unit_kind):  # every helper below cuts the plan's units
-        return _share(model, plan)
-
-
-def _share(model: nn.Module, plan: SharePlan) -> nn.Module:
-    layout = layout_of(model.config)
+    layout = layout_of(model.config, plan.unit_kind)
     refuse_shared(model, "share")
     plan.validate(layout)
     params0, bytes0 = unique_parameters(model)
-    if plan.fitted and plan.base_sha1 is not None and weights_fingerprint(model) != plan.base_sha1:
+    if plan.fitted and plan.base_sha1 is not None and weights_fingerprint(model, plan.unit_kind) != plan.base_sha1:
         raise HeadshareError(
             f"this {plan.method!r} plan carries weights fitted on other attention weights than this model's "
             "(their fingerprints differ): applied here it would give a broken model. Make the plan on this "
             "model, or apply it to the model it was made on")
     check_basis_tensors(plan, layout)  # before anything is written: a plan with bases carries their tensors
-    write_fitted(model, {k: v for k, v in plan.fitted.items() if is_unit_key(k)})
+    write_fitted(model, layout, {k: v for k, v in plan.fitted.items() if is_unit_key(k)})
     apply_structure(model, plan, layout)
     params1, bytes1 = unique_parameters(model)
     base = type(model)

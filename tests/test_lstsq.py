@@ -244,17 +244,16 @@ def test_on_a_smollm2_layer_with_query_units(smollm2_dir):
     """A real layer (9 query-head units of width 64, hidden 576): on the greedy's nested subsets the held-out
     costs are the per-subset solves at the layer's fixed ridge (`nested_prune_errors`), each subset's own-ridge
     errors (`prune_errors`) agree with the hidden-wide solve, and the greedy order is the fixed-ridge greedy's."""
-    from headshare.arch import blocks, layout_of, unit_kind
+    from headshare.arch import blocks, layout_of
     from headshare.fetch import load_model
     from headshare.methods.calibration import calibration_ids, capture, layer_gram
 
     model, tok = load_model(str(smollm2_dir))
     ids = calibration_ids(model, tok, "builtin:calib", 2048)
-    with unit_kind("query"):
-        layout = layout_of(model.config)
-        data = capture(model, ids)
-        layer, U = 5, layout.units_per_layer
-        gram = layer_gram(model, data[layer], layout, layer, [])
+    layout = layout_of(model.config, "query")
+    data = capture(model, ids)
+    layer, U = 5, layout.units_per_layer
+    gram = layer_gram(model, data[layer], layout, layer, [])
     assert U == 9
     d = data[layer]
     subsets = [frozenset(s) for s in candidate_subsets(gram, U, 1.0)]

@@ -169,7 +169,7 @@ def test_borrowed_outputs_are_what_share_computes(tiny_tokenizer, calib_file):
     plan = SharePlan.from_dict({"layout": layout.to_dict(), "method": "manual", "ratio": 0.3,
                                 "assignments": [{"layer": 2, "unit": 0, "source_layer": 0, "source_unit": 1},
                                                 {"layer": 2, "unit": 1, "source_layer": 1, "source_unit": 1}]})
-    want = borrowed_z(model, data[2], 2, [(0, 1), (1, 1)])
+    want = borrowed_z(model, data[2], layout, 2, [(0, 1), (1, 1)])
     shared = headshare.share(copy.deepcopy(model), plan)
     got = {}
     o = blocks(shared)[2].get_submodule(layout.projections()[-1].path)
@@ -192,7 +192,7 @@ def test_layer_costs_match_a_direct_fit_on_the_full_outputs(tiny_tokenizer, cali
     options = layer_options(layer_gram(model, data[2], layout, 2, sources), U, sources, rho=1e-2, min_gain=0.0)
     pruned_only = layer_options(layer_gram(model, data[2], layout, 2, []), U, [], rho=1e-2, min_gain=0.0)
     assert len(options) == 2 ** U - 1
-    zb = borrowed_z(model, data[2], 2, sources)
+    zb = borrowed_z(model, data[2], layout, 2, sources)
     for removed in [(0,), (1, 3), (0, 1, 2, 3)]:
         kept = [u for u in range(U) if u not in removed]
         v = sum(unit_z(d.z, layout, u) @ o_columns(bl[2], layout, u).T for u in removed)

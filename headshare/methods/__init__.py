@@ -22,7 +22,7 @@ from dataclasses import MISSING, asdict, dataclass, fields
 import torch
 from torch import nn
 
-from ..arch import UNIT_KINDS, layout_of, unit_kind
+from ..arch import UNIT_KINDS, layout_of
 from ..config import Config, check, is_integer, is_number
 from ..config import parse_option as _parse_option
 from ..errors import HeadshareError
@@ -153,13 +153,13 @@ def make_plan(model: nn.Module, ratio: float | MethodConfig = 0.0, method: str |
     units_for_ratio(config.ratio, layout)  # fail on a ratio the model cannot take before any work
     if m.needs_tokenizer and tokenizer is None and units_for_ratio(config.ratio, layout):
         raise HeadshareError(f"method {m.name!r} reads calibration text and needs a tokenizer (tokenizer=...)")
-    with unit_kind(config.unit):  # the method and every helper it calls cut these units
-        if m.takes_device:
-            plan = m.fn(model, config, tokenizer, progress, device=None if device is None else torch.device(device))
-        elif device is not None:
-            raise HeadshareError(f"method {m.name!r} computes where the model is: move the model instead of device=")
-        else:
-            plan = m.fn(model, config, tokenizer, progress)
+    # the method cuts units of `config.unit` and passes the kind on to what it calls
+    if m.takes_device:
+        plan = m.fn(model, config, tokenizer, progress, device=None if device is None else torch.device(device))
+    elif device is not None:
+        raise HeadshareError(f"method {m.name!r} computes where the model is: move the model instead of device=")
+    else:
+        plan = m.fn(model, config, tokenizer, progress)
     plan.method, plan.ratio, plan.config = m.name, config.ratio, config.to_dict()
     # a method may choose the unit kind (autoshare's candidates): the plan is checked against its own
     plan.validate(layout_of(model.config, plan.unit_kind))

@@ -91,10 +91,10 @@ def autoshare(model, cfg: AutoShareConfig, tokenizer=None, progress: bool = Fals
 
     from . import make_plan
 
-    layout = layout_of(model.config)
+    layout = layout_of(model.config, cfg.unit)
     n = units_for_ratio(cfg.ratio, layout)
     if n == 0:
-        return new_plan(model, "autoshare", cfg.ratio)
+        return new_plan(model, "autoshare", cfg.ratio, unit_kind=cfg.unit)
     budget = n * layout.unit_params()
     val = _val_ids(tokenizer, cfg)
     scores, best = [], None

@@ -196,14 +196,14 @@ def _plan(model, cfg: BasisShareConfig, tokenizer, progress: bool, name: str, de
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
-    layout = layout_of(model.config)
+    layout = layout_of(model.config, cfg.unit)
     U, L = layout.units_per_layer, layout.num_layers
     n = units_for_ratio(cfg.ratio, layout)
     if n == 0:
-        return new_plan(model, name, cfg.ratio)
+        return new_plan(model, name, cfg.ratio, unit_kind=cfg.unit)
     budget = n * layout.unit_params()
     ids = calibration_ids(model, tokenizer, cfg.calib, cfg.calib_tokens)
-    base = weights_fingerprint(model)
+    base = weights_fingerprint(model, cfg.unit)
     bl = blocks(model)
     whole = layout.layer_projections() if cfg.basis_kv else []
     ins = layout.in_projections() + whole  # what the bases carry
@@ -315,7 +315,7 @@ def _plan(model, cfg: BasisShareConfig, tokenizer, progress: bool, name: str, de
              "params_budget": budget, "params_by_bases": by_bases, "basis_kv": bool(whole),
              "choice_seconds": round(t_choice, 1),
              "select_seconds": round(t1 - t0, 1), "refit_seconds": round(time.perf_counter() - t1, 1)}
-    return new_plan(model, name, cfg.ratio, pruned=sorted(pruned), notes=notes, fitted=fitted,
+    return new_plan(model, name, cfg.ratio, unit_kind=cfg.unit, pruned=sorted(pruned), notes=notes, fitted=fitted,
                     base_sha1=base, bases=[{"layers": g, "rank": r, **({"kv": True} if whole else {})}
                                                       for g, r in chosen])
 

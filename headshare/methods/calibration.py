@@ -257,7 +257,7 @@ def walk(model: nn.Module, ids: torch.Tensor, device: torch.device | str | None 
     from tqdm.auto import tqdm
 
     refuse_shared(model, "calibration")
-    layout = layout_of(model.config)
+    layout = layout_of(model.config)  # the attention and o paths, the same for every unit kind
     apath, opath = arch_spec(layout.model_type).attention, layout.o_projection().path
     bl = blocks(model)
     rows = _micro_batches(ids.shape[0], ids.shape[1], batch_tokens)
@@ -457,7 +457,7 @@ def source_keys(layout: Layout, sources: list[tuple[int, int]]) -> list[tuple]:
 
 
 @torch.no_grad()
-def borrowed_z(model: nn.Module, d: LayerData, layer: int, sources: list[tuple]) -> dict:
+def borrowed_z(model: nn.Module, d: LayerData, layout: Layout, layer: int, sources: list[tuple]) -> dict:
     """{key: (N, width)} the heads' outputs that a source's q/k/v weights give on `layer`'s input (`d`); a
     key is a source (layer, unit), or (layer, unit, key/value head) to run it in a slot reading that head
     (`source_key`).
@@ -465,7 +465,6 @@ def borrowed_z(model: nn.Module, d: LayerData, layer: int, sources: list[tuple])
     The sources are swapped into the slots of `layer`'s own units, as many at a time as it has units,
     and the layer's attention module is re-run on its captured input; the slots are restored after.
     """
-    layout = layout_of(model.config)
     bl = blocks(model)
     paths = [p.path for p in layout.in_projections()]
     U = layout.units_per_layer
@@ -506,7 +505,7 @@ def layer_gram(model, d: LayerData, layout: Layout, layer: int, sources: list) -
     dev = d.z.device
     feats = {("own", u): unit_z(d.z, layout, u) for u in range(layout.units_per_layer)}
     cols = {("own", u): o_columns(block, layout, u).to(dev) for u in range(layout.units_per_layer)}
-    for s, z in (borrowed_z(model, d, layer, source_keys(layout, sources)) if sources else {}).items():
+    for s, z in (borrowed_z(model, d, layout, layer, source_keys(layout, sources)) if sources else {}).items():
         feats[s], cols[s] = z, o_columns(blocks(model)[s[0]], layout, s[1]).to(dev)
     return LayerGram(feats, cols, d.w, key=lambda s, u: source_key(layout, s, u))
 

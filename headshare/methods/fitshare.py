@@ -62,7 +62,8 @@ SELECT = ("heldout", "pruning", "sharing")  # fitshare's subset costs: see heldo
 
 @torch.no_grad()
 def refit(model: nn.Module, ids: torch.Tensor, removed: set, borrow: dict, rho: float = RHO,
-          progress: bool = False, heldout: bool = True, device=None) -> tuple[dict, dict[str, torch.Tensor]]:
+          progress: bool = False, heldout: bool = True, device=None,
+          unit: str = "kv") -> tuple[dict, dict[str, torch.Tensor]]:
     """The sequential refit: in every layer with removed units, the o columns of the units that stay are
     refitted so that the layer's attention output matches the original model's, and borrowed units get a
     fitted scale. Layers run in order on the model as the plan will make it (a second stream beside the
@@ -72,9 +73,10 @@ def refit(model: nn.Module, ids: torch.Tensor, removed: set, borrow: dict, rho: 
 
     Each layer is edited only while it runs and restored right after. Returns ({(layer, unit): scale} for
     the units that borrow, the refitted o columns as `units.read_fitted` names them, on the CPU): a candidate
-    whose borrowing does not lower the cross-fitted error (`heldout_lenders`) is pruned instead.
+    whose borrowing does not lower the cross-fitted error (`heldout_lenders`) is pruned instead. `removed` and
+    `borrow` name units of the kind `unit`.
     """
-    layout = layout_of(model.config)
+    layout = layout_of(model.config, unit)
     U = layout.units_per_layer
     bl = blocks(model)
     o = layout.o_projection()
@@ -179,12 +181,12 @@ def _fit_plan(model, method: str, cfg: CalibConfig, tokenizer, rho: float, windo
               device=None) -> SharePlan:
     """fitshare / fitprune: knapsack selection, source choice, sequential refit (fitted o columns in the plan)."""
     t0 = time.perf_counter()
-    layout = layout_of(model.config)
+    layout = layout_of(model.config, cfg.unit)
     n = units_for_ratio(cfg.ratio, layout)
     if n == 0:
-        return new_plan(model, method, cfg.ratio)
+        return new_plan(model, method, cfg.ratio, unit_kind=cfg.unit)
     ids = calibration_ids(model, tokenizer, cfg.calib, cfg.calib_tokens)
-    base = weights_fingerprint(model)
+    base = weights_fingerprint(model, cfg.unit)
     U, share = layout.units_per_layer, math.isfinite(min_gain)
     options, costs = [], []
     for layer, d in walk(model, ids, device, progress, desc="costs"):
@@ -218,7 +220,7 @@ def _fit_plan(model, method: str, cfg: CalibConfig, tokenizer, rho: float, windo
             if pick is not None and pick[0] >= min_gain:
                 borrow[(layer, u)], gains[(layer, u)] = pick[1], pick[0]
     t1 = time.perf_counter()
-    scales, fitted = refit(model, ids, removed, borrow, rho, progress, heldout, device)
+    scales, fitted = refit(model, ids, removed, borrow, rho, progress, heldout, device, cfg.unit)
     borrow = {u: src for u, src in borrow.items() if u in scales}  # the others did not pay off held out
     assignments = [Assignment(layer, u, *borrow[(layer, u)], score=round(gains[(layer, u)], 6),
                               scale=scales[(layer, u)]) for layer, u in sorted(borrow)]
@@ -228,7 +230,8 @@ def _fit_plan(model, method: str, cfg: CalibConfig, tokenizer, rho: float, windo
              "cost": round(sum(costs[layer][frozenset(u for lay, u in removed if lay == layer)]
                                for layer in {lay for lay, _ in removed}), 9),
              "select_seconds": round(t1 - t0, 1), "refit_seconds": round(time.perf_counter() - t1, 1)}
-    return new_plan(model, method, cfg.ratio, assignments=assignments, pruned=pruned, notes=notes, fitted=fitted,
+    return new_plan(model, method, cfg.ratio, unit_kind=cfg.unit, assignments=assignments, pruned=pruned, notes=notes,
+                    fitted=fitted,
                     base_sha1=base)
 
 
