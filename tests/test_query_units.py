@@ -220,7 +220,8 @@ def test_cli_plan_and_share_with_query_units(tmp_path, capsys):
 
 
 def test_bench_rows_of_both_unit_kinds_sit_side_by_side(tmp_path):
-    from headshare.bench import bench_config, budget_groups, resolve_methods, run_bench, split_method
+    from headshare.bench import bench_config, budget_groups, resolve_methods, run_bench
+    from headshare.methods import split_method
 
     assert split_method("fitprune@query") == ("fitprune", "query") and split_method("prune") == ("prune", None)
     assert bench_config("random@query", 0.4, {"seed": 0}).unit == "query"

@@ -13,18 +13,22 @@ import time
 from dataclasses import dataclass
 
 from ..arch import blocks, layout_of
+from ..config import check
 from ..errors import HeadshareError
 from ..plan import Assignment, SharePlan, new_plan, units_for_ratio
 from ..units import o_columns, unit_z
-from . import CalibConfig, check, is_integer, register_method
-from .calibration import borrowed_z, calibration_ids, candidate_sources, layer_gram, source_key, walk
+from .base import CalibConfig, register_method
+from .calibration import (
+    WINDOW,
+    borrowed_z,
+    calibration_ids,
+    candidate_sources,
+    layer_gram,
+    source_key,
+    walk,
+    window_ok,
+)
 from .lstsq import RidgeResidual, fit_scales
-
-WINDOW = 6  # sources are searched in this many preceding layers (the best ones were 1-5 layers back)
-
-
-def window_ok(w) -> bool:
-    return w is None or (is_integer(w) and w >= 1)
 
 
 @dataclass

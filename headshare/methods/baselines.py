@@ -21,10 +21,11 @@ from dataclasses import dataclass
 import torch
 
 from ..arch import blocks, layout_of
+from ..config import check, is_integer
 from ..plan import Assignment, SharePlan, new_plan, units_for_ratio
 from ..similarity import METRICS, ModelWeights, similarity_matrix
 from ..units import refuse_shared, unit_slices
-from . import CalibConfig, MethodConfig, check, is_integer, register_method
+from .base import CalibConfig, MethodConfig, register_method
 from .calibration import calibration_ids, walk
 
 

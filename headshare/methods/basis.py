@@ -43,13 +43,14 @@ from dataclasses import dataclass
 import torch
 
 from ..arch import arch_spec, blocks, layout_of
+from ..config import check, is_integer, is_number
 from ..errors import HeadshareError
 from ..plan import new_plan, units_for_ratio
 from ..units import basis_key, coef_key, fitted_key, get_slices, own_index, set_slices, weights_fingerprint
-from . import CalibConfig, check, is_integer, is_number, register_method
+from .base import CalibConfig, register_method
 from .calibration import calibration_ids, layer_gram, model_dtype, walk
-from .fitshare import RHO, _refit_hook
 from .lstsq import candidate_subsets, half, heldout_prune_costs, knapsack
+from .refit import RHO, refit_hook
 
 GROUP = 4  # layers per basis; SmolLM2 at 30 %, prune 2/3: 2 layers 17.97, 4 layers 17.88, 8 layers 18.01
 PRUNE = 2 / 3  # share of the budget pruning takes; SmolLM2 at 30 %, 2 layers: 1/2 18.03, 2/3 17.97, 4/5 18.14
@@ -286,7 +287,7 @@ def _plan(model, cfg: BasisShareConfig, tokenizer, progress: bool, name: str, de
                     handles.append(block.get_submodule(apath).register_forward_pre_hook(hook, with_kwargs=True))
             gone = [u for u in range(U) if (layer, u) in pruned]
             handles.append(block.get_submodule(opath).register_forward_pre_hook(
-                _refit_hook(block, layout, layer, d, gone, {}, None, cfg.rho, {}, True)))
+                refit_hook(block, layout, layer, d, gone, {}, None, cfg.rho, {}, True)))
             h = d.run_block(block, h)
             for u in own[layer]:
                 fitted[fitted_key(layer, opath, u)] = get_slices(block, layout, u)[opath][0].to("cpu", stored).contiguous()

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from ..arch import Layout, arch_spec, blocks, layout_of
+from ..config import is_integer
 from ..errors import HeadshareError
 from ..units import coef_key, fitted_key, get_slices, o_columns, own_index, refuse_shared, set_slices, unit_z
 from .gram import LayerGram
@@ -510,6 +511,15 @@ def layer_gram(model, d: LayerData, layout: Layout, layer: int, sources: list) -
     return LayerGram(feats, cols, d.w, key=lambda s, u: source_key(layout, s, u))
 
 
+WINDOW = 6  # sources are searched in this many preceding layers (the best ones were 1-5 layers back)
+
+
+def window_ok(w) -> bool:
+    """Whether `w` is a valid source window: an integer >= 1, or None for every earlier layer."""
+    return w is None or (is_integer(w) and w >= 1)
+
+
 def candidate_sources(layer: int, U: int, window: int | None, removed) -> list[tuple[int, int]]:
+    """The units of the `window` layers before `layer` (None: all earlier layers) not in `removed`."""
     lo = 0 if window is None else max(0, layer - window)
     return [(sl, su) for sl in range(lo, layer) for su in range(U) if (sl, su) not in removed]

@@ -17,10 +17,11 @@ from dataclasses import dataclass
 import torch
 
 from ..arch import layout_of
+from ..config import check, is_integer
 from ..plan import SharePlan, dynamic_selection, new_plan
 from ..similarity import METRICS, ModelWeights, similarity_matrix
 from ..units import head_weights
-from . import MethodConfig, check, is_integer, register_method
+from .base import MethodConfig, register_method
 
 
 @dataclass
