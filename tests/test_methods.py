@@ -218,7 +218,6 @@ def test_an_unknown_option_is_refused_by_name(method, option, tiny_llama, tiny_t
     ("random", {"seed": 1.5}, "seed must be an integer"),
     ("directshare", {"metric": "qq"}, "metric must be one of"),
     ("prune", {"calib_tokens": 1}, "calib_tokens must be an integer >= 2"),
-    ("fitshare", {"select": "best"}, "select must be one of"),
     ("actshare", {"window": 0}, "window must be an integer >= 1 or none"),
     ("directshare", {"ratio": 1.0}, r"ratio must be a number in \[0, 1\)"),
 ])

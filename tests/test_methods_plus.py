@@ -310,7 +310,7 @@ def test_fitshare_plan_is_pure_data_with_its_fitted_weights(tiny_tokenizer, cali
     assert model.state_dict().keys() == original.state_dict().keys()
     assert all(torch.equal(v, original.state_dict()[k]) for k, v in model.state_dict().items())
     assert plan.config == {"ratio": 0.5, "calib": calib_file, "calib_tokens": 128, "rho": 1.0, "window": 6,
-                           "min_gain": 0.0, "heldout": True, "select": "heldout", "version": 1}
+                           "min_gain": 0.0, "heldout": True, "version": 1}
     assert "requires_weights" not in plan.notes and "calib" not in plan.notes
     assert plan.base_sha1 == weights_fingerprint(original)
     # the fitted weights are the o columns of exactly the units that stay in layers that lose units

@@ -12,16 +12,14 @@ floor(ratio x units) units removes, so every row of a benchmark removes the same
   basis keeps what those inputs actually excite, not what the raw weights look like. One rank for every
   group, the largest the budget allows. The basis acts on the input side, before RoPE and any q/k norm,
   so it is compatible with rotary position embeddings by construction. The o projection is not shared.
-  With query-head units (and on multi-query models) only q rows are unit rows; `basis_kv=True` puts the
-  layers' k and v on the bases too. Off by default: it was measured worse (BENCHMARKS.md).
-- Then one pass through the layers in order, on the modified model's own inputs: each layer's
-  coefficients on its basis are refitted by ridge least squares so that its q/k/v outputs match the
-  original model's on the original inputs (so each layer absorbs what earlier layers changed), then its
-  o columns are refitted as `fitshare` refits them.
+  With query-head units (and on multi-query models) only q rows are unit rows: the layers' k and v, which no
+  unit owns, stay dense.
+- Then one pass through the layers in order, on the modified model's own inputs: each layer's o columns
+  are refitted as `fitshare` refits them (so each layer absorbs what earlier layers changed).
 
 Everything fitted (bases, coefficients, o columns) travels with the plan; `headshare.share` applies it.
 
-`choiceshare` (`select="heldout"`) replaces the fixed split by a choice: for every group a rank from a grid, or
+`choiceshare` replaces the fixed split by a choice: for every group a rank from a grid, or
 no basis, and for every layer the units to prune, so that the summed cross-fitted error is least for the budget.
 The error of a (layer, subset, rank) is the layer's attention output error with the subset pruned, its q/k/v
 on a basis of that rank fitted on one half of the calibration tokens, and the o columns that stay refitted on
@@ -42,7 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..arch import arch_spec, blocks, layout_of
+from ..arch import blocks, layout_of
 from ..config import check, is_integer, is_number
 from ..errors import HeadshareError
 from ..plan import new_plan, units_for_ratio
@@ -54,10 +52,6 @@ from .refit import RHO, refit_hook
 
 GROUP = 4  # layers per basis; SmolLM2 at 30 %, prune 2/3: 2 layers 17.97, 4 layers 17.88, 8 layers 18.01
 PRUNE = 2 / 3  # share of the budget pruning takes; SmolLM2 at 30 %, 2 layers: 1/2 18.03, 2/3 17.97, 4/5 18.14
-# ridge of the optional sequential coefficient refit, relative to the mean diagonal of its Gram matrix; off by
-# default: on SmolLM2 at 30 % it made perplexity worse (19.05 against 17.92 without, BENCHMARKS.md)
-COEF_RIDGE = None
-SELECTS = ("fixed", "heldout")  # fixed: `prune` of the budget to pruning, one rank; heldout: chosen per group
 
 
 @dataclass
@@ -65,23 +59,12 @@ class BasisShareConfig(CalibConfig):
     group: int = GROUP  # consecutive layers that share one basis
     prune: float = PRUNE  # share of the parameter budget spent on pruning whole units (the rest: bases)
     rho: float = RHO  # ridge of the o refit, as in fitprune
-    coef_ridge: float | None = COEF_RIDGE  # ridge of the sequential coefficient refit (None: no refit)
-    # "fixed": `prune` of the budget to pruning, the rest to one rank for every group; "heldout": per group a
-    # rank or no basis, per layer the units to prune, least cross-fitted error for the budget (`prune` unused)
-    select: str = "fixed"
-    # with query-head units (and multi-query models), put the layers' k/v, which no unit owns, on the bases too;
-    # off by default: on SmolLM2 at 30 % it made choiceshare@query 18.65 against 16.72 without (BENCHMARKS.md)
-    basis_kv: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check(self, "group", is_integer(self.group) and self.group >= 1, "an integer >= 1")
         check(self, "prune", is_number(self.prune) and 0 <= self.prune <= 1, "a number in [0, 1]")
         check(self, "rho", is_number(self.rho) and self.rho >= 0, "a number >= 0")
-        check(self, "coef_ridge", self.coef_ridge is None or (is_number(self.coef_ridge) and self.coef_ridge >= 0),
-              "a number >= 0 or none")
-        check(self, "select", self.select in SELECTS, f"one of {', '.join(SELECTS)}")
-        check(self, "basis_kv", isinstance(self.basis_kv, bool), "true or false")
 
 
 def _orient(w: torch.Tensor, conv1d: bool) -> torch.Tensor:
@@ -129,7 +112,7 @@ def _groups(num_layers: int, size: int) -> list[list[int]]:
 
 
 def _fixed_choice(layout, ins, cfg, n_prune: int, costs: list[dict], budget: int):
-    """select="fixed": `prune` of the budget (`n_prune` units) to pruning units (fitprune's knapsack over the
+    """basisshare's fixed split: `prune` of the budget (`n_prune` units) to pruning units (fitprune's knapsack over the
     per-layer `costs`), the rest to one rank for every group that the budget allows. Returns (pruned units,
     [(group layers, rank)])."""
     U, L = layout.units_per_layer, layout.num_layers
@@ -153,7 +136,7 @@ def _fixed_choice(layout, ins, cfg, n_prune: int, costs: list[dict], budget: int
 
 
 def _heldout_choice(model, walk_again, layout, grams, ins, cfg, subsets: dict, split: int, budget: int):
-    """select="heldout": per group of `group` layers a rank or no basis, per layer the units to prune (among
+    """choiceshare's held-out choice: per group of `group` layers a rank or no basis, per layer the units to prune (among
     `subsets`), for the least summed cross-fitted error (`_choice_costs`) that removes the budget (`_allocate`)."""
     groups = _groups(layout.num_layers, cfg.group)
     costs = _choice_costs(model, walk_again, layout, grams, groups, ins, subsets, cfg.rho, split)
@@ -175,12 +158,12 @@ def _heldout_choice(model, walk_again, layout, grams, ins, cfg, subsets: dict, s
 @torch.no_grad()
 def basisshare(model, cfg: BasisShareConfig, tokenizer=None, progress: bool = False, device=None):
     """Pruning and shared bases under one budget (see the module docstring); the model is not changed."""
-    return _plan(model, cfg, tokenizer, progress, "basisshare", device)
+    return _plan(model, cfg, tokenizer, progress, "basisshare", False, device)
 
 
 @dataclass
 class ChoiceShareConfig(BasisShareConfig):
-    select: str = "heldout"  # basisshare's options; only the default of `select` differs
+    """basisshare's options; `prune` is not read: the held-out choice decides what pruning takes."""
 
 
 @register_method("choiceshare", ChoiceShareConfig, "basisshare with the split chosen by held-out error: per group "
@@ -188,12 +171,12 @@ class ChoiceShareConfig(BasisShareConfig):
                                                    "(calibration text; the fitted tensors travel with the plan)",
                  needs_tokenizer=True)
 def choiceshare(model, cfg: ChoiceShareConfig, tokenizer=None, progress: bool = False, device=None):
-    """basisshare with `select="heldout"` (see `_heldout_choice`); the model is not changed."""
-    return _plan(model, cfg, tokenizer, progress, "choiceshare", device)
+    """basisshare with the held-out choice (see `_heldout_choice`); the model is not changed."""
+    return _plan(model, cfg, tokenizer, progress, "choiceshare", True, device)
 
 
 @torch.no_grad()
-def _plan(model, cfg: BasisShareConfig, tokenizer, progress: bool, name: str, device=None):
+def _plan(model, cfg: BasisShareConfig, tokenizer, progress: bool, name: str, heldout: bool, device=None):
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
@@ -206,9 +189,7 @@ def _plan(model, cfg: BasisShareConfig, tokenizer, progress: bool, name: str, de
     ids = calibration_ids(model, tokenizer, cfg.calib, cfg.calib_tokens)
     base = weights_fingerprint(model, cfg.unit)
     bl = blocks(model)
-    whole = layout.layer_projections() if cfg.basis_kv else []
-    ins = layout.in_projections() + whole  # what the bases carry
-    heldout = cfg.select == "heldout"
+    ins = layout.in_projections()  # what the bases carry
     n_prune = 0 if heldout else round(cfg.prune * n)
     groups = _groups(L, cfg.group)
     group_of = {layer: i for i, g in enumerate(groups) for layer in g}
@@ -257,7 +238,7 @@ def _plan(model, cfg: BasisShareConfig, tokenizer, progress: bool, name: str, de
 
     # the sequential pass on the model as the plan will make it (dense weights standing in for basis x coef),
     # each layer edited while it runs and restored after; the edited model's stream runs beside the original
-    apath, opath = arch_spec(layout.model_type).attention, layout.o_projection().path
+    opath = layout.o_projection().path
     fitted: dict[str, torch.Tensor] = {}
     stored = model_dtype(model)  # blocks may compute in float32 during their turn (calibration.compute_dtype)
     h = None
@@ -270,21 +251,13 @@ def _plan(model, cfg: BasisShareConfig, tokenizer, progress: bool, name: str, de
             h = d.run_block(block, h)
             continue
         saved = {u: get_slices(block, layout, u) for u in range(U)}
-        # no unit owns them: get_slices does not see them
-        saved_whole = {p.path: block.get_submodule(p.path).weight.data.clone() for p in whole} \
-            if layer in in_basis else {}
         handles = []
         try:
             for u in range(U):
                 if (layer, u) in pruned:
                     set_slices(block, layout, u, {k: (torch.zeros_like(w), b) for k, (w, b) in saved[u].items()})
             if layer in in_basis:
-                basis = in_basis[layer].to(d.x.device)
-                hook = None if cfg.coef_ridge is None else \
-                    _coef_hook(block, ins, rows, coefs, bl, basis, layer, d.x.double(), cfg.coef_ridge)
-                _write_dense(block, ins, rows, coefs, basis, layer)
-                if hook is not None:
-                    handles.append(block.get_submodule(apath).register_forward_pre_hook(hook, with_kwargs=True))
+                _write_dense(block, ins, rows, coefs, in_basis[layer].to(d.x.device), layer)
             gone = [u for u in range(U) if (layer, u) in pruned]
             handles.append(block.get_submodule(opath).register_forward_pre_hook(
                 refit_hook(block, layout, layer, d, gone, {}, None, cfg.rho, {}, True)))
@@ -296,8 +269,6 @@ def _plan(model, cfg: BasisShareConfig, tokenizer, progress: bool, name: str, de
                 hd.remove()
             for u, slices in saved.items():
                 set_slices(block, layout, u, slices)
-            for path, w in saved_whole.items():
-                block.get_submodule(path).weight.data.copy_(w)
     dtype = bl[0].get_submodule(opath).weight.dtype
     for i, (_, basis) in enumerate(bases):
         fitted[basis_key(i)] = basis.to("cpu", dtype).contiguous()
@@ -311,14 +282,13 @@ def _plan(model, cfg: BasisShareConfig, tokenizer, progress: bool, name: str, de
     if len(pruned) * layout.unit_params() + by_bases < budget:  # the accounting above is exact; this cannot be
         raise AssertionError(f"basisshare removed {len(pruned) * layout.unit_params() + by_bases} < {budget}")
     notes = {"fitted": "o columns of the units that stay in touched layers; bases and their coefficients",
-             "select": cfg.select, "rank": max((r for _, r in chosen), default=0),
+             "select": "heldout" if heldout else "fixed", "rank": max((r for _, r in chosen), default=0),
              "ranks": [r for _, r in chosen], "groups": len(bases), "units_pruned": len(pruned),
-             "params_budget": budget, "params_by_bases": by_bases, "basis_kv": bool(whole),
+             "params_budget": budget, "params_by_bases": by_bases,
              "choice_seconds": round(t_choice, 1),
              "select_seconds": round(t1 - t0, 1), "refit_seconds": round(time.perf_counter() - t1, 1)}
     return new_plan(model, name, cfg.ratio, unit_kind=cfg.unit, pruned=sorted(pruned), notes=notes, fitted=fitted,
-                    base_sha1=base, bases=[{"layers": g, "rank": r, **({"kv": True} if whole else {})}
-                                                      for g, r in chosen])
+                    base_sha1=base, bases=[{"layers": g, "rank": r} for g, r in chosen])
 
 
 def _weight(bl, key: tuple[int, str], ins) -> torch.Tensor:
@@ -339,29 +309,7 @@ def _write_dense(block, ins, rows, coefs, basis, layer) -> None:
         w[idx.to(w.device)] = (coefs[(layer, p.path)].to(basis.device) @ basis).to(w.dtype)
 
 
-def _coef_hook(block, ins, rows, coefs, bl, basis, layer, x0, ridge):
-    """A pre-hook on the attention module: refit the layer's coefficients on the input it now gets, so that
-    its q/k/v outputs match the original layer's on the original input, and write them (dense) first."""
-    # the original kept rows, read before `_write_dense` replaces them
-    weights = {(layer, p.path): _weight(bl, (layer, p.path), ins)[rows[(layer, p.path)]] for p in ins}
-
-    def hook(_m, args, kwargs):
-        x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        a = x.reshape(-1, x.shape[-1]).double() @ basis.T  # (N, rank)
-        g = a.T @ a
-        g = g + ridge * g.diagonal().mean() * torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
-        chol = torch.linalg.cholesky(g)
-        for p in ins:
-            key = (layer, p.path)
-            if not len(rows[key]):
-                continue
-            target = x0 @ weights[key].T  # (N, rows): the original outputs
-            coefs[key] = torch.cholesky_solve(a.T @ target, chol).T
-        _write_dense(block, ins, rows, coefs, basis, layer)
-    return hook
-
-
-# --- select="heldout": per group, a rank or no basis; per layer, the units to prune; by cross-fitted error ---
+# --- choiceshare: per group, a rank or no basis; per layer, the units to prune; by cross-fitted error ---
 
 RANKS = 12  # rank candidates per group: RANKS steps up to the rank at which the factors stop being smaller
 BINS = 20_000  # resolution of the parameter budget in the allocation (item savings rounded down, so never short)
@@ -462,9 +410,7 @@ def _choice_costs(model, walk_again, layout, grams, groups, ins, subsets, rho: f
 
 
 def _own_rows(layout, p, layer: int, pruned) -> torch.Tensor:
-    """The rows of projection `p` in `layer` that stay when `pruned` goes (all of them if no unit owns `p`)."""
-    if p in layout.layer_projections():
-        return own_index(p, [0])
+    """The rows of projection `p` in `layer` that stay when `pruned` goes."""
     return own_index(p, [u for u in range(layout.units_per_layer) if (layer, u) not in pruned])
 
 

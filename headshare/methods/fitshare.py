@@ -42,12 +42,10 @@ from .lstsq import (
 from .refit import RHO, refit
 
 MIN_GAIN = 0.01  # fitshare shares a unit only if borrowing removes >= 1 % of what the refit leaves
-SELECT = ("heldout", "pruning", "sharing")  # fitshare's subset costs: see heldout_share_costs and _fit_plan
 
 
 def _fit_plan(model, method: str, cfg: CalibConfig, tokenizer, rho: float, window: int | None,
-              min_gain: float, progress: bool, heldout: bool = True, select: str = "heldout",
-              device=None) -> SharePlan:
+              min_gain: float, progress: bool, heldout: bool = True, device=None) -> SharePlan:
     """fitshare / fitprune: knapsack selection, source choice, sequential refit (fitted o columns in the plan)."""
     t0 = time.perf_counter()
     layout = layout_of(model.config, cfg.unit)
@@ -61,20 +59,14 @@ def _fit_plan(model, method: str, cfg: CalibConfig, tokenizer, rho: float, windo
     for layer, d in walk(model, ids, device, progress, desc="costs"):
         sources = candidate_sources(layer, U, window, ()) if share else []
         gram = layer_gram(model, d, layout, layer, sources)
-        if share or select == "sharing":
+        if share:
             options.append(layer_options(gram, U, sources, rho, min_gain))
+            costs.append(heldout_share_costs(gram, options[-1], d, layout, rho, len(ids), min_gain))
         else:  # pruning alone reads only the held-out costs: no in-sample refit per subset (a factorisation each)
             options.append({frozenset(c): (0.0, 0.0, {}) for c in candidate_subsets(gram, U, rho)})
-        if share and select == "heldout":
-            costs.append(heldout_share_costs(gram, options[-1], d, layout, rho, len(ids), min_gain))
-            continue
-        # the cross-fitted pruning error: no candidate lends (min_gain infinite)
-        held = heldout_share_costs(gram, options[-1], d, layout, rho, len(ids), math.inf)
-        # select="sharing": the in-sample gain of sharing scales the held-out pruning cost (it moves the choice
-        # towards units with a good source: better at 50 % on SmolLM2, worse at 10-30 %, see BENCHMARKS.md);
-        # "pruning": the held-out pruning cost alone
-        costs.append({r: held[r] * (c / p if p > 0 and select == "sharing" else 1.0)
-                      for r, (c, p, _) in options[-1].items()})
+            # the cross-fitted pruning error: no candidate lends (min_gain infinite)
+            held = heldout_share_costs(gram, options[-1], d, layout, rho, len(ids), math.inf)
+            costs.append({r: held[r] for r in options[-1]})
     removed = set(knapsack(costs, n))
     borrow: dict = {}
     gains: dict = {}
@@ -118,7 +110,6 @@ class FitShareConfig(FitPruneConfig):
     window: int | None = WINDOW  # sources are searched in this many preceding layers (None: all)
     min_gain: float = MIN_GAIN  # a removed unit is a candidate to borrow if that removes this share of its error
     heldout: bool = True  # keep a candidate's source only where it lowers the cross-fitted error
-    select: str = "heldout"  # subset costs: "heldout" (cross-fitted sharing), "pruning", "sharing"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -126,7 +117,6 @@ class FitShareConfig(FitPruneConfig):
         check(self, "min_gain", isinstance(self.min_gain, (int, float)) and not isinstance(self.min_gain, bool)
               and not math.isnan(self.min_gain), "a number")
         check(self, "heldout", isinstance(self.heldout, bool), "true or false")
-        check(self, "select", self.select in SELECT, f"one of {', '.join(SELECT)}")
 
 
 @register_method("fitshare", FitShareConfig, "share or prune per unit under one budget, refit the o columns that "
@@ -134,13 +124,12 @@ class FitShareConfig(FitPruneConfig):
                  needs_tokenizer=True)
 def fitshare(model, cfg: FitShareConfig, tokenizer=None, progress: bool = False, device=None) -> SharePlan:
     """Units chosen per layer subset with a knapsack over layers on the cross-fitted error left after
-    refitting the units that stay (`select="sharing"`: that error scaled by what sharing would remove); a
-    removed unit is a candidate to borrow its best earlier source when that removes >= `min_gain` of the
-    remaining error; then the sequential refit (`refit`), where a candidate keeps its source only if that
+    refitting the units that stay; a removed unit is a candidate to borrow its best earlier source when that
+    removes >= `min_gain` of the remaining error; then the sequential refit (`refit`), where a candidate keeps its source only if that
     lowers the cross-fitted error (`heldout=False`: always), else it is pruned. The refitted o columns are
     the plan's fitted weights; the model is not changed."""
     return _fit_plan(model, "fitshare", cfg, tokenizer, cfg.rho, cfg.window, cfg.min_gain, progress, cfg.heldout,
-                     cfg.select, device)
+                     device)
 
 
 @register_method("fitprune", FitPruneConfig, "fitshare without sharing: prune per layer subset, refit the o "
