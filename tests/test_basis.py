@@ -13,7 +13,8 @@ import headshare
 from headshare.arch import blocks, layout_of
 from headshare.checkpoint import info
 from headshare.methods import BasisShareConfig, ChoiceShareConfig
-from headshare.methods.basis import _allocate, _rank_for_budget, _whitened_basis
+from headshare.methods.basis.bases import rank_for_budget, whitened_basis
+from headshare.methods.basis.heldout import allocate
 from headshare.plan import SharePlan, units_for_ratio
 from headshare.sharing import BASIS_NAME, SharedBasis, unique_parameters
 from headshare.units import basis_key, coef_key
@@ -117,10 +118,10 @@ def test_full_rank_basis_changes_nothing(tiny_tokenizer):
     torch.manual_seed(0)
     x = torch.randn(200, 16, dtype=torch.float64)
     w = torch.randn(24, 16, dtype=torch.float64)
-    basis, coef = _whitened_basis(x.T @ x, w, 16)
+    basis, coef = whitened_basis(x.T @ x, w, 16)
     torch.testing.assert_close(coef @ basis, w)
     # a lower rank is the best one in the whitened norm: better on x than the plain SVD of w
-    b8, c8 = _whitened_basis(x.T @ x, w, 8)
+    b8, c8 = whitened_basis(x.T @ x, w, 8)
     u, s, vh = torch.linalg.svd(w)
     plain = (u[:, :8] * s[:8]) @ vh[:8]
     assert (x @ (w - c8 @ b8).T).norm() <= (x @ (w - plain).T).norm()
@@ -129,7 +130,7 @@ def test_full_rank_basis_changes_nothing(tiny_tokenizer):
 def test_rank_for_budget_is_the_largest_that_meets_it():
     dense = [(32, 96), (32, 96)]
     for budget in (1, 500, 3000, 5000):
-        r = _rank_for_budget(dense, budget)
+        r = rank_for_budget(dense, budget)
         assert sum(h * n - r * (h + n) for h, n in dense) >= budget
         assert sum(h * n - (r + 1) * (h + n) for h, n in dense) < budget
 
@@ -149,7 +150,7 @@ def test_share_save_load_round_trip_is_bit_exact(select, unit, tiny_tokenizer, c
     assert torch.equal(outputs(again, ids), ref)
     assert unique_parameters(again) == unique_parameters(model)
     s = info(tmp_path / "s")
-    assert s["bases"] == len(plan.bases) and s["based_rows"] == "q/k/v"
+    assert s["bases"] == len(plan.bases) and s["based_rows"] == ("q/k/v" if unit == "kv" else "q")
     assert s["units_based"] == plan.units_based(layout_of(model.config).units_per_layer) > 0
     assert s["units_pruned"] == len(plan.pruned)
     assert s["params_shared"] == unique_parameters(model)[0]
@@ -323,13 +324,13 @@ def test_allocate_spends_the_budget_where_the_error_is_least():
         (1, 2): {frozenset(): (9.0, 10), frozenset({0}): (9.2, 0)},
     }
     groups = [[0], [1]]
-    assert _allocate(groups, options, 50, 50, 10) == (set(), {(0,): 2, (1,): None})
-    assert _allocate(groups, options, 100, 50, 10) == ({(1, 0)}, {(0,): 2, (1,): None})
+    assert allocate(groups, options, 50, 50, 10) == (set(), {(0,): 2, (1,): None})
+    assert allocate(groups, options, 100, 50, 10) == ({(1, 0)}, {(0,): 2, (1,): None})
     # 105: the basis on layer 0 and pruning layer 1 (110 removed); 111: only both bases reach it (120)
-    assert _allocate(groups, options, 105, 50, 10) == ({(1, 0)}, {(0,): 2, (1,): None})
-    assert _allocate(groups, options, 111, 50, 10) == (set(), {(0,): 2, (1,): 2})
+    assert allocate(groups, options, 105, 50, 10) == ({(1, 0)}, {(0,): 2, (1,): None})
+    assert allocate(groups, options, 111, 50, 10) == (set(), {(0,): 2, (1,): 2})
     with pytest.raises(ValueError, match="no choice"):
-        _allocate(groups, options, 121, 50, 10)
+        allocate(groups, options, 121, 50, 10)
 
 
 def test_query_units_leave_key_value_rows_off_the_bases(tiny_tokenizer, calib_file):

@@ -1,7 +1,7 @@
 """The fast least-squares paths of `lstsq` against the direct computations they replace.
 
 The oracles below are the earlier implementations (`candidate_subsets` refactorising every candidate's kept
-set, and the same at the fixed ridge the fast order uses, `basis._subset_errors` solving with hidden-wide right-hand sides, `heldout_share_costs` refitting on the
+set, and the same at the fixed ridge the fast order uses, `basis.heldout.subset_errors` solving with hidden-wide right-hand sides, `heldout_share_costs` refitting on the
 tokens), kept here verbatim in substance so that the fast ones are checked against them and not against
 themselves.
 """
@@ -73,7 +73,7 @@ def fixed_ridge_greedy(g: torch.Tensor, ww: torch.Tensor, widths: list[int], lam
 
 def old_subset_errors(fits: tuple, evals: tuple, wo: torch.Tensor, cols: list[torch.Tensor], subsets: list,
                       rho: float, n: int) -> dict:
-    """`basis._subset_errors`: the refitted columns themselves (kept x D), solved per subset and fold."""
+    """`basis.heldout.subset_errors`: the refitted columns themselves (kept x D), solved per subset and fold."""
     out = {}
     for s in subsets:
         keep = [cols[u] for u in range(len(cols)) if u not in s]
@@ -113,7 +113,7 @@ def old_heldout_share_costs(gram: LayerGram, options: dict, data, layout, rho: f
 
 
 def exact_fold_stats(z: torch.Tensor, wo: torch.Tensor, w: torch.Tensor, part: slice) -> tuple:
-    """`basis._fold_stats` in float64 throughout, for the target a = z wo' (no rounding between the two)."""
+    """`basis.heldout.fold_stats` in float64 throughout, for the target a = z wo' (no rounding between the two)."""
     zf, wf = z[part].double(), w[part].double()
     a = zf @ wo.T
     zw = zf * wf

@@ -294,7 +294,7 @@ def prune_errors(grams: tuple, wo: torch.Tensor, cols: list[torch.Tensor], subse
     refitted by ridge on one fold and the error of the attention output measured on the other, both ways round
     (direction i fits on `grams[i]`, Z'WZ of fold i over all o inputs, and measures on the other). `wo` is the
     o weight (D, in), `cols[u]` the input columns of unit u; the target is the attention output z wo' without
-    bias, so this is `basis._subset_errors` and `heldout_share_costs(min_gain=inf)`: lam = rho x the mean
+    bias, so this is `basis.heldout.subset_errors` and `heldout_share_costs(min_gain=inf)`: lam = rho x the mean
     diagonal of the kept columns' fold Gram, the ridge on the change of the columns.
 
     Why no per-subset work is D wide: with K the kept and R the other columns, the fold-a target left for
