@@ -247,17 +247,17 @@ def test_a_layer_whose_units_are_all_pruned_can_sit_in_a_basis_group(tiny_tokeni
     model = tiny_model("llama-mqa")
     layout = layout_of(model.config)
     U = layout.units_per_layer
-    real = basis_module._pruning_costs
+    real = basis_module.pruning_costs
 
     def layer0_free(model, d, layout, layer, *a, **k):  # make pruning all of layer 0 the cheapest choice
         costs = real(model, d, layout, layer, *a, **k)
         return {r: (0.0 if len(r) == U else c) for r, c in costs.items()} if layer == 0 else costs
 
-    basis_module._pruning_costs = layer0_free
+    basis_module.pruning_costs = layer0_free
     try:
         plan = _plan(model, tiny_tokenizer, calib_file, ratio=0.5, prune=0.7, group=3)
     finally:
-        basis_module._pruning_costs = real
+        basis_module.pruning_costs = real
     assert {(0, u) for u in range(U)} <= set(plan.pruned) and plan.bases
     headshare.share(model, plan)
     assert torch.isfinite(outputs(model, _ids(tiny_tokenizer))).all()
