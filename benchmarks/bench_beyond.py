@@ -101,8 +101,7 @@ def pair_analysis(args) -> dict:
     from headshare.arch import layout_of
     from headshare.fetch import load_model
     from headshare.methods import CalibConfig
-    from headshare.methods.actshare import WINDOW
-    from headshare.methods.calibration import calibration_ids, candidate_sources, layer_gram, walk
+    from headshare.methods.calibration import WINDOW, calibration_ids, candidate_sources, layer_gram, walk
     from headshare.methods.directshare import aligned_similarity
     from headshare.similarity import similarity_matrix
 

@@ -23,12 +23,12 @@ model, tok = load_model(name)
 model.eval()
 text = load_text("builtin:eval", split="eval")
 cache = {}
-orig = B._pruning_costs
+orig = B.pruning_costs
 def cached(model, d, layout, layer, *a, **k):  # per layer: the same for every spec
     if layer not in cache:
         cache[layer] = orig(model, d, layout, layer, *a, **k)
     return cache[layer]
-B._pruning_costs = cached
+B.pruning_costs = cached
 print("original", perplexity(model, tok, text, max_tokens=tokens, progress=False)["perplexity"], flush=True)
 for spec in sys.argv[3:]:
     kw = {}

@@ -20,8 +20,6 @@ Everything headshare knows about a model family is one `ArchSpec` in `ARCHITECTU
 from __future__ import annotations
 
 import re
-from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -226,31 +224,11 @@ class Layout:
                 "units_per_layer": self.units_per_layer, "unit_kind": self.unit_kind}
 
 
-# The unit kind of an unshared model is not in its config: the step that plans or applies a plan says it
-# (`unit_kind`), and every `layout_of` under it, however deep, cuts the same units.
-_UNIT: ContextVar[str] = ContextVar("headshare_unit", default="kv")
-
-
-@contextmanager
-def unit_kind(kind: str | None):
-    """Cut units of this kind (`UNIT_KINDS`) in `layout_of` calls inside the block; None changes nothing."""
-    if kind is None:
-        yield
-        return
-    if kind not in UNIT_KINDS:
-        raise HeadshareError(f"unit must be one of {', '.join(UNIT_KINDS)}, got {kind!r}")
-    token = _UNIT.set(kind)
-    try:
-        yield
-    finally:
-        _UNIT.reset(token)
-
-
 def layout_of(config, unit: str | None = None) -> Layout:
     """Read the attention layout from a transformers config; head_dim is taken from the config when given.
 
-    The unit kind is `unit` if given, else the one a shared model's record names, else the one of the
-    enclosing `unit_kind` block (default "kv")."""
+    The unit kind is `unit` if given, else the one a shared model's record names, else "kv": an unshared
+    model's config does not say which units a plan cuts, so the code that plans or applies one passes it."""
     model_type = getattr(config, "model_type", None)
     arch_spec(model_type)
     heads = config.num_attention_heads
@@ -262,7 +240,7 @@ def layout_of(config, unit: str | None = None) -> Layout:
     if unit is None:
         record = getattr(config, "headshare", None)
         unit = record["layout"].get("unit_kind", "kv") if isinstance(record, dict) and "layout" in record \
-            else _UNIT.get()
+            else "kv"
     return Layout(model_type, config.num_hidden_layers, heads, kv, head_dim, hidden, unit)
 
 

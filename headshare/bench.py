@@ -42,12 +42,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .arch import UNIT_KINDS, arch_spec, blocks, layout_of
+from .arch import arch_spec, blocks, layout_of
 from .errors import HeadshareError
 from .files import atomic_write_text
-from .methods import METHODS, MethodConfig, get_method, make_plan, parse_option
+from .methods import METHODS, MethodConfig, get_method, make_plan, parse_option, split_method
 from .plan import SharePlan
-from .sharing import BASIS_NAME, share, unique_parameters
+from .sharing import share, unique_parameters
+from .structure import BASIS_NAME
 
 DEFAULT_RATIOS = (0.0, 0.1, 0.2, 0.3, 0.5)
 DEFAULT_METHODS = ("directshare", "random", "layerwise", "prune")
@@ -55,15 +56,6 @@ DEFAULT_METHODS = ("directshare", "random", "layerwise", "prune")
 SETTING_KEYS = ("model", "text", "calib", "calib_tokens", "max_tokens", "window", "seed", "options", "dtype")
 PROBE_KEYS = ("rss_after_load_bytes", "peak_rss_bytes", "peak_excludes_load", "prefill_s", "decode_s",
               "prefill_tokens", "decode_tokens", "decode_prompt_tokens")
-
-
-def split_method(name: str) -> tuple[str, str | None]:
-    """A row's method name as (registered method, unit kind or None): "fitprune@query" is fitprune with
-    query-head units, so rows of both unit kinds sit side by side in one run."""
-    method, sep, unit = name.partition("@")
-    if sep and unit not in UNIT_KINDS:
-        raise HeadshareError(f"method {name!r}: the unit after '@' must be one of {', '.join(UNIT_KINDS)}")
-    return method, (unit if sep else None)
 
 
 def resolve_methods(names) -> list[str]:

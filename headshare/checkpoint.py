@@ -19,7 +19,7 @@ from .arch import layout_of
 from .errors import HeadshareError
 from .files import atomic_dir, read_safetensors, safetensors_shapes
 from .plan import SharePlan
-from .sharing import _apply_structure
+from .structure import apply_structure
 from .units import is_unit_key, parse_fitted_key
 
 MODELING_FILE = "headshare_modeling.py"
@@ -120,7 +120,7 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None, device: str |
     with no_init_weights():
         model = base(config)
     plan = stored_plan(path, record, layout_of(config))
-    _apply_structure(model, plan, layout_of(config), copy_weights=False)
+    apply_structure(model, plan, layout_of(config), copy_weights=False)
     model.__class__ = shared_model_class(base)
     state = {}
     for f in _state_dict_files(path):

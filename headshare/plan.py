@@ -322,9 +322,10 @@ def dynamic_selection(sim: torch.Tensor, layout: Layout, ratio: float) -> list[A
     return [Assignment(a, b, c, d, score=round(s, 6)) for a, b, c, d, s in chosen]
 
 
-def new_plan(model, method: str, ratio: float, **fields) -> SharePlan:
-    """An empty plan for `model` (its layout and unit recorded), with the given fields set."""
-    layout = layout_of(model.config)
+def new_plan(model, method: str, ratio: float, unit_kind: str | None = None, **fields) -> SharePlan:
+    """An empty plan for `model` cutting units of `unit_kind` (its layout and unit recorded), with the given
+    fields set."""
+    layout = layout_of(model.config, unit_kind)
     return SharePlan(layout=layout.to_dict(), method=method, ratio=ratio, unit=layout.describe_unit(), **fields)
 
 

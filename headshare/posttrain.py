@@ -60,7 +60,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
-from .arch import Layout, blocks, layout_of, unit_kind
+from .arch import Layout, blocks, layout_of
 from .errors import HeadshareError
 from .files import atomic_dir, check_output
 from .plan import SharePlan
@@ -165,9 +165,9 @@ def _unit_weights(block: nn.Module, layout: Layout, parts: str = "qkv") -> dict[
     return {name: v for role, name, v in unit_views(block, layout) if role == "out" or "o" in parts}
 
 
-def pair_distances(model: nn.Module, pairs, kind: str = "fro", parts: str = "qkv") -> torch.Tensor:
-    """Per-pair distance (n_pairs,), summed over the q, k and v parts present in a unit (and the o
-    columns with parts="qkvo").
+def pair_distances(model: nn.Module, pairs, kind: str = "fro", parts: str = "qkv", unit: str = "kv") -> torch.Tensor:
+    """Per-pair distance (n_pairs,) of units of the kind `unit`, summed over the q, k and v parts present in a
+    unit (and the o columns with parts="qkvo").
 
     kind "fro": ||W - W'||_F per part; "mse": mean of (W - W')^2 per part. Gradients flow to the weights.
     """
@@ -175,7 +175,7 @@ def pair_distances(model: nn.Module, pairs, kind: str = "fro", parts: str = "qkv
         raise HeadshareError(f"distance must be one of {', '.join(DISTANCES)}, got {kind!r}")
     if parts not in PARTS:
         raise HeadshareError(f"parts must be one of {', '.join(PARTS)}, got {parts!r}")
-    layout = layout_of(model.config)
+    layout = layout_of(model.config, unit)
     layer_list = blocks(model)
     layers = sorted({u[0] for pair in pairs for u in pair})
     w = {lay: _unit_weights(layer_list[lay], layout, parts) for lay in layers}
@@ -192,9 +192,9 @@ def pair_distances(model: nn.Module, pairs, kind: str = "fro", parts: str = "qkv
     return total
 
 
-def constraint_loss(model: nn.Module, pairs, kind: str = "fro", parts: str = "qkv") -> torch.Tensor:
+def constraint_loss(model: nn.Module, pairs, kind: str = "fro", parts: str = "qkv", unit: str = "kv") -> torch.Tensor:
     """L_w: the mean of `pair_distances` over the pairs (0 without pairs)."""
-    d = pair_distances(model, pairs, kind, parts)
+    d = pair_distances(model, pairs, kind, parts, unit)
     return d.mean() if d.numel() else d.sum()
 
 
@@ -272,9 +272,11 @@ class PostShareTrainer(Trainer):
     gradient) even at lam 0, so tune-only logs how far the pairs drift without it.
     """
 
-    def __init__(self, *args, pairs=(), lam: float = 0.5, constraint: str = "fro", parts: str = "qkv", **kwargs):
+    def __init__(self, *args, pairs=(), lam: float = 0.5, constraint: str = "fro", parts: str = "qkv",
+                 unit: str = "kv", **kwargs):
         super().__init__(*args, **kwargs)
         self.pairs, self.lam, self.constraint, self.parts = list(pairs), lam, constraint, parts
+        self.unit = unit  # the kind of the units the pairs name
         # our loss is a per-batch mean, so the Trainer must divide it by the accumulation steps itself
         self.loss_is_scaled_for_ga = False
         self._sums = torch.zeros(2, dtype=torch.float64)
@@ -290,12 +292,12 @@ class PostShareTrainer(Trainer):
             # the live parameters, not DDP's wrapper: autograd sums both terms before DDP's reducer hook
             raw = self.accelerator.unwrap_model(model)
             if self.lam > 0:
-                cw = constraint_loss(raw, self.pairs, self.constraint, self.parts)
+                cw = constraint_loss(raw, self.pairs, self.constraint, self.parts, self.unit)
                 loss = (1 - self.lam) * lm + self.lam * cw
             else:
                 with torch.no_grad():
                     kind = self.constraint if self.constraint in DISTANCES else "fro"
-                    cw = constraint_loss(raw, self.pairs, kind, self.parts)
+                    cw = constraint_loss(raw, self.pairs, kind, self.parts, self.unit)
         if model.training:
             self._sums[0] += lm.detach().double().cpu()
             self._sums[1] += (cw.detach().double().cpu() if cw is not None else 0.0)
@@ -388,8 +390,7 @@ def posttrain(model: nn.Module, tokenizer, plan: SharePlan | None, data, config:
     >>> model = posttrain(model, tok, headshare.make_plan(model, 0.3), "builtin:calib",
     ...                   PostTrainConfig(steps=200, out="out"))   # doctest: +SKIP
     """
-    with unit_kind(plan.unit_kind if plan is not None else None):  # the plan's units, down to the pull
-        return _posttrain(model, tokenizer, plan, data, config, callbacks)
+    return _posttrain(model, tokenizer, plan, data, config, callbacks)
 
 
 def _posttrain(model, tokenizer, plan, data, config, callbacks) -> nn.Module:
@@ -397,7 +398,7 @@ def _posttrain(model, tokenizer, plan, data, config, callbacks) -> nn.Module:
     if plan is None and cfg.mode != "tune-only":
         raise HeadshareError(f"mode {cfg.mode!r} needs a plan (pairs to share)")
     if plan is not None:
-        plan.validate(layout_of(model.config))
+        plan.validate(layout_of(model.config, plan.unit_kind))
         if plan.bases and cfg.mode == "postshare":
             # the weight-similarity pull acts on pairs of units; a basis is fitted, not pulled towards
             raise HeadshareError(f"a {plan.method!r} plan puts layers on shared bases, which postshare's pull cannot "
@@ -424,7 +425,7 @@ def _run(model, tokenizer, plan, blocks_: torch.Tensor, cfg: PostTrainConfig, ou
 
     from .sharing import share
 
-    layout = layout_of(model.config)
+    layout = layout_of(model.config, plan.unit_kind if plan is not None else None)  # the plan's units
     args = _training_args(cfg, work / "trainer")
     args.device  # noqa: B018 -- sets up the process group under `accelerate launch` (gloo on CPU)
     state = PartialState()
@@ -446,7 +447,7 @@ def _run(model, tokenizer, plan, blocks_: torch.Tensor, cfg: PostTrainConfig, ou
     set_seed(cfg.seed)
     pairs = constraint_pairs(plan) if plan is not None else []
     with torch.no_grad():
-        before = pair_distances(model, pairs, parts=cfg.parts).tolist() if pairs else []
+        before = pair_distances(model, pairs, parts=cfg.parts, unit=layout.unit_kind).tolist() if pairs else []
     if cfg.mode == "share-then-tune":
         share(model, plan)
 
@@ -456,7 +457,7 @@ def _run(model, tokenizer, plan, blocks_: torch.Tensor, cfg: PostTrainConfig, ou
     trainer = PostShareTrainer(
         model=model, args=args, train_dataset=BlockDataset(blocks_), callbacks=callbacks,
         pairs=pairs if cfg.mode != "share-then-tune" else (), lam=cfg.effective_lambda, constraint=cfg.constraint,
-        parts=cfg.parts,
+        parts=cfg.parts, unit=layout.unit_kind,
     )
     t0 = time.time()
     trainer.train(resume_from_checkpoint=str(found[-1]) if cfg.resume else None)
@@ -464,7 +465,8 @@ def _run(model, tokenizer, plan, blocks_: torch.Tensor, cfg: PostTrainConfig, ou
     model = trainer.model
     model.eval()
     with torch.no_grad():
-        after = pair_distances(model, pairs, parts=cfg.parts).tolist() if pairs and cfg.mode != "share-then-tune" else []
+        after = pair_distances(model, pairs, parts=cfg.parts, unit=layout.unit_kind).tolist() \
+            if pairs and cfg.mode != "share-then-tune" else []
     if cfg.mode == "postshare":
         # the trained weights supersede any weights a method fitted with the plan; a penalty has pulled
         # the pairs to equal, so they share as the paper does, at scale 1; the prox pull has already made

@@ -1,295 +1,23 @@
-"""Applying a plan: projections whose unit slices live in another layer.
-
-`share(model, plan)` replaces every attention projection named by the architecture mapping with a
-`SharedProjection`. Each one stores only the slices of the units its layer still owns, in the same
-orientation as the original weight and under the same state-dict key (`...q_proj.weight`, now with
-fewer rows). A borrowed unit holds a reference to the projection that owns its root unit and slices
-that weight at run time: the slice is a view, so nothing is copied and one tensor serves both
-layers, in memory, in gradients and on disk.
+"""Applying a plan: `share(model, plan)` restructures a model in place (`headshare.structure`), so that
+borrowed units read their root's slices and pruned units are gone, and records the plan in its config.
 
 A plan's fitted weights (unit slices a method refitted) are written into the model first, after a
 check that the model holds the weights they were fitted on. Saving and loading: `headshare.checkpoint`.
-
-In a layer of a basis group (`SharePlan.bases`) the input-side projections store (rows, rank)
-coefficients instead of (rows, hidden) weights, and first project their input onto the group's
-`SharedBasis`, one (rank, hidden) matrix registered once, in the group's first layer, as
-`headshare_basis`; the other layers hold a reference to it, as borrowed units do.
 """
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .arch import Layout, ProjSpec, arch_spec, blocks, layout_of, unit_kind
+from .arch import layout_of
+from .checkpoint import MODELING_FILE, shared_model_class
 from .errors import HeadshareError
 from .plan import SharePlan
-from .units import basis_key, coef_key, is_unit_key, refuse_shared, weights_fingerprint, write_fitted
+from .structure import BASIS_NAME, SharedBasis, SharedProjection, apply_structure, check_basis_tensors
+from .units import is_unit_key, refuse_shared, weights_fingerprint, write_fitted
 
-# from this many tokens in a call, a shared projection gathers its weight and runs one product; below it
-# (decoding), a product per run reads the weights once without the copy
-GATHER_MIN_TOKENS = 16
-
-
-BASIS_NAME = "headshare_basis"  # attribute of the attention module of a basis group's first layer
-
-
-class SharedBasis(nn.Module):
-    """One (rank, hidden) input basis that the q/k/v projections of a group of layers read through."""
-
-    def __init__(self, weight: torch.Tensor):
-        super().__init__()
-        self.weight = nn.Parameter(weight)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
-
-    def extra_repr(self) -> str:
-        return f"rank={self.weight.shape[0]}, hidden={self.weight.shape[1]}"
-
-
-class SharedProjection(nn.Module):
-    """A Linear/Conv1D whose per-unit slices are either its own, borrowed from another layer, or pruned."""
-
-    headshare_shared = True  # units.SHARED_MARKER: how the rest of the package tells a shared model
-
-    def __init__(self, proj: ProjSpec, units: int, own: list[int], weight: torch.Tensor | None,
-                 bias: torch.Tensor | None, out_features: int, in_features: int):
-        super().__init__()
-        self.proj, self.units, self.own = proj, units, list(own)
-        self.out_features, self.in_features = out_features, in_features
-        self.weight = nn.Parameter(weight) if weight is not None else None
-        self.bias = nn.Parameter(bias) if bias is not None else None
-        # (module, start, stop, scale) runs in feature order; module None means zeros (a pruned unit)
-        self._segments: list[tuple[SharedProjection | None, int, int, float]] = []
-        self.__dict__["_basis"] = None  # a SharedBasis the input is projected on first (basis layers)
-
-    def use_basis(self, basis: SharedBasis) -> None:
-        """Read the input through `basis`: the stored weight is then (rows, rank) coefficients."""
-        self.__dict__["_basis"] = basis  # a reference, not a child: the group's first layer owns it
-
-    # Storage layout: own units in increasing order, part by part (q of all own units, then k, ...).
-    def own_range(self, unit: int, part: int) -> tuple[int, int]:
-        k = self.own.index(unit)
-        width = self.proj.parts[part][2]
-        start = sum(w for _, _, w in self.proj.parts[:part]) * len(self.own) + k * width
-        return start, start + width
-
-    def link(self, sources: dict[int, tuple[SharedProjection, int] | None], scales: dict[int, float]) -> None:
-        """Lay out the feature runs. `sources[u]` is (owner, unit) for a borrowed unit, None if pruned."""
-        runs: list[tuple[SharedProjection | None, int, int, float]] = []
-        for p, (_, _, width) in enumerate(self.proj.parts):
-            for u in range(self.units):
-                if u not in sources:
-                    owner, unit, scale = self, u, 1.0
-                elif sources[u] is None:
-                    owner, unit, scale = None, u, 0.0
-                else:
-                    (owner, unit), scale = sources[u], (scales.get(u, 1.0) if self.proj.role == "in" else 1.0)
-                start, stop = owner.own_range(unit, p) if owner is not None else (0, width)
-                prev = runs[-1] if runs else None
-                if prev and prev[0] is owner and prev[3] == scale and (owner is None or prev[2] == start):
-                    runs[-1] = (owner, prev[1], prev[2] + width if owner is None else stop, scale)
-                else:
-                    runs.append((owner, start, stop, scale))
-        # a plain list attribute keeps other layers' modules out of this module's children and state dict
-        self.__dict__["_segments"] = runs
-
-    def _w(self, owner: SharedProjection, start: int, stop: int) -> torch.Tensor:
-        dim = self.proj.weight_dim()
-        return owner.weight.narrow(dim, start, stop - start)
-
-    def _project(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-        if self.proj.conv1d:  # (in, out) weight
-            y = x @ w
-            return y + b if b is not None else y
-        return F.linear(x, w, b)
-
-    def _gathered(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The layer's full weight (and bias) assembled from the runs: a temporary copy."""
-        dim, ws, bs = self.proj.weight_dim(), [], []
-        owners = [o for o, *_ in self._segments if o is not None]
-        ref = owners[0].weight
-        out_bias = self.proj.role == "out" and any(o.bias is not None for o in owners)
-        for owner, a, b, scale in self._segments:
-            if owner is None:
-                shape = list(ref.shape)
-                shape[dim] = b - a
-                ws.append(ref.new_zeros(shape))
-            else:
-                w = self._w(owner, a, b)
-                ws.append(w * scale if scale != 1.0 else w)
-            if out_bias:
-                bs.append(owner.bias[a:b] if owner is not None else ref.new_zeros(b - a))
-        bias = torch.cat(bs) if out_bias else (self.bias if self.proj.role == "in" else None)
-        return torch.cat(ws, dim=dim), bias
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._basis is not None:
-            x = self._basis(x)
-        segs = self._segments
-        if len(segs) > 1 and x.numel() >= GATHER_MIN_TOKENS * x.shape[-1] and any(o is not None for o, *_ in segs):
-            # many tokens: one matrix product over a gathered weight beats a product per run (and, for
-            # o, partial sums over strided input slices); the copy is freed right after
-            w, b = self._gathered()
-            return self._project(x, w, b)
-        if self.proj.role == "out":
-            outs = []
-            for owner, a, b, _ in segs:
-                if owner is None:
-                    outs.append(x.new_zeros(*x.shape[:-1], b - a))
-                else:
-                    bias = owner.bias[a:b] if owner.bias is not None else None
-                    outs.append(self._project(x, self._w(owner, a, b), bias))
-            return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
-        # role "in": the output is a sum over the input feature runs of each unit
-        y = None
-        pos = 0
-        for owner, a, b, scale in segs:
-            n = b - a
-            if owner is not None:
-                xs = x if n == x.shape[-1] else x[..., pos:pos + n]
-                part = self._project(xs, self._w(owner, a, b), None)
-                if scale != 1.0:
-                    part = part * scale
-                y = part if y is None else y + part
-            pos += n
-        if y is None:
-            y = x.new_zeros(*x.shape[:-1], self.out_features)
-        return y + self.bias if self.bias is not None else y
-
-    def extra_repr(self) -> str:
-        rank = f", basis rank={self._basis.weight.shape[0]}" if self._basis is not None else ""
-        return (f"{self.proj.path}, role={self.proj.role}, units={self.units}, own={len(self.own)}, "
-                f"runs={len(self._segments)}{rank}")
-
-
-def own_index(proj: ProjSpec, own: list[int]) -> torch.Tensor:
-    """Feature indices of the units `own`, in SharedProjection's storage layout (part by part)."""
-    if not own:
-        return torch.zeros(0, dtype=torch.long)
-    return torch.cat([torch.cat([torch.arange(off + u * w, off + (u + 1) * w) for u in own])
-                      for _, off, w in proj.parts])
-
-
-def _project_weight(proj: ProjSpec, module: nn.Module, own: list[int]) -> tuple[torch.Tensor | None, ...]:
-    """The own-unit slices of a projection's weight (and bias), in SharedProjection's storage layout."""
-    if not own:
-        return None, (module.bias.detach().clone() if proj.role == "in" and module.bias is not None else None)
-    idx = own_index(proj, own)
-    dim = proj.weight_dim()
-    weight = module.weight.detach().index_select(dim, idx.to(module.weight.device)).contiguous()
-    bias = None
-    if module.bias is not None:
-        bias = module.bias.detach().clone() if proj.role == "in" else module.bias.detach()[idx].contiguous()
-    return weight, bias
-
-
-def _empty_weight(proj: ProjSpec, module: nn.Module, own: list[int],
-                  rank: int | None = None) -> tuple[torch.Tensor | None, ...]:
-    """Uninitialised tensors of the shapes `_project_weight` would give (inputs cut to `rank` in a basis
-    layer), for a model about to be loaded."""
-    w, b = module.weight, module.bias
-    weight = None
-    if own:
-        shape = list(w.shape)
-        shape[proj.weight_dim()] = proj.unit_width * len(own)
-        if rank is not None:
-            shape[1 - proj.weight_dim()] = rank
-        weight = torch.empty(shape, dtype=w.dtype, device=w.device)
-    if b is not None and (own or proj.role == "in"):
-        b = torch.empty(b.shape[0] if proj.role == "in" else proj.unit_width * len(own), dtype=b.dtype)
-    else:
-        b = None
-    return weight, b
-
-
-def _features(proj: ProjSpec, module: nn.Module) -> tuple[int, int]:
-    w = module.weight
-    return (w.shape[1], w.shape[0]) if proj.conv1d else (w.shape[0], w.shape[1])
-
-
-def _make_bases(model: nn.Module, plan: SharePlan, layout: Layout, copy_weights: bool) -> dict[int, SharedBasis]:
-    """Layer -> its group's SharedBasis, each registered once in its group's first layer."""
-    out = {}
-    apath = arch_spec(layout.model_type).attention
-    ref = blocks(model)[0].get_submodule(layout.o_projection().path).weight
-    for g, b in enumerate(plan.bases):
-        if copy_weights:
-            w = plan.fitted[basis_key(g)].detach().to(device=ref.device, dtype=ref.dtype).clone()
-        else:
-            w = torch.empty(b["rank"], layout.hidden_size, dtype=ref.dtype, device=ref.device)
-        basis = SharedBasis(w)
-        first = min(b["layers"])
-        blocks(model)[first].get_submodule(apath).add_module(BASIS_NAME, basis)
-        out.update(dict.fromkeys(b["layers"], basis))
-    return out
-
-
-def check_basis_tensors(plan: SharePlan, layout: Layout) -> None:
-    """Refuse a plan whose bases lack their tensors or whose tensors have the wrong shapes."""
-    pruned = {tuple(p) for p in plan.pruned}
-    whole = layout.layer_projections()
-    for g, b in enumerate(plan.bases):
-        want = {basis_key(g): (b["rank"], layout.hidden_size)}
-        for layer in b["layers"]:
-            own = [u for u in range(layout.units_per_layer) if (layer, u) not in pruned]
-            for proj in plan.basis_projections(layout, g):
-                if own or proj in whole:
-                    rows = proj.unit_width * (1 if proj in whole else len(own))
-                    want[coef_key(layer, proj.path)] = (rows, b["rank"]) if not proj.conv1d else (b["rank"], rows)
-        for key, shape in want.items():
-            if key not in plan.fitted:
-                raise HeadshareError(f"basis {g} needs the fitted tensor {key!r}, which the plan does not carry")
-            if tuple(plan.fitted[key].shape) != shape:
-                raise HeadshareError(f"fitted tensor {key!r} has shape {tuple(plan.fitted[key].shape)}, basis {g} "
-                                 f"needs {shape}")
-
-
-def _apply_structure(model: nn.Module, plan: SharePlan, layout: Layout, copy_weights: bool = True) -> None:
-    roots = plan.roots()
-    scales = {(a.layer, a.unit): a.scale for a in plan.assignments}
-    pruned = {tuple(p) for p in plan.pruned}
-    U = layout.units_per_layer
-    bases = _make_bases(model, plan, layout, copy_weights)
-    kv_bases = {layer for b in plan.bases if b.get("kv") for layer in b["layers"]}
-    new: dict[tuple[int, str], SharedProjection] = {}
-    whole: dict[tuple[int, str], SharedProjection] = {}
-    for layer, block in enumerate(blocks(model)):
-        gone = {u for u in range(U) if (layer, u) in roots or (layer, u) in pruned}
-        own = [u for u in range(U) if u not in gone]
-        cut = [(proj, U, own, new) for proj in layout.projections()]
-        if layer in kv_bases:  # k/v outside the units, on the basis: one unit that the layer always owns
-            cut += [(proj, 1, [0], whole) for proj in layout.layer_projections()]
-        for proj, units, owned, into in cut:
-            old = block.get_submodule(proj.path)
-            based = layer in bases and proj.role == "out"
-            rank = bases[layer].weight.shape[0] if based else None
-            weight, bias = _project_weight(proj, old, owned) if copy_weights else _empty_weight(proj, old, owned, rank)
-            if based and copy_weights and owned:
-                weight = plan.fitted[coef_key(layer, proj.path)].detach().to(
-                    device=old.weight.device, dtype=old.weight.dtype).clone()
-            out_f, in_f = _features(proj, old)
-            into[(layer, proj.path)] = SharedProjection(proj, units, owned, weight, bias, out_f, in_f)
-            if based:
-                into[(layer, proj.path)].use_basis(bases[layer])
-    for mod in whole.values():
-        mod.link({}, {})
-    for (layer, path), mod in new.items():
-        sources = {}
-        for u in range(U):
-            if (layer, u) in pruned:
-                sources[u] = None
-            elif (layer, u) in roots:
-                rl, ru = roots[(layer, u)]
-                sources[u] = (new[(rl, path)], ru)
-        mod.link(sources, {u: scales[(layer, u)] for u in range(U) if (layer, u) in scales})
-    for (layer, path), mod in {**new, **whole}.items():
-        parent_path, _, name = path.rpartition(".")
-        parent = blocks(model)[layer].get_submodule(parent_path) if parent_path else blocks(model)[layer]
-        setattr(parent, name, mod)
-
+# the structure's classes are part of what sharing gives a user
+__all__ = ["BASIS_NAME", "SharedBasis", "SharedProjection", "share", "unique_parameters"]
 
 def unique_parameters(model: nn.Module) -> tuple[int, int]:
     """(parameters, bytes) counting every storage once, so tied and shared weights count once."""
@@ -307,25 +35,18 @@ def share(model: nn.Module, plan: SharePlan) -> nn.Module:
     >>> headshare.share(model, plan)              # doctest: +SKIP
     >>> model.save_pretrained("out")              # doctest: +SKIP
     """
-    with unit_kind(plan.unit_kind):  # every helper below cuts the plan's units
-        return _share(model, plan)
-
-
-def _share(model: nn.Module, plan: SharePlan) -> nn.Module:
-    from .checkpoint import MODELING_FILE, shared_model_class
-
-    layout = layout_of(model.config)
+    layout = layout_of(model.config, plan.unit_kind)
     refuse_shared(model, "share")
     plan.validate(layout)
     params0, bytes0 = unique_parameters(model)
-    if plan.fitted and plan.base_sha1 is not None and weights_fingerprint(model) != plan.base_sha1:
+    if plan.fitted and plan.base_sha1 is not None and weights_fingerprint(model, plan.unit_kind) != plan.base_sha1:
         raise HeadshareError(
             f"this {plan.method!r} plan carries weights fitted on other attention weights than this model's "
             "(their fingerprints differ): applied here it would give a broken model. Make the plan on this "
             "model, or apply it to the model it was made on")
     check_basis_tensors(plan, layout)  # before anything is written: a plan with bases carries their tensors
-    write_fitted(model, {k: v for k, v in plan.fitted.items() if is_unit_key(k)})
-    _apply_structure(model, plan, layout)
+    write_fitted(model, layout, {k: v for k, v in plan.fitted.items() if is_unit_key(k)})
+    apply_structure(model, plan, layout)
     params1, bytes1 = unique_parameters(model)
     base = type(model)
     model.__class__ = shared_model_class(base)

@@ -75,9 +75,9 @@ class WeightSource:
 
 
 class ModelWeights(WeightSource):
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, unit: str | None = None):
         refuse_shared(model, "the weight analysis")
-        self.layout = layout_of(model.config)
+        self.layout = layout_of(model.config, unit)
         self._blocks = blocks(model)
 
     def projection_weight(self, layer: int, path: str) -> torch.Tensor:

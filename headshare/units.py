@@ -5,6 +5,7 @@ plain modules of an unshared model, in the weight's own storage orientation unle
 
 - `unit_slices` / `unit_views`: a projection weight (a block's tensors) as per-unit views, nn.Linear orientation;
 - `get_slices` / `set_slices`: copies of one unit's weight and bias slices in every projection;
+- `own_index`: feature indices of a set of units as a shared projection stores them;
 - `o_columns` / `set_o_columns`: a unit's o-projection columns as a (hidden, width) float64 matrix;
 - `unit_z`: a unit's features of the o projection's input (its heads' attention output);
 - `head_weights`: per query head q, k, v rows and o columns, for the symmetry-aligned similarity;
@@ -72,6 +73,14 @@ def unit_views(block: nn.Module, layout: Layout, biases: bool = False) -> list[t
 
 def _idx(proj: ProjSpec, unit: int, device) -> torch.Tensor:
     return proj.unit_index(unit).to(device)
+
+
+def own_index(proj: ProjSpec, own: list[int]) -> torch.Tensor:
+    """Feature indices of the units `own`, in a shared projection's storage layout (part by part)."""
+    if not own:
+        return torch.zeros(0, dtype=torch.long)
+    return torch.cat([torch.cat([torch.arange(off + u * w, off + (u + 1) * w) for u in own])
+                      for _, off, w in proj.parts])
 
 
 def get_slices(block: nn.Module, layout: Layout, unit: int) -> dict[str, tuple]:
@@ -165,9 +174,11 @@ def is_unit_key(key: str) -> bool:
     return _FITTED_KEY.match(key) is not None
 
 
-def read_fitted(model: nn.Module, units: Iterable[tuple[int, int]], paths: Iterable[str]) -> dict[str, torch.Tensor]:
-    """The current weight slices of `units` in the projections `paths`, keyed by `fitted_key`."""
-    layout, bl = layout_of(model.config), blocks(model)
+def read_fitted(model: nn.Module, units: Iterable[tuple[int, int]], paths: Iterable[str],
+                layout: Layout | None = None) -> dict[str, torch.Tensor]:
+    """The current weight slices of `units` (cut as `layout` says; None: the model's default units) in the
+    projections `paths`, keyed by `fitted_key`."""
+    layout, bl = layout or layout_of(model.config), blocks(model)
     paths = set(paths)
     out = {}
     for layer, unit in sorted(units):
@@ -185,10 +196,10 @@ def parse_fitted_key(key: str) -> tuple[int, str, int]:
     return int(m.group(1)), m.group(2), int(m.group(3))
 
 
-def write_fitted(model: nn.Module, fitted: dict[str, torch.Tensor]) -> None:
-    """Write named unit slices (`read_fitted`'s form) into the model. Every name and shape is checked first,
-    so a slice that does not fit is refused with the model unchanged."""
-    layout, bl = layout_of(model.config), blocks(model)
+def write_fitted(model: nn.Module, layout: Layout, fitted: dict[str, torch.Tensor]) -> None:
+    """Write named unit slices (`read_fitted`'s form, units cut as `layout` says) into the model. Every name and
+    shape is checked first, so a slice that does not fit is refused with the model unchanged."""
+    bl = blocks(model)
     projs = {p.path: p for p in layout.projections()}
     writes = []
     for key, w in fitted.items():
@@ -220,12 +231,12 @@ def fingerprint(tensors) -> str:
     return h.hexdigest()
 
 
-def weights_fingerprint(model: nn.Module) -> str:
-    """SHA-1 of every attention projection's weight and bias (dtype included).
+def weights_fingerprint(model: nn.Module, unit: str = "kv") -> str:
+    """SHA-1 of every attention projection's weight and bias (dtype included), in the order the projections
+    of `unit` units list them.
 
-    With query-head units that includes k and v, which no unit owns: the fits depend on them too (plans made
-    with query-head units before plan version 5 left them out, and are refused: make them again)."""
-    layout = layout_of(model.config)
+    With query-head units that includes k and v, which no unit owns: the fits depend on them too."""
+    layout = layout_of(model.config, unit)
     return fingerprint((f"{i}.{p.path}.{name}", t) for i, block in enumerate(blocks(model))
                        for p in layout.projections() + layout.layer_projections()
                        for name, t in block.get_submodule(p.path).named_parameters(recurse=False))

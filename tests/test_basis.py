@@ -12,8 +12,9 @@ from conftest import TINY_CORPUS
 import headshare
 from headshare.arch import blocks, layout_of
 from headshare.checkpoint import info
-from headshare.methods import BasisShareConfig
-from headshare.methods.basis import _allocate, _rank_for_budget, _whitened_basis
+from headshare.methods import BasisShareConfig, ChoiceShareConfig
+from headshare.methods.basis.bases import rank_for_budget, whitened_basis
+from headshare.methods.basis.heldout import allocate
 from headshare.plan import SharePlan, units_for_ratio
 from headshare.sharing import BASIS_NAME, SharedBasis, unique_parameters
 from headshare.units import basis_key, coef_key
@@ -42,9 +43,8 @@ def _expected_removed(model, plan, layout) -> tuple[int, int]:
     return expect, per_rank
 
 
-def _plan(model, tok, calib, ratio=0.5, **kw):
-    return headshare.make_plan(model, BasisShareConfig(ratio=ratio, calib=calib, calib_tokens=128, **kw),
-                               tokenizer=tok)
+def _plan(model, tok, calib, ratio=0.5, config=BasisShareConfig, **kw):
+    return headshare.make_plan(model, config(ratio=ratio, calib=calib, calib_tokens=128, **kw), tokenizer=tok)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -85,12 +85,12 @@ def test_the_basis_is_stored_once_and_read_by_every_layer_of_its_group(tiny_toke
 @pytest.mark.parametrize("unit", ["kv", "query"])
 def test_forward_is_what_the_plan_tensors_compute(unit, tiny_tokenizer, calib_file):
     """A q/k/v output of a basis layer is x @ basis^T @ coef^T on the kept rows and zero on pruned rows (with
-    query-head units, k and v are all kept rows)."""
+    query-head units, only q rows are on the bases)."""
     model = tiny_model("llama-gqa")
     layout = layout_of(model.config, unit)
-    plan = _plan(model, tiny_tokenizer, calib_file, prune=0.5, unit=unit, basis_kv=unit == "query")
-    assert plan.based_rows(layout) == "q/k/v"
-    assert all(b.get("kv", False) == (unit == "query") for b in plan.bases)
+    plan = _plan(model, tiny_tokenizer, calib_file, prune=0.5, unit=unit)
+    assert plan.based_rows(layout) == ("q/k/v" if unit == "kv" else "q")
+    assert not any("kv" in b for b in plan.bases)
     headshare.share(model, plan)
     x = torch.randn(5, layout.hidden_size)
     g = plan.basis_layers()
@@ -118,10 +118,10 @@ def test_full_rank_basis_changes_nothing(tiny_tokenizer):
     torch.manual_seed(0)
     x = torch.randn(200, 16, dtype=torch.float64)
     w = torch.randn(24, 16, dtype=torch.float64)
-    basis, coef = _whitened_basis(x.T @ x, w, 16)
+    basis, coef = whitened_basis(x.T @ x, w, 16)
     torch.testing.assert_close(coef @ basis, w)
     # a lower rank is the best one in the whitened norm: better on x than the plain SVD of w
-    b8, c8 = _whitened_basis(x.T @ x, w, 8)
+    b8, c8 = whitened_basis(x.T @ x, w, 8)
     u, s, vh = torch.linalg.svd(w)
     plain = (u[:, :8] * s[:8]) @ vh[:8]
     assert (x @ (w - c8 @ b8).T).norm() <= (x @ (w - plain).T).norm()
@@ -130,7 +130,7 @@ def test_full_rank_basis_changes_nothing(tiny_tokenizer):
 def test_rank_for_budget_is_the_largest_that_meets_it():
     dense = [(32, 96), (32, 96)]
     for budget in (1, 500, 3000, 5000):
-        r = _rank_for_budget(dense, budget)
+        r = rank_for_budget(dense, budget)
         assert sum(h * n - r * (h + n) for h, n in dense) >= budget
         assert sum(h * n - (r + 1) * (h + n) for h, n in dense) < budget
 
@@ -139,8 +139,8 @@ def test_rank_for_budget_is_the_largest_that_meets_it():
 @pytest.mark.parametrize("select", ["fixed", "heldout"])
 def test_share_save_load_round_trip_is_bit_exact(select, unit, tiny_tokenizer, calib_file, tmp_path):
     model = tiny_model("llama-gqa")
-    plan = _plan(model, tiny_tokenizer, calib_file, prune=0.5, select=select, group=1, unit=unit,
-                 basis_kv=unit == "query")
+    plan = _plan(model, tiny_tokenizer, calib_file, prune=0.5, group=1, unit=unit,
+                 config=ChoiceShareConfig if select == "heldout" else BasisShareConfig)
     assert plan.bases, "nothing to round-trip"
     headshare.share(model, plan)
     ids = _ids(tiny_tokenizer)
@@ -150,7 +150,7 @@ def test_share_save_load_round_trip_is_bit_exact(select, unit, tiny_tokenizer, c
     assert torch.equal(outputs(again, ids), ref)
     assert unique_parameters(again) == unique_parameters(model)
     s = info(tmp_path / "s")
-    assert s["bases"] == len(plan.bases) and s["based_rows"] == "q/k/v"
+    assert s["bases"] == len(plan.bases) and s["based_rows"] == ("q/k/v" if unit == "kv" else "q")
     assert s["units_based"] == plan.units_based(layout_of(model.config).units_per_layer) > 0
     assert s["units_pruned"] == len(plan.pruned)
     assert s["params_shared"] == unique_parameters(model)[0]
@@ -247,35 +247,34 @@ def test_a_layer_whose_units_are_all_pruned_can_sit_in_a_basis_group(tiny_tokeni
     model = tiny_model("llama-mqa")
     layout = layout_of(model.config)
     U = layout.units_per_layer
-    real = basis_module._pruning_costs
+    real = basis_module.pruning_costs
 
     def layer0_free(model, d, layout, layer, *a, **k):  # make pruning all of layer 0 the cheapest choice
         costs = real(model, d, layout, layer, *a, **k)
         return {r: (0.0 if len(r) == U else c) for r, c in costs.items()} if layer == 0 else costs
 
-    basis_module._pruning_costs = layer0_free
+    basis_module.pruning_costs = layer0_free
     try:
         plan = _plan(model, tiny_tokenizer, calib_file, ratio=0.5, prune=0.7, group=3)
     finally:
-        basis_module._pruning_costs = real
+        basis_module.pruning_costs = real
     assert {(0, u) for u in range(U)} <= set(plan.pruned) and plan.bases
     headshare.share(model, plan)
     assert torch.isfinite(outputs(model, _ids(tiny_tokenizer))).all()
 
 
-# --- select="heldout": per group a rank or no basis, per layer the units to prune ---
+# --- choiceshare: per group a rank or no basis, per layer the units to prune ---
 
-@pytest.mark.parametrize("unit", ["kv", "query", "query+kv"])  # query+kv: k/v rows on the bases too
+@pytest.mark.parametrize("unit", ["kv", "query"])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_heldout_choice_removes_at_least_the_budget_and_counts_every_parameter(arch, unit, tiny_tokenizer,
                                                                               calib_file):
     if arch == "gpt2" and unit != "kv":
         pytest.skip("fused qkv: no query units")
-    kind, _, kv = unit.partition("+")
     model = tiny_model(arch)
-    layout = layout_of(model.config, kind)
-    plan = _plan(model, tiny_tokenizer, calib_file, select="heldout", unit=kind, basis_kv=bool(kv))
-    assert all(b.get("kv", False) == (bool(kv) and layout.query_units) for b in plan.bases)
+    layout = layout_of(model.config, unit)
+    plan = _plan(model, tiny_tokenizer, calib_file, unit=unit, config=ChoiceShareConfig)
+    assert not any("kv" in b for b in plan.bases)
     assert plan.notes["select"] == "heldout" and plan.notes["ranks"] == [b["rank"] for b in plan.bases]
     budget = units_for_ratio(0.5, layout) * layout.unit_params()
     p0, b0 = unique_parameters(model)
@@ -302,7 +301,7 @@ def test_heldout_choice_finds_a_planted_shared_basis_and_shares_it_at_no_cost(ti
                 w.copy_(torch.randn(w.shape[0], 4) @ shared / 2)
     ids = _ids(tiny_tokenizer)
     ref = outputs(model, ids)
-    plan = _plan(model, tiny_tokenizer, calib_file, select="heldout", group=3)
+    plan = _plan(model, tiny_tokenizer, calib_file, group=3, config=ChoiceShareConfig)
     assert plan.pruned == [] and len(plan.bases) == 1 and plan.bases[0]["rank"] >= 4
     budget = units_for_ratio(0.5, layout) * layout.unit_params()
     p0, _ = unique_parameters(model)
@@ -325,23 +324,17 @@ def test_allocate_spends_the_budget_where_the_error_is_least():
         (1, 2): {frozenset(): (9.0, 10), frozenset({0}): (9.2, 0)},
     }
     groups = [[0], [1]]
-    assert _allocate(groups, options, 50, 50, 10) == (set(), {(0,): 2, (1,): None})
-    assert _allocate(groups, options, 100, 50, 10) == ({(1, 0)}, {(0,): 2, (1,): None})
+    assert allocate(groups, options, 50, 50, 10) == (set(), {(0,): 2, (1,): None})
+    assert allocate(groups, options, 100, 50, 10) == ({(1, 0)}, {(0,): 2, (1,): None})
     # 105: the basis on layer 0 and pruning layer 1 (110 removed); 111: only both bases reach it (120)
-    assert _allocate(groups, options, 105, 50, 10) == ({(1, 0)}, {(0,): 2, (1,): None})
-    assert _allocate(groups, options, 111, 50, 10) == (set(), {(0,): 2, (1,): 2})
+    assert allocate(groups, options, 105, 50, 10) == ({(1, 0)}, {(0,): 2, (1,): None})
+    assert allocate(groups, options, 111, 50, 10) == (set(), {(0,): 2, (1,): 2})
     with pytest.raises(ValueError, match="no choice"):
-        _allocate(groups, options, 121, 50, 10)
+        allocate(groups, options, 121, 50, 10)
 
 
-def test_select_is_checked(tiny_tokenizer, calib_file):
-    with pytest.raises(ValueError, match="select"):
-        BasisShareConfig(ratio=0.3, select="best")
-
-
-def test_query_units_leave_key_value_rows_off_the_bases_by_default(tiny_tokenizer, calib_file):
-    """basis_kv=False (the default): with query-head units only q rows go on the bases; k and v stay as they
-    were."""
+def test_query_units_leave_key_value_rows_off_the_bases(tiny_tokenizer, calib_file):
+    """With query-head units only q rows go on the bases; k and v stay as they were."""
     model = tiny_model("llama-gqa")
     layout = layout_of(model.config, "query")
     k0 = blocks(model)[0].self_attn.k_proj.weight.detach().clone()
@@ -355,18 +348,18 @@ def test_query_units_leave_key_value_rows_off_the_bases_by_default(tiny_tokenize
     assert torch.equal(blocks(model)[0].self_attn.k_proj.weight, k0)
 
 
-def test_key_value_rows_on_a_basis_need_query_units_and_their_fit_needs_their_weights(tiny_tokenizer, calib_file):
+def test_key_value_rows_on_a_basis_need_query_units_and_query_fits_need_the_kv_weights(tiny_tokenizer, calib_file):
     model = tiny_model("llama-gqa")
-    plan = _plan(model, tiny_tokenizer, calib_file, unit="query", basis_kv=True)
-    assert all(b["kv"] for b in plan.bases)
+    plan = _plan(model, tiny_tokenizer, calib_file, unit="query")
     d = plan.to_dict()
     with pytest.raises(ValueError, match="bases"):
         SharePlan.from_dict({**d, "bases": [{**d["bases"][0], "kv": "yes"}]})
+    d = {**d, "bases": [{**b, "kv": True} for b in d["bases"]]}  # a plan file with k/v rows on its bases
     kv_units = {**d, "layout": {**d["layout"], "unit_kind": "kv",
                                 "units_per_layer": layout_of(model.config, "kv").units_per_layer}}
     with pytest.raises(ValueError, match="only query-head units"):
         SharePlan.from_dict({**kv_units, "pruned": []}).validate(layout_of(model.config, "kv"))
-    # the coefficients of k/v were fitted on k/v: a model whose k differs is refused, unchanged
+    # a query-unit fit read k/v (the attention it refitted through): a model whose k differs is refused, unchanged
     other = copy.deepcopy(model)
     with torch.no_grad():
         blocks(other)[1].self_attn.k_proj.weight.mul_(1.01)

@@ -161,7 +161,7 @@ def _plans(model, tok, calib, query: bool) -> list[SharePlan]:
     plans = [borrow, headshare.make_plan(model, 0.5, "fitshare", min_gain=0.0, **kw),
              headshare.make_plan(model, 0.5, "basisshare", **kw)]
     if query:  # query-head units need separate q/k/v projections
-        plans.append(headshare.make_plan(model, 0.5, "choiceshare", unit="query", basis_kv=True, **kw))
+        plans.append(headshare.make_plan(model, 0.5, "choiceshare", unit="query", **kw))
     return plans
 
 

@@ -1,7 +1,7 @@
 """The fast least-squares paths of `lstsq` against the direct computations they replace.
 
 The oracles below are the earlier implementations (`candidate_subsets` refactorising every candidate's kept
-set, and the same at the fixed ridge the fast order uses, `basis._subset_errors` solving with hidden-wide right-hand sides, `heldout_share_costs` refitting on the
+set, and the same at the fixed ridge the fast order uses, `basis.heldout.subset_errors` solving with hidden-wide right-hand sides, `heldout_share_costs` refitting on the
 tokens), kept here verbatim in substance so that the fast ones are checked against them and not against
 themselves.
 """
@@ -15,8 +15,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from headshare.methods.gram import LayerGram
 from headshare.methods.lstsq import (
-    LayerGram,
     candidate_subsets,
     fold_grams,
     greedy_order,
@@ -73,7 +73,7 @@ def fixed_ridge_greedy(g: torch.Tensor, ww: torch.Tensor, widths: list[int], lam
 
 def old_subset_errors(fits: tuple, evals: tuple, wo: torch.Tensor, cols: list[torch.Tensor], subsets: list,
                       rho: float, n: int) -> dict:
-    """`basis._subset_errors`: the refitted columns themselves (kept x D), solved per subset and fold."""
+    """`basis.heldout.subset_errors`: the refitted columns themselves (kept x D), solved per subset and fold."""
     out = {}
     for s in subsets:
         keep = [cols[u] for u in range(len(cols)) if u not in s]
@@ -113,7 +113,7 @@ def old_heldout_share_costs(gram: LayerGram, options: dict, data, layout, rho: f
 
 
 def exact_fold_stats(z: torch.Tensor, wo: torch.Tensor, w: torch.Tensor, part: slice) -> tuple:
-    """`basis._fold_stats` in float64 throughout, for the target a = z wo' (no rounding between the two)."""
+    """`basis.heldout.fold_stats` in float64 throughout, for the target a = z wo' (no rounding between the two)."""
     zf, wf = z[part].double(), w[part].double()
     a = zf @ wo.T
     zw = zf * wf
@@ -244,17 +244,16 @@ def test_on_a_smollm2_layer_with_query_units(smollm2_dir):
     """A real layer (9 query-head units of width 64, hidden 576): on the greedy's nested subsets the held-out
     costs are the per-subset solves at the layer's fixed ridge (`nested_prune_errors`), each subset's own-ridge
     errors (`prune_errors`) agree with the hidden-wide solve, and the greedy order is the fixed-ridge greedy's."""
-    from headshare.arch import blocks, layout_of, unit_kind
+    from headshare.arch import blocks, layout_of
     from headshare.fetch import load_model
     from headshare.methods.calibration import calibration_ids, capture, layer_gram
 
     model, tok = load_model(str(smollm2_dir))
     ids = calibration_ids(model, tok, "builtin:calib", 2048)
-    with unit_kind("query"):
-        layout = layout_of(model.config)
-        data = capture(model, ids)
-        layer, U = 5, layout.units_per_layer
-        gram = layer_gram(model, data[layer], layout, layer, [])
+    layout = layout_of(model.config, "query")
+    data = capture(model, ids)
+    layer, U = 5, layout.units_per_layer
+    gram = layer_gram(model, data[layer], layout, layer, [])
     assert U == 9
     d = data[layer]
     subsets = [frozenset(s) for s in candidate_subsets(gram, U, 1.0)]

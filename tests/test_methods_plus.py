@@ -169,7 +169,7 @@ def test_borrowed_outputs_are_what_share_computes(tiny_tokenizer, calib_file):
     plan = SharePlan.from_dict({"layout": layout.to_dict(), "method": "manual", "ratio": 0.3,
                                 "assignments": [{"layer": 2, "unit": 0, "source_layer": 0, "source_unit": 1},
                                                 {"layer": 2, "unit": 1, "source_layer": 1, "source_unit": 1}]})
-    want = borrowed_z(model, data[2], 2, [(0, 1), (1, 1)])
+    want = borrowed_z(model, data[2], layout, 2, [(0, 1), (1, 1)])
     shared = headshare.share(copy.deepcopy(model), plan)
     got = {}
     o = blocks(shared)[2].get_submodule(layout.projections()[-1].path)
@@ -192,7 +192,7 @@ def test_layer_costs_match_a_direct_fit_on_the_full_outputs(tiny_tokenizer, cali
     options = layer_options(layer_gram(model, data[2], layout, 2, sources), U, sources, rho=1e-2, min_gain=0.0)
     pruned_only = layer_options(layer_gram(model, data[2], layout, 2, []), U, [], rho=1e-2, min_gain=0.0)
     assert len(options) == 2 ** U - 1
-    zb = borrowed_z(model, data[2], 2, sources)
+    zb = borrowed_z(model, data[2], layout, 2, sources)
     for removed in [(0,), (1, 3), (0, 1, 2, 3)]:
         kept = [u for u in range(U) if u not in removed]
         v = sum(unit_z(d.z, layout, u) @ o_columns(bl[2], layout, u).T for u in removed)
@@ -310,7 +310,7 @@ def test_fitshare_plan_is_pure_data_with_its_fitted_weights(tiny_tokenizer, cali
     assert model.state_dict().keys() == original.state_dict().keys()
     assert all(torch.equal(v, original.state_dict()[k]) for k, v in model.state_dict().items())
     assert plan.config == {"ratio": 0.5, "calib": calib_file, "calib_tokens": 128, "rho": 1.0, "window": 6,
-                           "min_gain": 0.0, "heldout": True, "select": "heldout", "version": 1}
+                           "min_gain": 0.0, "heldout": True, "version": 1}
     assert "requires_weights" not in plan.notes and "calib" not in plan.notes
     assert plan.base_sha1 == weights_fingerprint(original)
     # the fitted weights are the o columns of exactly the units that stay in layers that lose units

@@ -13,7 +13,7 @@ from conftest import build_tiny_llama
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import headshare
-from headshare.arch import UnsupportedModelError, blocks, layout_of, unit_kind
+from headshare.arch import UnsupportedModelError, blocks, layout_of
 from headshare.cli import main
 from headshare.methods.calibration import borrowed_z, capture, source_key
 from headshare.plan import PLAN_VERSION, Assignment, SharePlan, new_plan
@@ -31,9 +31,7 @@ def test_smollm2_layout_has_270_query_units():
     assert q.unit_params() == 2 * 64 * 576 and kv.unit_params() == 8 * 64 * 576
     assert [q.kv_group(u) for u in range(9)] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     assert [kv.kv_group(u) for u in range(3)] == [0, 1, 2]
-    with unit_kind("query"):
-        assert layout_of(cfg) == q
-    assert layout_of(cfg) == kv  # the block's kind does not leak out of it
+    assert layout_of(cfg, "kv") == kv  # an unshared model's units are the default unless asked for
 
 
 def test_bad_unit_kinds_are_refused():
@@ -131,16 +129,14 @@ def test_borrowed_query_head_attends_with_the_key_value_head_of_its_slot(tiny_to
     of key/value head g attends with this layer's head g."""
     model = build_tiny_llama(num_hidden_layers=3)  # 4 query heads, 2 key/value heads
     ids = torch.randint(4, 50, (1, 16), generator=torch.Generator().manual_seed(0))
-    with unit_kind("query"):
-        layout = layout_of(model.config)
-        data = capture(model, ids)
-        keys = [source_key(layout, (0, 1), 3), source_key(layout, (0, 1), 0)]
-        assert keys == [(0, 1, 1), (0, 1, 0)]
-        z = borrowed_z(model, data[2], 2, keys)
+    layout = layout_of(model.config, "query")
+    data = capture(model, ids)
+    keys = [source_key(layout, (0, 1), 3), source_key(layout, (0, 1), 0)]
+    assert keys == [(0, 1, 1), (0, 1, 0)]
+    z = borrowed_z(model, data[2], layout, 2, keys)
     for unit, key in ((3, keys[0]), (0, keys[1])):
-        plan = new_plan(model, "manual", 0.0, assignments=[Assignment(2, unit, 0, 1)])
-        assert plan.unit_kind == "kv"  # made outside the block: rebuild it as a query plan
-        plan.layout = layout.to_dict()
+        plan = new_plan(model, "manual", 0.0, unit_kind="query", assignments=[Assignment(2, unit, 0, 1)])
+        assert plan.unit_kind == "query"
         shared = headshare.share(copy.deepcopy(model), plan)
         got = {}
         o = blocks(shared)[2].self_attn.o_proj
@@ -177,9 +173,8 @@ def test_selection_on_many_units_a_layer_weighs_nested_subsets(tiny_tokenizer):
 
     model = build_tiny_llama(num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2, hidden_size=64)
     ids = torch.randint(4, 50, (2, 16), generator=torch.Generator().manual_seed(0))
-    with unit_kind("query"):
-        layout = layout_of(model.config)
-        gram = layer_gram(model, capture(model, ids)[1], layout, 1, [])
+    layout = layout_of(model.config, "query")
+    gram = layer_gram(model, capture(model, ids)[1], layout, 1, [])
     assert layout.units_per_layer == 8 > EXHAUSTIVE
     subsets = candidate_subsets(gram, 8, 1.0)
     assert [len(s) for s in subsets] == list(range(1, 9))
@@ -225,7 +220,8 @@ def test_cli_plan_and_share_with_query_units(tmp_path, capsys):
 
 
 def test_bench_rows_of_both_unit_kinds_sit_side_by_side(tmp_path):
-    from headshare.bench import bench_config, budget_groups, resolve_methods, run_bench, split_method
+    from headshare.bench import bench_config, budget_groups, resolve_methods, run_bench
+    from headshare.methods import split_method
 
     assert split_method("fitprune@query") == ("fitprune", "query") and split_method("prune") == ("prune", None)
     assert bench_config("random@query", 0.4, {"seed": 0}).unit == "query"

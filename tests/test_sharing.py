@@ -13,7 +13,7 @@ from torch.overrides import TorchFunctionMode
 from transformers import AutoModel, AutoModelForCausalLM
 
 import headshare
-import headshare.sharing as sharing
+import headshare.structure as structure
 from headshare.arch import blocks, layout_of
 from headshare.plan import Assignment, SharePlan, new_plan
 from headshare.sharing import SharedProjection
@@ -25,7 +25,7 @@ IDS = torch.randint(0, 99, (2, 12), generator=torch.Generator().manual_seed(1))
 @pytest.fixture(params=["gathered", "per-run"])
 def product(request, monkeypatch):
     """Both forward strategies of a shared projection: one product over a gathered weight, or one per run."""
-    monkeypatch.setattr(sharing, "GATHER_MIN_TOKENS", 0 if request.param == "gathered" else 10**9)
+    monkeypatch.setattr(structure, "GATHER_MIN_TOKENS", 0 if request.param == "gathered" else 10**9)
     return request.param
 
 
@@ -157,7 +157,7 @@ class _LinearWeights(TorchFunctionMode):
 
 def test_shared_weights_stay_tied_through_training(monkeypatch):
     # one product per run: the forward then reads each unit's rows where they are stored, no gathered copy
-    monkeypatch.setattr(sharing, "GATHER_MIN_TOKENS", 10**9)
+    monkeypatch.setattr(structure, "GATHER_MIN_TOKENS", 10**9)
     model = tiny_model("llama-gqa").train()  # 2 units per layer; q rows of a unit: 2 heads x 8
     plan = new_plan(model, "manual", 0.0, assignments=[Assignment(2, 0, 0, 1)])
     headshare.share(model, plan)

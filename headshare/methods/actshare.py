@@ -13,18 +13,22 @@ import time
 from dataclasses import dataclass
 
 from ..arch import blocks, layout_of
+from ..config import check
 from ..errors import HeadshareError
 from ..plan import Assignment, SharePlan, new_plan, units_for_ratio
 from ..units import o_columns, unit_z
-from . import CalibConfig, check, is_integer, register_method
-from .calibration import borrowed_z, calibration_ids, candidate_sources, layer_gram, source_key, walk
+from .base import CalibConfig, register_method
+from .calibration import (
+    WINDOW,
+    borrowed_z,
+    calibration_ids,
+    candidate_sources,
+    layer_gram,
+    source_key,
+    walk,
+    window_ok,
+)
 from .lstsq import RidgeResidual, fit_scales
-
-WINDOW = 6  # sources are searched in this many preceding layers (the best ones were 1-5 layers back)
-
-
-def window_ok(w) -> bool:
-    return w is None or (is_integer(w) and w >= 1)
 
 
 @dataclass
@@ -43,11 +47,11 @@ def actshare(model, cfg: ActShareConfig, tokenizer=None, progress: bool = False,
     unit's own layer input, best reproduce its output after a least-squares scale; the units where that
     leaves the least weighted error borrow. Sources are never themselves removed."""
     t0 = time.perf_counter()
-    layout = layout_of(model.config)
+    layout = layout_of(model.config, cfg.unit)
     n, window = units_for_ratio(cfg.ratio, layout), cfg.window
     notes = {"score": "weighted error left after the fitted scale, relative to pruning the unit (1 = no better)"}
     if n == 0:
-        return new_plan(model, "actshare", cfg.ratio, notes=notes)
+        return new_plan(model, "actshare", cfg.ratio, unit_kind=cfg.unit, notes=notes)
     ids = calibration_ids(model, tokenizer, cfg.calib, cfg.calib_tokens)
     U, bl = layout.units_per_layer, blocks(model)
     options: dict[tuple[int, int], list] = {}  # unit -> [(cost, source, scale)] best first, and prune cost
@@ -91,13 +95,13 @@ def actshare(model, cfg: ActShareConfig, tokenizer=None, progress: bool = False,
         mine = [a for a in assignments if a.layer == layer]
         fit = RidgeResidual(None, d.w, 0.0)
         keys = [source_key(layout, (a.source_layer, a.source_unit), a.unit) for a in mine]
-        zb = borrowed_z(model, d, layer, list(dict.fromkeys(keys)))
+        zb = borrowed_z(model, d, layout, layer, list(dict.fromkeys(keys)))
         v = sum(unit_z(d.z, layout, a.unit) @ o_columns(bl[layer], layout, a.unit).T for a in mine)
         ys = [zb[k] @ o_columns(bl[a.source_layer], layout, a.source_unit).to(d.z.device).T
               for a, k in zip(mine, keys, strict=True)]
         for a, scale in zip(mine, fit_scales(fit, v, ys).tolist(), strict=True):
             a.scale = scale
     notes["seconds"] = round(time.perf_counter() - t0, 1)
-    return new_plan(model, "actshare", cfg.ratio, assignments=assignments, notes=notes)
+    return new_plan(model, "actshare", cfg.ratio, unit_kind=cfg.unit, assignments=assignments, notes=notes)
 
 

@@ -24,9 +24,10 @@ from dataclasses import dataclass
 import torch
 
 from ..arch import UNIT_KINDS, layout_of
+from ..config import check, is_integer
 from ..errors import HeadshareError
 from ..plan import new_plan, units_for_ratio
-from . import METHODS, CalibConfig, check, is_integer, make_config, register_method
+from .base import METHODS, CalibConfig, make_config, make_plan, register_method, split_method
 from .calibration import held_out_loss
 
 # the two that won somewhere in BENCHMARKS.md (issue 11); each is a registered method and a unit kind
@@ -43,7 +44,10 @@ class AutoShareConfig(CalibConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check(self, "val_tokens", is_integer(self.val_tokens) and self.val_tokens >= 2, "an integer >= 2")
-        names = parse_candidates(self.candidates) if isinstance(self.candidates, str) else []
+        try:
+            names = parse_candidates(self.candidates) if isinstance(self.candidates, str) else []
+        except HeadshareError:  # a unit that is no unit kind: refused below, as an unknown method is
+            names = [(None, None)]
         check(self, "candidates", bool(names), "a comma list of METHOD@UNIT")
         for method, unit in names:
             check(self, "candidates", method in METHODS and method != "autoshare" and unit in UNIT_KINDS,
@@ -54,7 +58,7 @@ def parse_candidates(text: str) -> list[tuple[str, str]]:
     """"basisshare@kv,choiceshare@query" as [(method, unit)]; a name without @ is on the default unit."""
     out = []
     for name in (t.strip() for t in text.split(",") if t.strip()):
-        method, _, unit = name.partition("@")
+        method, unit = split_method(name)
         out.append((method, unit or "kv"))
     return out
 
@@ -89,12 +93,10 @@ def autoshare(model, cfg: AutoShareConfig, tokenizer=None, progress: bool = Fals
     """The candidate plan whose shared model scores best on held-out calibration text (module docstring)."""
     from tqdm.auto import tqdm
 
-    from . import make_plan
-
-    layout = layout_of(model.config)
+    layout = layout_of(model.config, cfg.unit)
     n = units_for_ratio(cfg.ratio, layout)
     if n == 0:
-        return new_plan(model, "autoshare", cfg.ratio)
+        return new_plan(model, "autoshare", cfg.ratio, unit_kind=cfg.unit)
     budget = n * layout.unit_params()
     val = _val_ids(tokenizer, cfg)
     scores, best = [], None

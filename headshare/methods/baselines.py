@@ -21,10 +21,11 @@ from dataclasses import dataclass
 import torch
 
 from ..arch import blocks, layout_of
+from ..config import check, is_integer
 from ..plan import Assignment, SharePlan, new_plan, units_for_ratio
-from ..similarity import METRICS, similarity_matrix
-from ..units import fingerprint, refuse_shared, unit_slices
-from . import CalibConfig, MethodConfig, check, is_integer, register_method
+from ..similarity import METRICS, ModelWeights, similarity_matrix
+from ..units import refuse_shared, unit_slices
+from .base import CalibConfig, MethodConfig, register_method
 from .calibration import calibration_ids, walk
 
 
@@ -40,7 +41,7 @@ class RandomConfig(MethodConfig):
 @register_method("random", RandomConfig, "baseline: random units borrow a random unit of a random earlier layer (seeded)")
 def random_plan(model, cfg: RandomConfig, tokenizer=None, progress: bool = False, device=None) -> SharePlan:
     """Random sharing: which units borrow, and from where, drawn with `random.Random(seed)`."""
-    layout = layout_of(model.config)
+    layout = layout_of(model.config, cfg.unit)
     n = units_for_ratio(cfg.ratio, layout)
     U = layout.units_per_layer
     rng = _random.Random(cfg.seed)
@@ -48,7 +49,7 @@ def random_plan(model, cfg: RandomConfig, tokenizer=None, progress: bool = False
     chosen = sorted(rng.sample(candidates, n))
     # sources are drawn in sorted order, so the plan depends on the seed alone
     assignments = [Assignment(layer, u, rng.randrange(layer), rng.randrange(U)) for layer, u in chosen]
-    return new_plan(model, "random", cfg.ratio, assignments=assignments)
+    return new_plan(model, "random", cfg.ratio, unit_kind=cfg.unit, assignments=assignments)
 
 
 def layer_similarity(sim: torch.Tensor, num_layers: int, units_per_layer: int) -> torch.Tensor:
@@ -80,10 +81,10 @@ def layerwise(model, cfg: LayerwiseConfig, tokenizer=None, progress: bool = Fals
     partial: only its units with the highest aligned cosine to the chosen layer borrow.
     """
     metric = cfg.metric
-    layout = layout_of(model.config)
+    layout = layout_of(model.config, cfg.unit)
     n = units_for_ratio(cfg.ratio, layout)
     L, U = layout.num_layers, layout.units_per_layer
-    sim = similarity_matrix(model, metric, progress=progress)
+    sim = similarity_matrix(ModelWeights(model, cfg.unit), metric, progress=progress)
     lsim = layer_similarity(sim, L, U)
     proposals = []  # (score, layer, source_layer); ties go to the earliest source layer
     for layer in range(1, L):
@@ -104,19 +105,13 @@ def layerwise(model, cfg: LayerwiseConfig, tokenizer=None, progress: bool = Fals
     assignments.sort(key=lambda a: (a.layer, a.unit))
     notes = {"layer_scores": {str(layer): [src, round(s, 6)] for s, layer, src in proposals},
              "partial_layer": partial}
-    return new_plan(model, "layerwise", cfg.ratio, metric=metric, assignments=assignments, notes=notes)
-
-
-# output_energy results by (weights, calibration ids) fingerprint: a benchmark plans several ratios on
-# fresh copies of one model, and the calibration pass is the slow part. Memory only, a few entries.
-_ENERGY_CACHE: dict[tuple[str, str, bool, str], torch.Tensor] = {}
-_ENERGY_CACHE_SIZE = 4
+    return new_plan(model, "layerwise", cfg.ratio, unit_kind=cfg.unit, metric=metric, assignments=assignments, notes=notes)
 
 
 @torch.inference_mode()
 def output_energy(model, tokenizer, calib: str = "builtin:calib", calib_tokens: int = 8192,
                   block_size: int = 512, relative: bool = True, progress: bool = False,
-                  device=None) -> torch.Tensor:
+                  device=None, unit: str = "kv") -> torch.Tensor:
     """(L, U) importance of every unit from what it writes into the residual stream on calibration text.
 
     y_u(t) = x_u(t) W_o,u^T is unit u's share of the o projection's output at token t (x_u: its heads'
@@ -132,22 +127,11 @@ def output_energy(model, tokenizer, calib: str = "builtin:calib", calib_tokens: 
 
     Both are computed from a weighted Gram matrix of each layer's o input, G = sum_t w_t x(t)^T x(t),
     with w_t = 1 / ||h(t)||^2 or 1: score_u = <W_u^T W_u, G_uu> / tokens, layer by layer through the
-    calibration pipeline (`calibration.walk`). The result is memoised in memory for the same weights,
-    calibration tokens and `relative`.
+    calibration pipeline (`calibration.walk`). `unit` is the unit kind the scores are per (`headshare.arch`).
     """
     refuse_shared(model, "importance")
-    layout = layout_of(model.config)
+    layout = layout_of(model.config, unit)
     ids = calibration_ids(model, tokenizer, calib, calib_tokens, block_size)
-    key = (fingerprint(model.state_dict().items()), fingerprint([("ids", ids)]), relative, layout.unit_kind)
-    if key not in _ENERGY_CACHE:
-        if len(_ENERGY_CACHE) >= _ENERGY_CACHE_SIZE:
-            _ENERGY_CACHE.pop(next(iter(_ENERGY_CACHE)))
-        _ENERGY_CACHE[key] = _output_energy(model, ids, relative, progress, device)
-    return _ENERGY_CACHE[key].clone()
-
-
-def _output_energy(model, ids: torch.Tensor, relative: bool, progress: bool, device) -> torch.Tensor:
-    layout = layout_of(model.config)
     o = layout.o_projection()
     U, T = layout.units_per_layer, ids.shape[1]
     energy = torch.empty(layout.num_layers, U, dtype=torch.float64)
@@ -187,16 +171,16 @@ def prune(model, cfg: PruneConfig, tokenizer=None, progress: bool = False, devic
     restricting pruning to layers >= 1 would weaken the baseline. Ties go to the earlier unit.
     `relative=False` ranks by raw output energy instead (a weaker score, kept for comparison).
     """
-    layout = layout_of(model.config)
+    layout = layout_of(model.config, cfg.unit)
     n = units_for_ratio(cfg.ratio, layout)
     score = "||unit's o output||^2 / ||residual stream||^2" if cfg.relative else "||unit's o output||^2"
     notes = {"importance": f"mean over calibration tokens of {score}"}
     if n == 0:
-        return new_plan(model, "prune", cfg.ratio, notes=notes)
+        return new_plan(model, "prune", cfg.ratio, unit_kind=cfg.unit, notes=notes)
     energy = output_energy(model, tokenizer, cfg.calib, cfg.calib_tokens, relative=cfg.relative, progress=progress,
-                           device=device)
+                           device=device, unit=cfg.unit)
     order = sorted((float(energy[layer, u]), layer, u)
                    for layer in range(layout.num_layers) for u in range(layout.units_per_layer))
     pruned = sorted((layer, u) for _, layer, u in order[:n])
     notes["scores"] = [[layer, u, float(f"{e:.6g}")] for e, layer, u in order[:n]]
-    return new_plan(model, "prune", cfg.ratio, pruned=pruned, notes=notes)
+    return new_plan(model, "prune", cfg.ratio, unit_kind=cfg.unit, pruned=pruned, notes=notes)

@@ -34,9 +34,10 @@ import torch
 from torch import nn
 
 from ..arch import Layout, arch_spec, blocks, layout_of
+from ..config import is_integer
 from ..errors import HeadshareError
-from ..units import get_slices, o_columns, refuse_shared, set_slices, unit_z
-from .lstsq import LayerGram
+from ..units import coef_key, fitted_key, get_slices, o_columns, own_index, refuse_shared, set_slices, unit_z
+from .gram import LayerGram
 
 # sequences per forward call of a block: bounds the block's intermediate activations (attention scores, the
 # MLP's inner width) on large calibration sets; the default calibration (8 x 512 tokens) runs as one call
@@ -257,7 +258,7 @@ def walk(model: nn.Module, ids: torch.Tensor, device: torch.device | str | None 
     from tqdm.auto import tqdm
 
     refuse_shared(model, "calibration")
-    layout = layout_of(model.config)
+    layout = layout_of(model.config)  # the attention and o paths, the same for every unit kind
     apath, opath = arch_spec(layout.model_type).attention, layout.o_projection().path
     bl = blocks(model)
     rows = _micro_batches(ids.shape[0], ids.shape[1], batch_tokens)
@@ -375,9 +376,6 @@ def plan_applied(model: nn.Module, plan, layer: int):
     with dense weights standing in for the shared structure: borrowed units hold their root's slices (as
     fitted, o scaled), pruned units zeros, fitted unit slices replace the model's, and basis layers hold
     their coefficients times the basis. The layer's weights are restored on leaving."""
-    from ..sharing import own_index
-    from ..units import coef_key, fitted_key
-
     layout = layout_of(model.config, plan.unit_kind)
     bl, U = blocks(model), layout.units_per_layer
     block = bl[layer]
@@ -460,7 +458,7 @@ def source_keys(layout: Layout, sources: list[tuple[int, int]]) -> list[tuple]:
 
 
 @torch.no_grad()
-def borrowed_z(model: nn.Module, d: LayerData, layer: int, sources: list[tuple]) -> dict:
+def borrowed_z(model: nn.Module, d: LayerData, layout: Layout, layer: int, sources: list[tuple]) -> dict:
     """{key: (N, width)} the heads' outputs that a source's q/k/v weights give on `layer`'s input (`d`); a
     key is a source (layer, unit), or (layer, unit, key/value head) to run it in a slot reading that head
     (`source_key`).
@@ -468,7 +466,6 @@ def borrowed_z(model: nn.Module, d: LayerData, layer: int, sources: list[tuple])
     The sources are swapped into the slots of `layer`'s own units, as many at a time as it has units,
     and the layer's attention module is re-run on its captured input; the slots are restored after.
     """
-    layout = layout_of(model.config)
     bl = blocks(model)
     paths = [p.path for p in layout.in_projections()]
     U = layout.units_per_layer
@@ -509,11 +506,20 @@ def layer_gram(model, d: LayerData, layout: Layout, layer: int, sources: list) -
     dev = d.z.device
     feats = {("own", u): unit_z(d.z, layout, u) for u in range(layout.units_per_layer)}
     cols = {("own", u): o_columns(block, layout, u).to(dev) for u in range(layout.units_per_layer)}
-    for s, z in (borrowed_z(model, d, layer, source_keys(layout, sources)) if sources else {}).items():
+    for s, z in (borrowed_z(model, d, layout, layer, source_keys(layout, sources)) if sources else {}).items():
         feats[s], cols[s] = z, o_columns(blocks(model)[s[0]], layout, s[1]).to(dev)
     return LayerGram(feats, cols, d.w, key=lambda s, u: source_key(layout, s, u))
 
 
+WINDOW = 6  # sources are searched in this many preceding layers (the best ones were 1-5 layers back)
+
+
+def window_ok(w) -> bool:
+    """Whether `w` is a valid source window: an integer >= 1, or None for every earlier layer."""
+    return w is None or (is_integer(w) and w >= 1)
+
+
 def candidate_sources(layer: int, U: int, window: int | None, removed) -> list[tuple[int, int]]:
+    """The units of the `window` layers before `layer` (None: all earlier layers) not in `removed`."""
     lo = 0 if window is None else max(0, layer - window)
     return [(sl, su) for sl in range(lo, layer) for su in range(U) if (sl, su) not in removed]

@@ -17,10 +17,11 @@ from dataclasses import dataclass
 import torch
 
 from ..arch import layout_of
+from ..config import check, is_integer
 from ..plan import SharePlan, dynamic_selection, new_plan
-from ..similarity import METRICS, similarity_matrix
+from ..similarity import METRICS, ModelWeights, similarity_matrix
 from ..units import head_weights
-from . import MethodConfig, check, is_integer, register_method
+from .base import MethodConfig, register_method
 
 
 @dataclass
@@ -35,13 +36,13 @@ class DirectShareConfig(MethodConfig):
 @register_method("directshare", DirectShareConfig, "the paper: qk weight cosine, dynamic selection, copy")
 def directshare(model, cfg: DirectShareConfig, tokenizer=None, progress: bool = False, device=None) -> SharePlan:
     """The paper's DirectShare selection: weight cosine of the match function, dynamic strategy."""
-    layout = layout_of(model.config)
-    sim = similarity_matrix(model, cfg.metric, progress=progress)
-    return new_plan(model, "directshare", cfg.ratio, metric=cfg.metric,
+    layout = layout_of(model.config, cfg.unit)
+    sim = similarity_matrix(ModelWeights(model, cfg.unit), cfg.metric, progress=progress)
+    return new_plan(model, "directshare", cfg.ratio, unit_kind=cfg.unit, metric=cfg.metric,
                     assignments=dynamic_selection(sim, layout, cfg.ratio))
 
 
-def aligned_similarity(model, sketch: int = 256, seed: int = 0) -> torch.Tensor:
+def aligned_similarity(model, sketch: int = 256, seed: int = 0, unit: str = "kv") -> torch.Tensor:
     """(N, N) unit similarity that the exact symmetries of attention leave unchanged, from weights alone.
 
     Raw weight cosines change under transformations that leave the function unchanged; this compares the
@@ -53,9 +54,10 @@ def aligned_similarity(model, sketch: int = 256, seed: int = 0) -> torch.Tensor:
     - OV: W_o W_v (D x D) is unchanged by W_v -> B W_v, W_o -> W_o B^-1 for any invertible B; compared through
       a seeded Gaussian sketch (W_o W_v S, `sketch` columns), an unbiased estimate of the inner products.
     A head pair scores the mean of its QK and OV cosines; a unit pair the best matching of their query heads
-    (permuting a unit's query heads with their o columns is one more symmetry). Unit index = layer*U + unit.
+    (permuting a unit's query heads with their o columns is one more symmetry). Unit index = layer*U + unit,
+    units of the kind `unit`.
     """
-    layout = layout_of(model.config)
+    layout = layout_of(model.config, unit)
     d, g = layout.head_dim, layout.q_heads_per_unit
     q, k, v, o = head_weights(model, layout)
     n = q.shape[0]
@@ -103,9 +105,9 @@ class AlignShareConfig(MethodConfig):
 @register_method("alignshare", AlignShareConfig, "DirectShare with a symmetry-aligned weight similarity (data-free, copies)")
 def alignshare(model, cfg: AlignShareConfig, tokenizer=None, progress: bool = False, device=None) -> SharePlan:
     """The paper's dynamic selection and copy, matched by `aligned_similarity` instead of raw weight cosine."""
-    layout = layout_of(model.config)
-    sim = aligned_similarity(model, cfg.sketch, cfg.seed)
-    return new_plan(model, "alignshare", cfg.ratio, metric="aligned-qk+ov",
+    layout = layout_of(model.config, cfg.unit)
+    sim = aligned_similarity(model, cfg.sketch, cfg.seed, cfg.unit)
+    return new_plan(model, "alignshare", cfg.ratio, unit_kind=cfg.unit, metric="aligned-qk+ov",
                     assignments=dynamic_selection(sim, layout, cfg.ratio),
                     notes={"similarity": "mean of QK (RoPE-pair invariant) and OV (sketched) cosines, best head "
                                          "matching"})

@@ -23,187 +23,50 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
-from torch import nn
-
-from ..arch import blocks, layout_of
+from ..arch import layout_of
+from ..config import check, is_number
 from ..plan import Assignment, SharePlan, new_plan, units_for_ratio
 from ..units import (
-    fitted_key,
-    get_slices,
-    o_columns,
-    parse_fitted_key,
-    set_o_columns,
-    set_slices,
-    unit_z,
     weights_fingerprint,
 )
-from . import CalibConfig, check, is_number, register_method
-from .actshare import WINDOW, window_ok
-from .calibration import calibration_ids, candidate_sources, layer_gram, model_dtype, walk
+from .base import CalibConfig, register_method
+from .calibration import WINDOW, calibration_ids, candidate_sources, layer_gram, walk, window_ok
 from .lstsq import (
-    RidgeResidual,
     candidate_subsets,
-    fit_scales,
-    half,
-    heldout_lenders,
     heldout_share_costs,
     knapsack,
     layer_options,
 )
+from .refit import RHO, refit
 
-RHO = 1.0  # ridge, relative to the mean diagonal of the Gram matrix: best held-out error (1e-2 overfitted)
 MIN_GAIN = 0.01  # fitshare shares a unit only if borrowing removes >= 1 % of what the refit leaves
-SELECT = ("heldout", "pruning", "sharing")  # fitshare's subset costs: see heldout_share_costs and _fit_plan
-
-
-@torch.no_grad()
-def refit(model: nn.Module, ids: torch.Tensor, removed: set, borrow: dict, rho: float = RHO,
-          progress: bool = False, heldout: bool = True, device=None) -> tuple[dict, dict[str, torch.Tensor]]:
-    """The sequential refit: in every layer with removed units, the o columns of the units that stay are
-    refitted so that the layer's attention output matches the original model's, and borrowed units get a
-    fitted scale. Layers run in order on the model as the plan will make it (a second stream beside the
-    original one that `walk` carries), so each refit also absorbs what earlier layers changed. Borrowed
-    units read their root's weights as `share` will: q/k/v as stored, o columns as refitted if the root's
-    layer was refitted first.
-
-    Each layer is edited only while it runs and restored right after. Returns ({(layer, unit): scale} for
-    the units that borrow, the refitted o columns as `units.read_fitted` names them, on the CPU): a candidate
-    whose borrowing does not lower the cross-fitted error (`heldout_lenders`) is pruned instead.
-    """
-    layout = layout_of(model.config)
-    U = layout.units_per_layer
-    bl = blocks(model)
-    o = layout.o_projection()
-    layers = {lay for lay, _ in removed}
-    scales: dict = {}
-    fitted: dict[str, torch.Tensor] = {}
-    stored = model_dtype(model)  # blocks may compute in float32 during their turn (calibration.compute_dtype)
-
-    def source(sl: int, su: int) -> dict:
-        """A root's slices as `share` will read them: its o columns as refitted, if they were."""
-        slices = get_slices(bl[sl], layout, su)
-        key = fitted_key(sl, o.path, su)
-        if key in fitted:
-            slices[o.path] = (fitted[key], slices[o.path][1])
-        return slices
-
-    if not layers:
-        return scales, fitted
-    h = None
-    for layer, d in walk(model, ids, device, progress, desc="refit"):
-        if layer > max(layers):
-            break
-        if layer < min(layers):
-            continue
-        h = d.h if h is None else h
-        block = bl[layer]
-        gone = [u for u in range(U) if (layer, u) in removed]
-        if not gone:
-            h = d.run_block(block, h)
-            continue
-        saved = {u: get_slices(block, layout, u) for u in range(U)}
-        try:
-            for u in gone:
-                if (layer, u) in borrow:
-                    set_slices(block, layout, u, source(*borrow[(layer, u)]))
-            handle = block.get_submodule(o.path).register_forward_pre_hook(
-                _refit_hook(block, layout, layer, d, gone, borrow, source, rho, scales, heldout))
-            try:
-                h = d.run_block(block, h)
-            finally:
-                handle.remove()
-            for u in range(U):
-                if u not in gone:
-                    fitted[fitted_key(layer, o.path, u)] = get_slices(block, layout, u)[o.path][0].to("cpu", stored).contiguous()
-        finally:
-            for u, slices in saved.items():
-                set_slices(block, layout, u, slices)
-    return scales, dict(sorted(fitted.items(), key=lambda kv: parse_fitted_key(kv[0])))
-
-
-def _refit_hook(block, layout, layer, data, gone, borrow, source, rho, scales, heldout=True) -> Callable:
-    """A pre-hook on the o projection: sees this layer's heads' outputs on the modified model's input,
-    fits, and writes the o columns before the projection runs (so the block's output already uses them).
-    `source(layer, unit)` gives a root's slices as `share` will read them."""
-    U = layout.units_per_layer
-    opath = layout.o_projection().path
-
-    def hook(_m, args):
-        z = args[0].reshape(-1, args[0].shape[-1])
-        target, w = data.a.double(), data.w
-        bias = block.get_submodule(opath).bias
-        if bias is not None:  # a per-layer constant that no unit owns: not part of the fit
-            target = target - bias.detach().double()
-        kept = [u for u in range(U) if u not in gone]
-        zs = {u: unit_z(z, layout, u) for u in range(U)}
-        wk = {u: o_columns(block, layout, u) for u in kept}
-        v = target - sum((zs[u] @ wk[u].T for u in kept), torch.zeros_like(target))
-        kz = torch.cat([zs[u] for u in kept], 1) if kept else None
-        fit = RidgeResidual(kz, w, rho)
-        lent = [u for u in gone if (layer, u) in borrow]
-        roots = {u: _columns(source(*borrow[(layer, u)])[opath][0], layout).to(z.device) for u in lent}
-        ys = {u: zs[u] @ roots[u].T for u in lent}
-        # a candidate borrows only if that lowers the cross-fitted error: an in-sample gain of a few
-        # scalars is not enough (on SmolLM2 in-sample sharing made held-out perplexity worse than pruning)
-        split = half(z.shape[0], args[0].shape[0] if args[0].dim() == 3 else 1)
-        if heldout:
-            lent = heldout_lenders(kz, v, w, {u: ys[u] for u in lent}, rho, split)
-        ys = [ys[u] for u in lent]
-        a = fit_scales(fit, v, ys)
-        for u, y, s in zip(lent, ys, a.tolist(), strict=True):
-            v = v - s * y
-            scales[(layer, u)] = s
-            set_o_columns(block, layout, u, roots[u] * s)
-        if kept:
-            d = fit.solve(v)
-            width = d.shape[0] // len(kept)
-            for i, u in enumerate(kept):
-                set_o_columns(block, layout, u, wk[u] + d[i * width:(i + 1) * width].T)
-        for u in gone:
-            if u not in lent:
-                set_o_columns(block, layout, u, torch.zeros_like(o_columns(block, layout, u)))
-    return hook
-
-
-def _columns(w: torch.Tensor, layout) -> torch.Tensor:
-    """A unit's o slice in storage orientation as (hidden, width) float64, like `units.o_columns`."""
-    return (w.t() if layout.o_projection().conv1d else w).double()
 
 
 def _fit_plan(model, method: str, cfg: CalibConfig, tokenizer, rho: float, window: int | None,
-              min_gain: float, progress: bool, heldout: bool = True, select: str = "heldout",
-              device=None) -> SharePlan:
+              min_gain: float, progress: bool, heldout: bool = True, device=None) -> SharePlan:
     """fitshare / fitprune: knapsack selection, source choice, sequential refit (fitted o columns in the plan)."""
     t0 = time.perf_counter()
-    layout = layout_of(model.config)
+    layout = layout_of(model.config, cfg.unit)
     n = units_for_ratio(cfg.ratio, layout)
     if n == 0:
-        return new_plan(model, method, cfg.ratio)
+        return new_plan(model, method, cfg.ratio, unit_kind=cfg.unit)
     ids = calibration_ids(model, tokenizer, cfg.calib, cfg.calib_tokens)
-    base = weights_fingerprint(model)
+    base = weights_fingerprint(model, cfg.unit)
     U, share = layout.units_per_layer, math.isfinite(min_gain)
     options, costs = [], []
     for layer, d in walk(model, ids, device, progress, desc="costs"):
         sources = candidate_sources(layer, U, window, ()) if share else []
         gram = layer_gram(model, d, layout, layer, sources)
-        if share or select == "sharing":
+        if share:
             options.append(layer_options(gram, U, sources, rho, min_gain))
+            costs.append(heldout_share_costs(gram, options[-1], d, layout, rho, len(ids), min_gain))
         else:  # pruning alone reads only the held-out costs: no in-sample refit per subset (a factorisation each)
             options.append({frozenset(c): (0.0, 0.0, {}) for c in candidate_subsets(gram, U, rho)})
-        if share and select == "heldout":
-            costs.append(heldout_share_costs(gram, options[-1], d, layout, rho, len(ids), min_gain))
-            continue
-        # the cross-fitted pruning error: no candidate lends (min_gain infinite)
-        held = heldout_share_costs(gram, options[-1], d, layout, rho, len(ids), math.inf)
-        # select="sharing": the in-sample gain of sharing scales the held-out pruning cost (it moves the choice
-        # towards units with a good source: better at 50 % on SmolLM2, worse at 10-30 %, see BENCHMARKS.md);
-        # "pruning": the held-out pruning cost alone
-        costs.append({r: held[r] * (c / p if p > 0 and select == "sharing" else 1.0)
-                      for r, (c, p, _) in options[-1].items()})
+            # the cross-fitted pruning error: no candidate lends (min_gain infinite)
+            held = heldout_share_costs(gram, options[-1], d, layout, rho, len(ids), math.inf)
+            costs.append({r: held[r] for r in options[-1]})
     removed = set(knapsack(costs, n))
     borrow: dict = {}
     gains: dict = {}
@@ -218,7 +81,7 @@ def _fit_plan(model, method: str, cfg: CalibConfig, tokenizer, rho: float, windo
             if pick is not None and pick[0] >= min_gain:
                 borrow[(layer, u)], gains[(layer, u)] = pick[1], pick[0]
     t1 = time.perf_counter()
-    scales, fitted = refit(model, ids, removed, borrow, rho, progress, heldout, device)
+    scales, fitted = refit(model, ids, removed, borrow, rho, progress, heldout, device, cfg.unit)
     borrow = {u: src for u, src in borrow.items() if u in scales}  # the others did not pay off held out
     assignments = [Assignment(layer, u, *borrow[(layer, u)], score=round(gains[(layer, u)], 6),
                               scale=scales[(layer, u)]) for layer, u in sorted(borrow)]
@@ -228,7 +91,8 @@ def _fit_plan(model, method: str, cfg: CalibConfig, tokenizer, rho: float, windo
              "cost": round(sum(costs[layer][frozenset(u for lay, u in removed if lay == layer)]
                                for layer in {lay for lay, _ in removed}), 9),
              "select_seconds": round(t1 - t0, 1), "refit_seconds": round(time.perf_counter() - t1, 1)}
-    return new_plan(model, method, cfg.ratio, assignments=assignments, pruned=pruned, notes=notes, fitted=fitted,
+    return new_plan(model, method, cfg.ratio, unit_kind=cfg.unit, assignments=assignments, pruned=pruned, notes=notes,
+                    fitted=fitted,
                     base_sha1=base)
 
 
@@ -246,7 +110,6 @@ class FitShareConfig(FitPruneConfig):
     window: int | None = WINDOW  # sources are searched in this many preceding layers (None: all)
     min_gain: float = MIN_GAIN  # a removed unit is a candidate to borrow if that removes this share of its error
     heldout: bool = True  # keep a candidate's source only where it lowers the cross-fitted error
-    select: str = "heldout"  # subset costs: "heldout" (cross-fitted sharing), "pruning", "sharing"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -254,7 +117,6 @@ class FitShareConfig(FitPruneConfig):
         check(self, "min_gain", isinstance(self.min_gain, (int, float)) and not isinstance(self.min_gain, bool)
               and not math.isnan(self.min_gain), "a number")
         check(self, "heldout", isinstance(self.heldout, bool), "true or false")
-        check(self, "select", self.select in SELECT, f"one of {', '.join(SELECT)}")
 
 
 @register_method("fitshare", FitShareConfig, "share or prune per unit under one budget, refit the o columns that "
@@ -262,13 +124,12 @@ class FitShareConfig(FitPruneConfig):
                  needs_tokenizer=True)
 def fitshare(model, cfg: FitShareConfig, tokenizer=None, progress: bool = False, device=None) -> SharePlan:
     """Units chosen per layer subset with a knapsack over layers on the cross-fitted error left after
-    refitting the units that stay (`select="sharing"`: that error scaled by what sharing would remove); a
-    removed unit is a candidate to borrow its best earlier source when that removes >= `min_gain` of the
-    remaining error; then the sequential refit (`refit`), where a candidate keeps its source only if that
+    refitting the units that stay; a removed unit is a candidate to borrow its best earlier source when that
+    removes >= `min_gain` of the remaining error; then the sequential refit (`refit`), where a candidate keeps its source only if that
     lowers the cross-fitted error (`heldout=False`: always), else it is pruned. The refitted o columns are
     the plan's fitted weights; the model is not changed."""
     return _fit_plan(model, "fitshare", cfg, tokenizer, cfg.rho, cfg.window, cfg.min_gain, progress, cfg.heldout,
-                     cfg.select, device)
+                     device)
 
 
 @register_method("fitprune", FitPruneConfig, "fitshare without sharing: prune per layer subset, refit the o "

@@ -1,0 +1,186 @@
+"""choiceshare's held-out choice: per group of layers a basis rank or none, per layer the units to prune, for
+the least summed cross-fitted error that removes the budget; the cost tables and the allocation."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ...arch import blocks
+from ...errors import HeadshareError
+from .bases import group_rows, layer_groups, layer_weight, orient, whitened_basis
+
+RANKS = 12  # rank candidates per group: RANKS steps up to the rank at which the factors stop being smaller
+
+
+BINS = 20_000  # resolution of the parameter budget in the allocation (item savings rounded down, so never short)
+
+
+def heldout_choice(model, walk_again, layout, grams, ins, cfg, subsets: dict, split: int, budget: int):
+    """choiceshare's held-out choice: per group of `group` layers a rank or no basis, per layer the units to prune (among
+    `subsets`), for the least summed cross-fitted error (`choice_costs`) that removes the budget (`allocate`)."""
+    groups = layer_groups(layout.num_layers, cfg.group)
+    costs = choice_costs(model, walk_again, layout, grams, groups, ins, subsets, cfg.rho, split)
+    options = {}
+    for (layer, r), by_subset in costs.items():
+        options[(layer, r)] = {s: (c, group_rows(layout, ins, [layer], {(layer, u) for u in s}))
+                               for s, c in by_subset.items()}
+    pruned, ranks = allocate(groups, options, budget, layout.unit_params(), layout.hidden_size)
+    chosen = [(g, ranks[tuple(g)]) for g in groups if ranks[tuple(g)] is not None]
+    # the bases are refitted on the rows that stay: a group whose rows are all pruned has nothing to share
+    chosen = [(g, r) for g, r in chosen if group_rows(layout, ins, g, pruned)]
+    return pruned, chosen
+
+
+def rank_grid(h: int, m: int) -> list[int]:
+    """Ranks worth weighing for a group of m rows on hidden size h: below h m / (h + m) (factors smaller)."""
+    top = (h * m) // (h + m)
+    step = max(1, top // RANKS)
+    return sorted({step * k for k in range(1, RANKS + 1) if 1 <= step * k < top})
+
+
+def fold_stats(z: torch.Tensor, a: torch.Tensor, w: torch.Tensor, part: slice) -> tuple:
+    """(Z'WZ, Z'Wa, a'Wa) of one fold of the tokens (Grams in float32, kept in float64)."""
+    zf, af, wf = z[part].float(), a[part].float(), w[part].float()
+    zw = zf * wf
+    return (zf.T @ zw).double(), (zw.T @ af).double(), float((af.double() ** 2 * w[part]).sum())
+
+
+def subset_errors(fits: tuple, evals: tuple, wo: torch.Tensor, cols: list[torch.Tensor], subsets: list,
+                   rho: float, n: int) -> dict:
+    """{subset: error per token} when `subset` is pruned and the other units' o columns (`wo`, (D, in)) are
+    refitted on one fold and the error measured on the other, both ways round (`fits[i]`, `evals[i]`: fold
+    statistics of direction i). The ridge is on the change of the columns, as in `heldout_share_costs`."""
+    out = {}
+    for s in subsets:
+        keep = [cols[u] for u in range(len(cols)) if u not in s]
+        err = 0.0
+        for (ga, ca, _), (gb, cb, aab) in zip(fits, evals, strict=True):
+            if not keep:
+                err += aab
+                continue
+            k = torch.cat(keep)
+            m = wo[:, k].T  # (kept features, D): the columns as they are
+            gk = ga[k][:, k]
+            lam = rho * gk.diagonal().mean().clamp_min(1e-30)
+            chol = torch.linalg.cholesky(gk + lam * torch.eye(len(k), dtype=gk.dtype))
+            x = m + torch.cholesky_solve(ca[k] - gk @ m, chol)
+            err += aab - 2 * float((x * cb[k]).sum()) + float((x * (gb[k][:, k] @ x)).sum())
+        out[s] = max(err, 0.0) / n
+    return out
+
+
+@torch.no_grad()
+def choice_costs(model, walk_again, layout, grams, groups, ins, subsets, rho: float, split: int) -> dict:
+    """{(layer, rank or None): {subset: cross-fitted error per token}}: the layer's attention output error
+    when `subset` is pruned, its q/k/v rows are put on its group's whitened basis of that rank (None: left
+    dense) and the o columns that stay are refitted. The basis is fitted on one fold of the tokens (all rows of
+    the group, whatever is pruned later; `grams[group][fold]` are the fold's input Grams), the o refit on the
+    same fold, the error measured on the other. One walk of the calibration pipeline (`walk_again()`); a
+    group's fold bases exist only while its layers are walked."""
+    bl = blocks(model)
+    op = layout.o_projection()
+    U = layout.units_per_layer
+    cols = [op.unit_index(u) for u in range(U)]
+    group_of = {layer: i for i, g in enumerate(groups) for layer in g}
+    costs = {}
+    factors, ranks, full = None, None, None
+    for layer, d in walk_again():
+        n = d.z.shape[0]
+        folds = (slice(0, split), slice(split, n))
+        g = groups[group_of[layer]]
+        dev = d.z.device
+        if layer == g[0]:  # the group's fold bases, from the weights of all its layers
+            full = {la: {p.path: layer_weight(bl, (la, p.path), ins).to(dev) for p in ins} for la in g}
+            w = torch.cat([full[la][p.path] for la in g for p in ins])
+            ranks = rank_grid(layout.hidden_size, w.shape[0])
+            factors = [whitened_basis(grams[group_of[layer]][f].to(dev), w, max(ranks)) for f in (0, 1)]
+            del w
+        block = bl[layer]
+        wo = orient(block.get_submodule(op.path).weight, op.conv1d).double()  # (D, in)
+        a = d.z.double() @ wo.T  # the attention output without the o bias: what the refit must match
+        dense = [fold_stats(d.z, a, d.w, f) for f in folds]
+        costs[(layer, None)] = subset_errors((dense[0], dense[1]), (dense[1], dense[0]), wo, cols,
+                                              subsets[layer], rho, n)
+        saved = {p.path: block.get_submodule(p.path).weight.data.clone() for p in ins}
+        first = sum(len(full[la][p.path]) for la in g if la < layer for p in ins)  # the layer's rows in w
+        try:
+            for r in ranks:
+                fits, evals = [], []
+                for f, (basis, coef) in enumerate(factors):
+                    start = first
+                    for p in ins:
+                        rows = len(full[layer][p.path])
+                        dense_w = coef[start:start + rows, :r] @ basis[:r]
+                        block.get_submodule(p.path).weight.data.copy_(orient(dense_w, p.conv1d))
+                        start += rows
+                    z = d.attention_z(block, layout)
+                    fits.append(fold_stats(z, a, d.w, folds[f]))
+                    evals.append(fold_stats(z, a, d.w, folds[1 - f]))
+                costs[(layer, r)] = subset_errors(tuple(fits), tuple(evals), wo, cols, subsets[layer], rho, n)
+        finally:
+            for p in ins:
+                block.get_submodule(p.path).weight.data.copy_(saved[p.path])
+        if layer == g[-1]:
+            factors, full = None, None
+    return costs
+
+
+def allocate(groups, options: dict, budget: int, unit_params: int, h: int) -> tuple[set, dict]:
+    """The least summed cost that removes at least `budget` parameters: per group a rank or None (dense), per
+    layer a subset to prune. `options[(layer, rank)]` is {subset: (cost, kept input rows)}. A group at rank r
+    costs r x h for its basis and saves (h - r) per kept row; a pruned unit saves `unit_params`. Dynamic
+    programming over the parameters removed, in BINS steps of the budget, savings rounded down and basis
+    costs up, so the plan it returns never removes less than the budget."""
+    import numpy as np
+
+    q = budget / BINS
+    inf = math.inf
+    arr = np.full(BINS + 1, inf)
+    arr[0] = 0.0
+    trace = []
+    for g in groups:
+        ranks = sorted({r for (layer, r) in options if layer == g[0] and r is not None})
+        best, best_r = np.full(BINS + 1, inf), np.full(BINS + 1, -1)
+        per_rank = []
+        for ri, r in enumerate([None, *ranks]):
+            ov = 0 if r is None else math.ceil(r * h / q)
+            cap = BINS + ov
+            cur = np.full(cap + 1, inf)
+            cur[:BINS + 1] = arr
+            steps = []
+            for layer in g:
+                items = list(options[(layer, r)].items())
+                new, ch, prev = np.full(cap + 1, inf), np.zeros(cap + 1, np.int32), np.zeros(cap + 1, np.int64)
+                for j, (s, (c, rows)) in enumerate(items):
+                    saves = len(s) * unit_params + (0 if r is None else rows * (h - r))
+                    sb = min(int(saves // q), cap)
+                    tgt, src = np.full(cap + 1, inf), np.arange(cap + 1)
+                    tgt[sb:cap] = cur[:cap - sb] + c
+                    src[sb:cap] = np.arange(cap - sb)
+                    tail = int(np.argmin(cur[cap - sb:]))
+                    tgt[cap], src[cap] = cur[cap - sb + tail] + c, cap - sb + tail
+                    better = tgt < new
+                    new[better], ch[better], prev[better] = tgt[better], j, src[better]
+                steps.append((items, ch, prev))
+                cur = new
+            per_rank.append((r, ov, steps))
+            net = cur[ov:]
+            better = net < best
+            best[better], best_r[better] = net[better], ri
+        trace.append((best_r, per_rank))
+        arr = best
+    if not math.isfinite(arr[BINS]):
+        raise HeadshareError(f"no choice of pruning and bases removes {budget} parameters")
+    pruned, ranks_of = set(), {}
+    t = BINS
+    for g, (best_r, per_rank) in zip(reversed(groups), reversed(trace), strict=True):
+        r, ov, steps = per_rank[best_r[t]]
+        i = t + ov
+        for layer, (items, ch, prev) in zip(reversed(g), reversed(steps), strict=True):
+            pruned |= {(layer, u) for u in items[ch[i]][0]}
+            i = prev[i]
+        ranks_of[tuple(g)] = r
+        t = i
+    return pruned, ranks_of

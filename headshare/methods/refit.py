@@ -1,0 +1,133 @@
+"""The sequential refit of o columns: layer by layer on the model as a plan will make it, the o columns of the
+units that stay are refitted by ridge least squares so that the layer's attention output stays what it was,
+and borrowed units get a fitted scale. `fitshare`, `fitprune` and the basis methods refit this way."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ..arch import blocks, layout_of
+from ..units import fitted_key, get_slices, o_columns, parse_fitted_key, set_o_columns, set_slices, unit_z
+from .calibration import model_dtype, walk
+from .lstsq import RidgeResidual, fit_scales, half, heldout_lenders
+
+RHO = 1.0  # ridge, relative to the mean diagonal of the Gram matrix: best held-out error (1e-2 overfitted)
+
+
+@torch.no_grad()
+def refit(model: nn.Module, ids: torch.Tensor, removed: set, borrow: dict, rho: float = RHO,
+          progress: bool = False, heldout: bool = True, device=None,
+          unit: str = "kv") -> tuple[dict, dict[str, torch.Tensor]]:
+    """The sequential refit: in every layer with removed units, the o columns of the units that stay are
+    refitted so that the layer's attention output matches the original model's, and borrowed units get a
+    fitted scale. Layers run in order on the model as the plan will make it (a second stream beside the
+    original one that `walk` carries), so each refit also absorbs what earlier layers changed. Borrowed
+    units read their root's weights as `share` will: q/k/v as stored, o columns as refitted if the root's
+    layer was refitted first.
+
+    Each layer is edited only while it runs and restored right after. Returns ({(layer, unit): scale} for
+    the units that borrow, the refitted o columns as `units.read_fitted` names them, on the CPU): a candidate
+    whose borrowing does not lower the cross-fitted error (`heldout_lenders`) is pruned instead. `removed` and
+    `borrow` name units of the kind `unit`.
+    """
+    layout = layout_of(model.config, unit)
+    U = layout.units_per_layer
+    bl = blocks(model)
+    o = layout.o_projection()
+    layers = {lay for lay, _ in removed}
+    scales: dict = {}
+    fitted: dict[str, torch.Tensor] = {}
+    stored = model_dtype(model)  # blocks may compute in float32 during their turn (calibration.compute_dtype)
+
+    def source(sl: int, su: int) -> dict:
+        """A root's slices as `share` will read them: its o columns as refitted, if they were."""
+        slices = get_slices(bl[sl], layout, su)
+        key = fitted_key(sl, o.path, su)
+        if key in fitted:
+            slices[o.path] = (fitted[key], slices[o.path][1])
+        return slices
+
+    if not layers:
+        return scales, fitted
+    h = None
+    for layer, d in walk(model, ids, device, progress, desc="refit"):
+        if layer > max(layers):
+            break
+        if layer < min(layers):
+            continue
+        h = d.h if h is None else h
+        block = bl[layer]
+        gone = [u for u in range(U) if (layer, u) in removed]
+        if not gone:
+            h = d.run_block(block, h)
+            continue
+        saved = {u: get_slices(block, layout, u) for u in range(U)}
+        try:
+            for u in gone:
+                if (layer, u) in borrow:
+                    set_slices(block, layout, u, source(*borrow[(layer, u)]))
+            handle = block.get_submodule(o.path).register_forward_pre_hook(
+                refit_hook(block, layout, layer, d, gone, borrow, source, rho, scales, heldout))
+            try:
+                h = d.run_block(block, h)
+            finally:
+                handle.remove()
+            for u in range(U):
+                if u not in gone:
+                    fitted[fitted_key(layer, o.path, u)] = get_slices(block, layout, u)[o.path][0].to("cpu", stored).contiguous()
+        finally:
+            for u, slices in saved.items():
+                set_slices(block, layout, u, slices)
+    return scales, dict(sorted(fitted.items(), key=lambda kv: parse_fitted_key(kv[0])))
+
+
+def refit_hook(block, layout, layer, data, gone, borrow, source, rho, scales, heldout=True) -> Callable:
+    """A pre-hook on the o projection: sees this layer's heads' outputs on the modified model's input,
+    fits, and writes the o columns before the projection runs (so the block's output already uses them).
+    `source(layer, unit)` gives a root's slices as `share` will read them."""
+    U = layout.units_per_layer
+    opath = layout.o_projection().path
+
+    def hook(_m, args):
+        z = args[0].reshape(-1, args[0].shape[-1])
+        target, w = data.a.double(), data.w
+        bias = block.get_submodule(opath).bias
+        if bias is not None:  # a per-layer constant that no unit owns: not part of the fit
+            target = target - bias.detach().double()
+        kept = [u for u in range(U) if u not in gone]
+        zs = {u: unit_z(z, layout, u) for u in range(U)}
+        wk = {u: o_columns(block, layout, u) for u in kept}
+        v = target - sum((zs[u] @ wk[u].T for u in kept), torch.zeros_like(target))
+        kz = torch.cat([zs[u] for u in kept], 1) if kept else None
+        fit = RidgeResidual(kz, w, rho)
+        lent = [u for u in gone if (layer, u) in borrow]
+        roots = {u: _columns(source(*borrow[(layer, u)])[opath][0], layout).to(z.device) for u in lent}
+        ys = {u: zs[u] @ roots[u].T for u in lent}
+        # a candidate borrows only if that lowers the cross-fitted error: an in-sample gain of a few
+        # scalars is not enough (on SmolLM2 in-sample sharing made held-out perplexity worse than pruning)
+        split = half(z.shape[0], args[0].shape[0] if args[0].dim() == 3 else 1)
+        if heldout:
+            lent = heldout_lenders(kz, v, w, {u: ys[u] for u in lent}, rho, split)
+        ys = [ys[u] for u in lent]
+        a = fit_scales(fit, v, ys)
+        for u, y, s in zip(lent, ys, a.tolist(), strict=True):
+            v = v - s * y
+            scales[(layer, u)] = s
+            set_o_columns(block, layout, u, roots[u] * s)
+        if kept:
+            d = fit.solve(v)
+            width = d.shape[0] // len(kept)
+            for i, u in enumerate(kept):
+                set_o_columns(block, layout, u, wk[u] + d[i * width:(i + 1) * width].T)
+        for u in gone:
+            if u not in lent:
+                set_o_columns(block, layout, u, torch.zeros_like(o_columns(block, layout, u)))
+    return hook
+
+
+def _columns(w: torch.Tensor, layout) -> torch.Tensor:
+    """A unit's o slice in storage orientation as (hidden, width) float64, like `units.o_columns`."""
+    return (w.t() if layout.o_projection().conv1d else w).double()
