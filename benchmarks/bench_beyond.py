@@ -175,12 +175,12 @@ def markdown(rows: list[dict]) -> str:
         cell = {r["method"]: r for r in group}
         lines.append(f"| {group_ratio(group):.0%} | "
                      + " | ".join(f"{cell[m]['plan_s']:.0f}" if m in cell else "" for m in methods) + " |")
-    from headshare.bench import sharing_gap
+    from headshare.bench import PRUNING, sharing_gap
 
     lines += ["", "Best method that shares against the best that only prunes (same parameters removed):", "",
               "| ratio | of model | best sharing | best pruning | sharing / pruning - 1 | sharing / original |",
               "|---|---|---|---|---|---|"]
-    for g in sharing_gap(rows):
+    for g in sharing_gap(rows, pruning=PRUNING + (CONTROL,)):  # the control only prunes
         lines.append(f"| {g['ratio']:.0%} | {g['model_fraction']:.1%} | {g['sharing']} {g['sharing_ppl']:.2f} | "
                      f"{g['pruning']} {g['pruning_ppl']:.2f} | {g['gap']:+.1%} | "
                      f"x{g['sharing_ppl'] / base['perplexity']:.3f} |")
@@ -238,7 +238,7 @@ def main(argv=None) -> int:
     if args.plot:
         from headshare.bench import plot_rows
 
-        plot_rows([r for r in rows if r["method"] != "actshare-as-prune"], args.plot)
+        plot_rows([r for r in rows if r["method"] != CONTROL], args.plot)
     print(table)
     return 0 if all(math.isfinite(r["perplexity"]) for r in rows) else 1
 

@@ -29,19 +29,20 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-PRUNING = ("prune", "fitprune", "actshare-as-prune")  # rows that remove units without sharing anything
+PRUNING = ("prune", "fitprune")  # methods that remove units without sharing anything
 
 
-def is_pruning(method: str) -> bool:
-    """Whether a row's method only prunes (whatever its unit kind)."""
-    return split_method(method)[0] in PRUNING
+def is_pruning(method: str, pruning: tuple[str, ...] = PRUNING) -> bool:
+    """Whether a row's method only prunes (whatever its unit kind). `pruning` names those methods; a
+    benchmark adds the names of its own pruning controls that are no registered method."""
+    return split_method(method)[0] in pruning
 
 
 def budget_groups(rows: list[dict], tolerance: float = 0.02) -> list[list[dict]]:
     """The rows (original left out) in groups that remove the same parameters, smallest first: within
     `tolerance` of the group's smallest. Ratios alone do not say it: 40 % of SmolLM2's query-head units
-    remove what 30 % of its key/value units do, and a basis spends its budget to within a few rows
-    (choiceshare, whose ranks come from a grid, to within 1.3 %: Gemma 3 270M at 10 %)."""
+    remove what 30 % of its key/value units do, and a basis spends its budget only to within a few rows
+    (a method whose ranks come from a grid, less closely still)."""
     groups: list[list[dict]] = []
     for r in sorted((r for r in rows if r["method"] != "original"), key=lambda r: (r["params_removed"], r["ratio"])):
         if groups and r["params_removed"] <= groups[-1][0]["params_removed"] * (1 + tolerance):
@@ -57,14 +58,17 @@ def group_ratio(group: list[dict]) -> float:
     return min(plain or [r["ratio"] for r in group])
 
 
-def sharing_gap(rows: list[dict]) -> list[dict]:
-    """Per budget (`budget_groups`): the best row that shares against the best that only prunes.
+def sharing_gap(rows: list[dict], pruning: tuple[str, ...] = PRUNING) -> list[dict]:
+    """Per budget (`budget_groups`): the best row that shares against the best that only prunes
+    (`is_pruning` with `pruning`).
 
     `gap` is best sharing perplexity / best pruning perplexity - 1: negative means sharing wins."""
     out = []
     for here in budget_groups(rows):
-        share = min((r for r in here if not is_pruning(r["method"])), key=lambda r: r["perplexity"], default=None)
-        prune = min((r for r in here if is_pruning(r["method"])), key=lambda r: r["perplexity"], default=None)
+        share = min((r for r in here if not is_pruning(r["method"], pruning)), key=lambda r: r["perplexity"],
+                    default=None)
+        prune = min((r for r in here if is_pruning(r["method"], pruning)), key=lambda r: r["perplexity"],
+                    default=None)
         if share and prune:
             out.append({"ratio": group_ratio(here), "sharing": share["method"], "sharing_ppl": share["perplexity"],
                         "pruning": prune["method"], "pruning_ppl": prune["perplexity"],
