@@ -55,7 +55,7 @@ def run(args) -> list[dict]:
     from headshare.sharing import unique_parameters
 
     total = unique_parameters(original)[0]
-    for r in rows:  # rows written before params_total was recorded: the same model, so the same total
+    for r in rows:  # a row without params_total: the same model, so the same total
         r.setdefault("params_total", total)
     reference = CachedReference(original)
     text = load_text(args.text, split="eval")

@@ -54,7 +54,7 @@ def run_bench(model: str = "smollm2-135m", ratios=DEFAULT_RATIOS, methods=DEFAUL
     for r in ratios:
         if not 0 <= r < 1:
             raise HeadshareError(f"ratio must be in [0, 1), got {r}")
-    # rows made before dtypes were a setting were all float32 and hold no dtype: None keeps them resumable
+    # float32 is stored as None, so rows that hold no dtype (all float32) stay resumable
     settings = {"model": model, "text": text, "calib": calib, "calib_tokens": calib_tokens,
                 "max_tokens": max_tokens, "window": window, "seed": seed, "options": options or None,
                 "dtype": None if dtype in (None, torch.float32) else str(dtype).removeprefix("torch.")}
