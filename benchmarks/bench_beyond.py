@@ -21,7 +21,6 @@ import argparse
 import json
 import math
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -56,7 +55,7 @@ def run(args) -> list[dict]:
     from headshare.sharing import unique_parameters
 
     total = unique_parameters(original)[0]
-    for r in rows:  # rows written before params_total was recorded: the same model, so the same total
+    for r in rows:  # a row without params_total: the same model, so the same total
         r.setdefault("params_total", total)
     reference = CachedReference(original)
     text = load_text(args.text, split="eval")
@@ -83,68 +82,6 @@ def run(args) -> list[dict]:
             if method == "actshare" and (CONTROL, ratio) not in done:
                 save(CONTROL, ratio, make=as_prune)
     return rows
-
-
-def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    ra, rb = a.argsort().argsort().double(), b.argsort().argsort().double()
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
-
-
-def pair_analysis(args) -> dict:
-    """Do weight similarities rank (unit, source) pairs the way their effect on calibration text does?
-
-    Over every unit of layers >= 1 and every unit of the `WINDOW` layers before it: the activation-aware
-    gain (share of the unit's weighted output that the source's weights, run on the unit's layer input,
-    reproduce after a fitted scale), against the paper's qk cosine and the symmetry-aligned similarity.
-    """
-    from headshare.arch import layout_of
-    from headshare.fetch import load_model
-    from headshare.methods import CalibConfig
-    from headshare.methods.calibration import WINDOW, calibration_ids, candidate_sources, layer_gram, walk
-    from headshare.methods.directshare import aligned_similarity
-    from headshare.similarity import similarity_matrix
-
-    model, tok = load_model(args.model)
-    layout = layout_of(model.config)
-    U = layout.units_per_layer
-    calib_tokens = CalibConfig.calib_tokens
-    t0 = time.perf_counter()
-    gains, pairs = [], []
-    for layer, d in walk(model, calibration_ids(model, tok, args.calib, calib_tokens)):
-        if layer == 0:
-            continue
-        sources = candidate_sources(layer, U, WINDOW, ())
-        gram = layer_gram(model, d, layout, layer, sources)
-        gram.set_kept([], 0.0)
-        for u in range(U):
-            for g, s, _ in gram.gains(("own", u), sources):
-                gains.append(g)
-                pairs.append((layer * U + u, s[0] * U + s[1]))
-    act_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    aligned = aligned_similarity(model)
-    aligned_s = time.perf_counter() - t0
-    raw = similarity_matrix(model, "qk")
-    gains_t = torch.tensor(gains, dtype=torch.float64)
-    idx = torch.tensor(pairs)
-    out = {"pairs": len(pairs), "window": WINDOW, "calib_tokens": calib_tokens,
-           "activation_seconds": round(act_s, 1), "aligned_seconds": round(aligned_s, 1),
-           "gain_mean": float(gains_t.mean()), "gain_max": float(gains_t.max())}
-    best = {}
-    for (u, s), g in zip(pairs, gains, strict=True):
-        if u not in best or g > best[u][1]:
-            best[u] = (s, g)
-    for name, sim in (("qk_cosine", raw), ("aligned", aligned)):
-        vals = sim[idx[:, 0], idx[:, 1]].double()
-        top = {}
-        for (u, s), v in zip(pairs, vals.tolist(), strict=True):
-            if u not in top or v > top[u][1]:
-                top[u] = (s, v)
-        out[name] = {"spearman_vs_gain": _spearman(vals, gains_t),
-                     "spearman_abs_vs_gain": _spearman(vals.abs(), gains_t),
-                     "same_best_source": sum(top[u][0] == best[u][0] for u in best) / len(best)}
-    return out
 
 
 def markdown(rows: list[dict]) -> str:
@@ -174,12 +111,12 @@ def markdown(rows: list[dict]) -> str:
         cell = {r["method"]: r for r in group}
         lines.append(f"| {group_ratio(group):.0%} | "
                      + " | ".join(f"{cell[m]['plan_s']:.0f}" if m in cell else "" for m in methods) + " |")
-    from headshare.bench import sharing_gap
+    from headshare.bench import PRUNING, sharing_gap
 
     lines += ["", "Best method that shares against the best that only prunes (same parameters removed):", "",
               "| ratio | of model | best sharing | best pruning | sharing / pruning - 1 | sharing / original |",
               "|---|---|---|---|---|---|"]
-    for g in sharing_gap(rows):
+    for g in sharing_gap(rows, pruning=PRUNING + (CONTROL,)):  # the control only prunes
         lines.append(f"| {g['ratio']:.0%} | {g['model_fraction']:.1%} | {g['sharing']} {g['sharing_ppl']:.2f} | "
                      f"{g['pruning']} {g['pruning_ppl']:.2f} | {g['gap']:+.1%} | "
                      f"x{g['sharing_ppl'] / base['perplexity']:.3f} |")
@@ -211,18 +148,11 @@ def main(argv=None) -> int:
                          "plot; this run's rows win where both have a (method, ratio)")
     ap.add_argument("--resume", action="store_true",
                     help="keep rows already in --json made with the same settings (else --json is replaced)")
-    ap.add_argument("--pairs", default=None, metavar="JSON",
-                    help="only run the pair analysis (weight similarities vs activation-aware gain) into this file")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from headshare.bench import parse_options, resolve_methods
 
     args.options = parse_options(args.option, resolve_methods(args.methods))  # before any model is loaded
-    if args.pairs:
-        result = pair_analysis(args)
-        Path(args.pairs).write_text(json.dumps(result, indent=1) + "\n")
-        print(json.dumps(result, indent=1))
-        return 0
     rows = run(args)
     if args.merge:
         have = {(r["method"], r["ratio"]) for r in rows}
@@ -237,7 +167,7 @@ def main(argv=None) -> int:
     if args.plot:
         from headshare.bench import plot_rows
 
-        plot_rows([r for r in rows if r["method"] != "actshare-as-prune"], args.plot)
+        plot_rows([r for r in rows if r["method"] != CONTROL], args.plot)
     print(table)
     return 0 if all(math.isfinite(r["perplexity"]) for r in rows) else 1
 

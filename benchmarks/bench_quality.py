@@ -1,6 +1,6 @@
 """Sharing methods against the honest baselines on SmolLM2-135M: the run behind BENCHMARKS.md.
 
-A thin wrapper over `headshare bench` (headshare/bench.py) with this repository's output paths:
+A thin wrapper over `headshare bench` (headshare/bench/) with this repository's output paths:
 benchmarks/results/quality.{json,md,png}. Extra arguments go to `headshare bench` unchanged.
 
     python benchmarks/bench_quality.py --max-tokens 8192            # the published run

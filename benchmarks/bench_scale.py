@@ -18,7 +18,7 @@ layer, peak RSS, peak RSS minus weight bytes, the tqdm bars' final states read f
 log in --cache/logs) and `headshare info OUT --json`. Rows are written to --json as they finish, so a
 stopped run keeps what it has; a run past --timeout is killed and recorded with the bars it had reached.
 
-Targets (the issue): autoshare plans in at most 3 minutes per layer on 2 CPU cores; peak RSS minus the
+Targets: autoshare plans in at most 3 minutes per layer on 2 CPU cores; peak RSS minus the
 weights grows by at most one block's weights (0.4 GB in bf16) from 2 to 8 layers.
 
     python benchmarks/bench_scale.py --layers 2,4,8 --methods directshare --json benchmarks/results/scale_cpu.json

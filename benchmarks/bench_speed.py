@@ -17,7 +17,7 @@ user loads it, with `headshare.fetch.load_model`.
   position only, as `generate` runs it) and the median decode step after it, and their ratios
   shared / original.
 
-Targets (the issue): peak memory of a shared model <= the original's - 0.9 x its weight bytes saved, at
+Targets: peak memory of a shared model <= the original's - 0.9 x its weight bytes saved, at
 prefill and decode; speed ratios <= 1.05.
 
     python benchmarks/bench_speed.py --ratio 0.3 --runs 11 --shared prune=DIR --json out.json

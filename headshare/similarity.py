@@ -10,7 +10,6 @@ held, and earlier blocks are re-read from disk (cheap: safetensors maps the file
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -217,9 +216,3 @@ def analysis(model_or_path, metric: str = "qk", progress: bool = True, matrix_li
 
 def save_analysis(result: dict, path: str | Path) -> None:
     atomic_write_text(path, json.dumps(result, indent=1))
-
-
-def cosine_naive(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Plain float64 cosine of two tensors: the pair-by-pair reference the blocked path is tested against."""
-    a, b = a.detach().double().flatten(), b.detach().double().flatten()
-    return float(a @ b / math.sqrt(float(a @ a) * float(b @ b)))

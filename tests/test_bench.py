@@ -9,6 +9,7 @@ from conftest import TINY_CORPUS, build_tiny_llama, build_tiny_tokenizer
 
 import headshare
 import headshare.bench as bench
+import headshare.bench.run as bench_run
 from headshare.arch import layout_of
 from headshare.cli import main
 from headshare.evaluate import compare
@@ -44,7 +45,7 @@ def count_measure(monkeypatch):
         calls.append((method, ratio))
         return real(method, ratio, *a, **kw)
 
-    monkeypatch.setattr(bench, "measure", counting)
+    monkeypatch.setattr(bench_run, "measure", counting)
     return calls
 
 
@@ -122,7 +123,7 @@ def test_a_crash_keeps_finished_rows(tiny_dir, tmp_path, monkeypatch):
             raise RuntimeError("boom")
         return real(method, ratio, *a, **kw)
 
-    monkeypatch.setattr(bench, "measure", crash_on_prune)
+    monkeypatch.setattr(bench_run, "measure", crash_on_prune)
     with pytest.raises(RuntimeError, match="boom"):
         _run(tiny_dir, out, ["random", "prune"])
     assert [(r["method"], r["ratio"]) for r in json.loads(out.read_text())] == [("random", 0), ("random", 0.5),

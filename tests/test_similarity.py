@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from archs import tiny_model
 
 from headshare.arch import blocks, layout_of
-from headshare.similarity import METRICS, analysis, best_earlier_matches, cosine_naive, similarity_matrix
+from headshare.similarity import METRICS, analysis, best_earlier_matches, similarity_matrix
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Plain float64 cosine of two tensors: the pair-by-pair reference the blocked path is checked against."""
+    a, b = a.detach().double().flatten(), b.detach().double().flatten()
+    return float(a @ b / math.sqrt(float(a @ a) * float(b @ b)))
 
 
 def _naive(model, metric):
@@ -23,7 +31,7 @@ def _naive(model, metric):
         return torch.cat([parts[p].flatten() for p in METRICS[metric]])
 
     units = [(layer, u) for layer in range(layout.num_layers) for u in range(U)]
-    return torch.tensor([[cosine_naive(vec(*a), vec(*b)) for b in units] for a in units], dtype=torch.float64)
+    return torch.tensor([[cosine(vec(*a), vec(*b)) for b in units] for a in units], dtype=torch.float64)
 
 
 @pytest.mark.parametrize("metric", sorted(METRICS))
@@ -54,7 +62,7 @@ def test_gpt2_fused_qkv_matches_manual_slices():
     def vec(layer, h):
         return torch.cat([w[layer][:, h * d:(h + 1) * d].T.flatten(), w[layer][:, D + h * d:D + (h + 1) * d].T.flatten()])
 
-    assert sim[1 * 4 + 2, 0 * 4 + 3].item() == pytest.approx(cosine_naive(vec(1, 2), vec(0, 3)), abs=1e-6)
+    assert sim[1 * 4 + 2, 0 * 4 + 3].item() == pytest.approx(cosine(vec(1, 2), vec(0, 3)), abs=1e-6)
 
 
 def test_best_earlier_matches_only_look_back_and_break_ties_by_position():
