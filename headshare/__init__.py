@@ -13,12 +13,20 @@ writing a unit's slices), `similarity` (the paper's weight analysis), `plan` (th
 `report`, `data`, `fetch`, `files`, `cli`.
 """
 
+from importlib.metadata import PackageNotFoundError, version
+
 from .arch import ARCHITECTURES, Layout, UnsupportedModelError, layout_of
 from .checkpoint import info, load
+from .config import Config
+from .errors import HeadshareError
 from .methods import (
     METHODS,
     ActShareConfig,
     AlignShareConfig,
+    AutoShareConfig,
+    BasisShareConfig,
+    CalibConfig,
+    ChoiceShareConfig,
     DirectShareConfig,
     FitPruneConfig,
     FitShareConfig,
@@ -34,11 +42,24 @@ from .plan import Assignment, SharePlan
 from .sharing import SharedProjection, share, unique_parameters
 from .similarity import similarity_matrix
 
-__version__ = "0.2.0"
+try:
+    __version__ = version("headshare")  # one version: the package metadata's (pyproject.toml)
+except PackageNotFoundError:  # run from a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
-    "ARCHITECTURES", "METHODS", "ActShareConfig", "AlignShareConfig", "Assignment", "DirectShareConfig",
-    "FitPruneConfig", "FitShareConfig", "Layout", "LayerwiseConfig", "MethodConfig", "PruneConfig", "RandomConfig",
-    "SharePlan", "SharedProjection", "UnsupportedModelError", "info", "layout_of", "load", "make_config",
-    "make_plan", "register_method", "share", "similarity_matrix", "unique_parameters",
+    "ARCHITECTURES", "METHODS", "ActShareConfig", "AlignShareConfig", "Assignment", "AutoShareConfig",
+    "BasisShareConfig", "CalibConfig", "ChoiceShareConfig", "Config", "DirectShareConfig", "FitPruneConfig",
+    "FitShareConfig", "HeadshareError", "Layout", "LayerwiseConfig", "MethodConfig", "PostTrainConfig",
+    "PruneConfig", "RandomConfig", "SharePlan", "SharedProjection", "UnsupportedModelError", "info", "layout_of",
+    "load", "make_config", "make_plan", "register_method", "share", "similarity_matrix", "unique_parameters",
 ]
+
+
+def __getattr__(name: str):
+    # posttrain imports the transformers Trainer, seconds that `import headshare` should not pay up front
+    if name == "PostTrainConfig":
+        from .posttrain import PostTrainConfig
+
+        return PostTrainConfig
+    raise AttributeError(f"module 'headshare' has no attribute {name!r}")

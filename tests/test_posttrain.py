@@ -17,6 +17,7 @@ import headshare
 from headshare.arch import blocks, layout_of
 from headshare.cli import main
 from headshare.data import token_blocks
+from headshare.errors import HeadshareError
 from headshare.plan import Assignment, new_plan
 from headshare.posttrain import (
     PostTrainConfig,
@@ -78,6 +79,17 @@ def test_config_round_trips_and_effective_lambda():
     assert PostTrainConfig(lam=0.7).effective_lambda == 0.7
     assert PostTrainConfig(mode="share-then-tune").effective_lambda == 0.0
     assert PostTrainConfig(constraint="prox", lam=0.7).effective_lambda == 0.0  # the pull is not a loss term
+
+
+def test_config_refuses_unknown_keys_and_newer_versions():
+    d = PostTrainConfig().to_dict()
+    with pytest.raises(HeadshareError, match="PostTrainConfig has no option 'lamda'.*lam"):
+        PostTrainConfig.from_dict({**d, "lamda": 0.3})
+    with pytest.raises(HeadshareError, match="version"):
+        PostTrainConfig.from_dict({**d, "version": 99})
+    with pytest.raises(HeadshareError, match="steps must be an integer >= 1, got '200'"):
+        PostTrainConfig.from_dict({**d, "steps": "200"})
+    assert PostTrainConfig.defaults()["lam"] == 0.5
 
 
 # -- the constraint -----------------------------------------------------------------------------------------
@@ -480,10 +492,10 @@ def test_cli_prox_postshare_of_a_fitted_plan(tmp_path, tiny_dir, capsys):
 
 
 @pytest.mark.parametrize("flag,value,message", [
-    ("--lambda", "2", "lambda must be in [0, 1], got 2.0"),
+    ("--lambda", "2", "lam must be a number in [0, 1], got 2.0"),
     ("--lr", "0", "lr must be a positive number, got 0.0"),
     ("--steps", "0", "steps must be an integer >= 1, got 0"),
-    ("--pull-until", "0", "pull_until must be in (0, 1], got 0.0"),
+    ("--pull-until", "0", "pull_until must be a number in (0, 1], got 0.0"),
 ])
 def test_cli_bad_values_exit_2(tmp_path, tiny_dir, capsys, flag, value, message):
     argv = ["posttrain", str(tiny_dir), "--ratio", "0.3", "--out", str(tmp_path / "o"), flag, value]

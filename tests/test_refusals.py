@@ -9,13 +9,16 @@ import headshare
 from headshare.cli import main
 from headshare.fetch import load_model
 
+# the paper's method, named: share and plan default to autoshare, slower than these tests need
+PAPER = ("--method", "directshare")
+
 
 @pytest.fixture
 def dirs(tmp_path, tiny_llama, tiny_tokenizer, capsys):
     """An original tiny model and a shared checkpoint of it."""
     tiny_llama(num_hidden_layers=3).save_pretrained(tmp_path / "orig")
     tiny_tokenizer.save_pretrained(tmp_path / "orig")
-    assert main(["share", str(tmp_path / "orig"), "--ratio", "0.5", "--out", str(tmp_path / "shared")]) == 0
+    assert main(["share", str(tmp_path / "orig"), *PAPER, "--ratio", "0.5", "--out", str(tmp_path / "shared")]) == 0
     capsys.readouterr()
     return tmp_path
 
@@ -41,7 +44,7 @@ def test_damaged_safetensors_are_refused_in_one_line(dirs, capsys, how):
         shutil.copytree(dirs / name, dirs / f"bad-{name}")
         damage(dirs / f"bad-{name}" / "model.safetensors", how)
     out = dirs / "out"
-    refused(capsys, ["share", dirs / "bad-orig", "--ratio", "0.5", "--out", out], "bad-orig")
+    refused(capsys, ["share", dirs / "bad-orig", *PAPER, "--ratio", "0.5", "--out", out], "bad-orig")
     refused(capsys, ["analyze", dirs / "bad-orig"], "model.safetensors", "not a readable safetensors")
     refused(capsys, ["info", dirs / "bad-shared"], "model.safetensors", "not a readable safetensors")
     refused(capsys, ["eval", dirs / "bad-shared"], "model.safetensors")
@@ -50,9 +53,9 @@ def test_damaged_safetensors_are_refused_in_one_line(dirs, capsys, how):
 
 def test_an_already_shared_model_is_refused(dirs, capsys):
     out = dirs / "out"
-    refused(capsys, ["share", dirs / "shared", "--ratio", "0.3", "--out", out], "already shared")
+    refused(capsys, ["share", dirs / "shared", *PAPER, "--ratio", "0.3", "--out", out], "already shared")
     refused(capsys, ["analyze", dirs / "shared"], "already shared")
-    refused(capsys, ["plan", dirs / "shared", "--ratio", "0.3", "--out", dirs / "p.json"], "already shared")
+    refused(capsys, ["plan", dirs / "shared", *PAPER, "--ratio", "0.3", "--out", dirs / "p.json"], "already shared")
     assert not out.exists() and not (dirs / "p.json").exists()
     model = headshare.load(dirs / "shared")
     with pytest.raises(ValueError, match="already shared"):
@@ -85,7 +88,7 @@ def test_a_checkpoint_with_an_edited_plan_is_refused(dirs, capsys, edit):
 
 def test_a_text_path_that_does_not_exist_is_refused_before_loading(dirs, capsys):
     refused(capsys, ["eval", dirs / "orig", "--text", dirs / "nope.txt"], "no such text file", "nope.txt")
-    refused(capsys, ["share", dirs / "orig", "--ratio", "0.3", "--eval", "--text", "./no/such/dir", "--out",
+    refused(capsys, ["share", dirs / "orig", *PAPER, "--ratio", "0.3", "--eval", "--text", "./no/such/dir", "--out",
                      dirs / "out"], "no such text file")
     refused(capsys, ["posttrain", dirs / "orig", "--ratio", "0.3", "--data", dirs / "missing.txt", "--out",
                      dirs / "out"], "no such text file")
@@ -98,7 +101,7 @@ def test_bad_method_options_are_refused_before_loading(dirs, capsys):
                      plan], "--metric", "fitshare")
     refused(capsys, ["plan", dirs / "orig", "--ratio", "0.3", "--method", "fitshare", "-o", "window=x", "--out",
                      plan], "window", "an integer or none")
-    refused(capsys, ["plan", dirs / "orig", "--ratio", "0.3", "-o", "bogus=1", "--out", plan], "bogus", "metric")
+    refused(capsys, ["plan", dirs / "orig", *PAPER, "--ratio", "0.3", "-o", "bogus=1", "--out", plan], "bogus", "metric")
     refused(capsys, ["plan", dirs / "orig", "--ratio", "0.3", "--method", "fitshare", "-o", "select=best",
                      "--out", plan], "select", "heldout")
     refused(capsys, ["bench", "--model", dirs / "orig", "--methods", "random", "-o", "rho=1", "--json",
