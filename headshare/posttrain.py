@@ -1,6 +1,6 @@
 """PostShare: continue training with a weight-similarity constraint on the pairs a plan selected, then share them.
 
-The paper's second method (see PAPER.md). The pairs are fixed before training by any plan method;
+The paper's second method (Cao et al., 2024, arXiv:2402.11819). The pairs are fixed before training by any plan method;
 training runs on plain text with
 
     loss = (1 - lambda) * LM loss + lambda * L_w

@@ -248,7 +248,9 @@ def test_a_registered_method_is_used_by_make_plan_and_refused_twice(tiny_llama, 
     from headshare.plan import Assignment, new_plan
 
     # a copy of the registry for this test: registering must not leak into other tests
-    monkeypatch.setattr(headshare.methods, "METHODS", dict(METHODS))
+    registry = dict(METHODS)
+    monkeypatch.setattr(headshare.methods.base, "METHODS", registry)
+    monkeypatch.setattr(headshare.methods, "METHODS", registry)
     @dataclass
     class LastConfig(headshare.MethodConfig):
         source: int = 0

@@ -413,7 +413,7 @@ def test_cli_refuses_flags_the_method_does_not_have(tmp_path, tiny_tokenizer, ca
 
 @pytest.mark.slow
 def test_smollm2_fitshare_beats_pruning_within_1_3x(smollm2_dir):
-    """Issue 4's goal at 30 %, on 4,096 held-out tokens with the methods' default calibration (the bench
+    """fitshare within 1.3x of the original at 30 %, on 4,096 held-out tokens with the methods' default calibration (the bench
     measured 1.18x against pruning's 1.38x on 8,192)."""
     from headshare.data import load_text
     from headshare.evaluate import perplexity

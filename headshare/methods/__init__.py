@@ -16,7 +16,9 @@ made with is recorded in `plan.config`.
 from __future__ import annotations
 
 # the method families: importing them registers their methods, in this order
-from . import actshare, auto, baselines, basis, directshare, fitshare  # noqa: F401, I001
+# isort: off
+from . import directshare, baselines, actshare, fitshare, basis, auto  # noqa: F401
+# isort: on
 from .actshare import ActShareConfig
 from .auto import AutoShareConfig
 from .base import (

@@ -30,7 +30,7 @@ from ..plan import new_plan, units_for_ratio
 from .base import METHODS, CalibConfig, make_config, make_plan, register_method, split_method
 from .calibration import held_out_loss
 
-# the two that won somewhere in BENCHMARKS.md (issue 11); each is a registered method and a unit kind
+# the two that won somewhere in BENCHMARKS.md; each is a registered method and a unit kind
 CANDIDATES = "choiceshare@query,basisshare@kv"
 VAL_TOKENS = 4096  # held-out calibration tokens each candidate is scored on (the fits read the calib_tokens before)
 BLOCK = 512

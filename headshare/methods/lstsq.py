@@ -88,7 +88,7 @@ def greedy_order(g: torch.Tensor, ww: torch.Tensor, widths: list[int], lam: floa
         cost(R + u) = cost(R) + 2 lam <W_Ru, Q_R'> + lam <W_uu, Q_u> + <H_uu^-1, Q W_{R+u,R+u} Q'>
 
     d x d work per candidate (d its width) and K x d x (K + R) per step: a layer of 32 units of 128 costs
-    about a second a step, where a factorisation per candidate cost minutes (issue 21). The ridge is fixed
+    about a second a step, where a factorisation per candidate costs minutes. The ridge is fixed
     for the order (a kept set's own mean diagonal would change H by a multiple of I at every step, which no
     downdate follows); the costs the selection then weighs are computed with each subset's own ridge."""
     units = len(widths)
