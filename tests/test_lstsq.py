@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from headshare.methods.basis.heldout import subset_errors
 from headshare.methods.gram import LayerGram
 from headshare.methods.lstsq import (
     candidate_subsets,
@@ -68,28 +69,6 @@ def fixed_ridge_greedy(g: torch.Tensor, ww: torch.Tensor, widths: list[int], lam
 
         order.append(min((u for u in range(len(widths)) if u not in order), key=lambda u: (cost(u), u)))
         out.append(tuple(sorted(order)))
-    return out
-
-
-def old_subset_errors(fits: tuple, evals: tuple, wo: torch.Tensor, cols: list[torch.Tensor], subsets: list,
-                      rho: float, n: int) -> dict:
-    """`basis.heldout.subset_errors`: the refitted columns themselves (kept x D), solved per subset and fold."""
-    out = {}
-    for s in subsets:
-        keep = [cols[u] for u in range(len(cols)) if u not in s]
-        err = 0.0
-        for (ga, ca, _), (gb, cb, aab) in zip(fits, evals, strict=True):
-            if not keep:
-                err += aab
-                continue
-            k = torch.cat(keep)
-            m = wo[:, k].T
-            gk = ga[k][:, k]
-            lam = rho * gk.diagonal().mean().clamp_min(1e-30)
-            chol = torch.linalg.cholesky(gk + lam * torch.eye(len(k), dtype=gk.dtype))
-            x = m + torch.cholesky_solve(ca[k] - gk @ m, chol)
-            err += aab - 2 * float((x * cb[k]).sum()) + float((x * (gb[k][:, k] @ x)).sum())
-        out[s] = max(err, 0.0) / n
     return out
 
 
@@ -203,7 +182,7 @@ def test_prune_errors_match_the_hidden_wide_solve():
     stats = [exact_fold_stats(z, wo, w, f) for f in folds]
     subsets = [frozenset(c) for k in range(6) for c in itertools.combinations(range(5), k)]
     for rho in (0.0, 1.0, 1e8):
-        want = old_subset_errors((stats[0], stats[1]), (stats[1], stats[0]), wo, cols, subsets, rho, n)
+        want = subset_errors((stats[0], stats[1]), (stats[1], stats[0]), wo, cols, subsets, rho, n)
         got = prune_errors((stats[0][0], stats[1][0]), wo, cols, subsets, rho, n)
         assert list(got) == subsets
         for s in subsets:
@@ -276,7 +255,7 @@ def test_on_a_smollm2_layer_with_query_units(smollm2_dir):
     n = d.z.shape[0]
     folds = (slice(0, half(n, len(ids))), slice(half(n, len(ids)), n))
     stats = [exact_fold_stats(d.z, wo, d.w, f) for f in folds]
-    want = old_subset_errors((stats[0], stats[1]), (stats[1], stats[0]), wo, cols, subsets, 1.0, n)
+    want = subset_errors((stats[0], stats[1]), (stats[1], stats[0]), wo, cols, subsets, 1.0, n)
     got = prune_errors((stats[0][0], stats[1][0]), wo, cols, subsets, 1.0, n)
     assert list(got.values()) == pytest.approx(list(want.values()), rel=1e-9)
     keys = [("own", u) for u in range(U)]
