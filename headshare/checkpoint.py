@@ -125,9 +125,7 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None, device: str |
     path = Path(path)
     record = read_record(path)
     config = AutoConfig.from_pretrained(path)
-    base = getattr(transformers, record["base_class"], None)
-    if base is None:
-        raise HeadshareError(f"{path}: transformers has no class {record['base_class']!r}; upgrade transformers")
+    base = _base_class(path, record)
     if dtype == "auto":
         dtype = None
     if isinstance(dtype, str):
@@ -220,13 +218,19 @@ def check_weight_shapes(path: Path, model: nn.Module, missing: bool = True) -> N
         raise HeadshareError(f"{path}: the plan stored in config.json is invalid: {problem}")
 
 
-def _meta_structure(path: Path, record: dict, config, plan: SharePlan) -> nn.Module:
-    """The shared model's structure on the meta device (no memory), to check the weights' shapes against."""
+def _base_class(path: Path, record: dict) -> type:
+    """The transformers class the stored record names as the shared model's base."""
     import transformers
 
     base = getattr(transformers, record["base_class"], None)
     if base is None:
         raise HeadshareError(f"{path}: transformers has no class {record['base_class']!r}; upgrade transformers")
+    return base
+
+
+def _meta_structure(path: Path, record: dict, config, plan: SharePlan) -> nn.Module:
+    """The shared model's structure on the meta device (no memory), to check the weights' shapes against."""
+    base = _base_class(path, record)
     with torch.device("meta"):
         model = base(config)
     apply_structure(model, plan, layout_of(config, plan.unit_kind), copy_weights=False)
