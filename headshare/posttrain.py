@@ -388,10 +388,6 @@ def posttrain(model: nn.Module, tokenizer, plan: SharePlan | None, data, config:
     >>> model = posttrain(model, tok, headshare.make_plan(model, 0.3), "builtin:calib",
     ...                   PostTrainConfig(steps=200, out="out"))   # doctest: +SKIP
     """
-    return _posttrain(model, tokenizer, plan, data, config, callbacks)
-
-
-def _posttrain(model, tokenizer, plan, data, config, callbacks) -> nn.Module:
     cfg = config or PostTrainConfig()
     if plan is None and cfg.mode != "tune-only":
         raise HeadshareError(f"mode {cfg.mode!r} needs a plan (pairs to share)")
