@@ -322,16 +322,26 @@ def tokenize(tokenizer, text: str, bos: bool | None = None) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def token_blocks(tokenizer, text: str, block_size: int, max_blocks: int | None = None) -> torch.Tensor:
-    """Pack the tokens of `text` into a (n_blocks, block_size) tensor: no padding, no special tokens,
-    the remainder that does not fill a block dropped.
-
-    >>> blocks = token_blocks(tokenizer, load_text("builtin:calib"), 256)   # doctest: +SKIP
-    """
+def pack_blocks(ids: torch.Tensor, block_size: int, max_blocks: int | None = None,
+                short: bool = False) -> torch.Tensor:
+    """Token ids (1-D) packed into a (n_blocks, block_size) tensor, the remainder that does not fill a block
+    dropped; `short=True` gives a text shorter than one block as one shorter block instead of none.
+    Every tensor of token blocks in headshare is made here."""
     if block_size < 1:
         raise HeadshareError(f"block_size must be positive, got {block_size}")
-    ids = tokenize(tokenizer, text, bos=False)
+    if short and 0 < len(ids) < block_size:
+        return ids[None]
     n = len(ids) // block_size
     if max_blocks is not None:
         n = min(n, max_blocks)
     return ids[: n * block_size].view(n, block_size)
+
+
+def token_blocks(tokenizer, text: str, block_size: int, max_blocks: int | None = None) -> torch.Tensor:
+    """The tokens of `text` (no special tokens) packed by `pack_blocks`.
+
+    >>> blocks = token_blocks(tokenizer, load_text("builtin:calib"), 256)   # doctest: +SKIP
+    """
+    if block_size < 1:  # before tokenising a long text for nothing
+        raise HeadshareError(f"block_size must be positive, got {block_size}")
+    return pack_blocks(tokenize(tokenizer, text, bos=False), block_size, max_blocks)

@@ -8,7 +8,8 @@ plain modules of an unshared model, in the weight's own storage orientation unle
 - `own_index`: feature indices of a set of units as a shared projection stores them;
 - `o_columns` / `set_o_columns`: a unit's o-projection columns as a (hidden, width) float64 matrix;
 - `unit_z`: a unit's features of the o projection's input (its heads' attention output);
-- `head_weights`: per query head q, k, v rows and o columns, for the symmetry-aligned similarity;
+- `head_slices` / `head_weights`: per query head q, k, v rows and o columns (the report's weight vectors and
+  the symmetry-aligned similarity read heads only through these);
 - `read_fitted` / `write_fitted`: named unit slices, the form in which a plan carries fitted weights;
 - `is_shared` / `refuse_shared`: whether `headshare.share` already restructured a model.
 """
@@ -131,22 +132,34 @@ def unit_z(z: torch.Tensor, layout: Layout, unit: int) -> torch.Tensor:
     return z[:, _idx(layout.o_projection(), unit, z.device)].double()
 
 
+def head_slices(block: nn.Module, layout: Layout) -> dict[str, torch.Tensor]:
+    """One block's weights per query head, as views: q, k, v (H, d, D), each query head beside the rows of the
+    key/value head it reads (repeated across a group), and o (H, D, d). The unit kind of `layout` does not
+    matter: heads are the finest cut of every kind."""
+    spec = arch_spec(layout.model_type)
+    d, H, KV = layout.head_dim, layout.num_heads, layout.num_kv_heads
+
+    def heads(path: str, role: str, parts: tuple, n: int) -> dict[str, torch.Tensor]:
+        return unit_slices(block.get_submodule(path).weight.detach(), ProjSpec(path, role, parts, spec.conv1d), n)
+
+    if spec.qkv is not None:  # fused q/k/v: multi-head attention only (the layout refuses the rest)
+        out = heads(spec.qkv, "out", (("q", 0, d), ("k", H * d, d), ("v", 2 * H * d, d)), H)
+    else:
+        out = heads(spec.q, "out", (("q", 0, d),), H)
+        for name in ("k", "v"):
+            out[name] = heads(getattr(spec, name), "out", ((name, 0, d),), KV)[name].repeat_interleave(H // KV, 0)
+    out.update(heads(spec.o, "in", (("o", 0, d),), H))
+    return out
+
+
 def head_weights(model: nn.Module, layout: Layout) -> tuple[torch.Tensor, ...]:
-    """Per query head of every layer: q (L*H, d, D), its kv head's k and v (L*H, d, D), o (L*H, D, d)."""
+    """Per query head of every layer, float32: q (L*H, d, D), its kv head's k and v (L*H, d, D), o (L*H, D, d)."""
     spec = arch_spec(layout.model_type)
     if not spec.rope or spec.q is None:
         raise UnsupportedModelError(f"per-head weights need separate q/k/v projections with RoPE; "
                                     f"{layout.model_type!r} has none")
-    d, H, KV = layout.head_dim, layout.num_heads, layout.num_kv_heads
-    kv_of = torch.arange(H) // (H // KV)
-    qs, ks, vs, os_ = [], [], [], []
-    for block in blocks(model):
-        w = {name: block.get_submodule(getattr(spec, name)).weight.detach().float() for name in "qkvo"}
-        qs.append(w["q"].view(H, d, -1))
-        ks.append(w["k"].view(KV, d, -1)[kv_of])
-        vs.append(w["v"].view(KV, d, -1)[kv_of])
-        os_.append(w["o"].view(w["o"].shape[0], H, d).permute(1, 0, 2))
-    return torch.cat(qs), torch.cat(ks), torch.cat(vs), torch.cat(os_)
+    per_block = [head_slices(block, layout) for block in blocks(model)]
+    return tuple(torch.cat([s[name].float() for s in per_block]) for name in "qkvo")
 
 
 # -- fitted weights, as a plan carries them ------------------------------------------------------------

@@ -12,7 +12,7 @@ from conftest import TINY_CORPUS
 import headshare
 from headshare.arch import layout_of
 from headshare.methods import AutoShareConfig, make_config
-from headshare.methods.auto import _val_ids, candidate_ratio, held_out_loss
+from headshare.methods.auto import candidate_ratio, held_out_loss, validation_ids
 from headshare.plan import SharePlan, units_for_ratio
 from headshare.sharing import unique_parameters
 
@@ -41,7 +41,7 @@ def test_keeps_the_candidate_with_the_least_held_out_loss(tiny_tokenizer, calib_
                                                    calib_tokens=96), tokenizer=tiny_tokenizer)
     assert again.pruned == plan.pruned and again.bases == plan.bases and sorted(again.fitted) == sorted(plan.fitted)
     assert all(torch.equal(again.fitted[k], plan.fitted[k]) for k in plan.fitted)
-    val = _val_ids(tiny_tokenizer, cfg)
+    val = validation_ids(tiny_tokenizer, cfg)
     shared = headshare.share(copy.deepcopy(model), plan)
     assert held_out_loss(shared, val) == pytest.approx(best["val_loss"], abs=1e-6)
     # the scored tokens come after the fitted ones

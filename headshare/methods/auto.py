@@ -72,8 +72,10 @@ def candidate_ratio(model, budget: int, unit: str) -> float:
     return n / layout.units_total
 
 
-def _val_ids(tokenizer, cfg: AutoShareConfig) -> torch.Tensor:
-    from ..data import load_text, tokenize
+def validation_ids(tokenizer, cfg: AutoShareConfig) -> torch.Tensor:
+    """(n, block) token ids of the held-out calibration text the candidates are scored on: the `val_tokens`
+    after the first `calib_tokens` of `cfg.calib`."""
+    from ..data import load_text, pack_blocks, tokenize
 
     ids = tokenize(tokenizer, load_text(cfg.calib, split="calib"), bos=False)
     if len(ids) < cfg.calib_tokens + cfg.val_tokens:
@@ -81,8 +83,7 @@ def _val_ids(tokenizer, cfg: AutoShareConfig) -> torch.Tensor:
                          f"calib_tokens={cfg.calib_tokens:,} and scores on the next val_tokens={cfg.val_tokens:,}: "
                          "give a longer text or fewer tokens")
     val = ids[cfg.calib_tokens:cfg.calib_tokens + cfg.val_tokens]
-    block = min(BLOCK, len(val))
-    return val[: len(val) // block * block].view(-1, block)
+    return pack_blocks(val, min(BLOCK, len(val)))
 
 
 @register_method("autoshare", AutoShareConfig, "make each candidate plan (default: choiceshare on query heads, "
@@ -98,7 +99,7 @@ def autoshare(model, cfg: AutoShareConfig, tokenizer=None, progress: bool = Fals
     if n == 0:
         return new_plan(model, "autoshare", cfg.ratio, unit_kind=cfg.unit)
     budget = n * layout.unit_params()
-    val = _val_ids(tokenizer, cfg)
+    val = validation_ids(tokenizer, cfg)
     scores, best = [], None
     names = parse_candidates(cfg.candidates)
     skipped = []

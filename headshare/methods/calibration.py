@@ -46,7 +46,7 @@ BATCH_TOKENS = 8192
 
 def calibration_ids(model, tokenizer, calib: str, calib_tokens: int, block_size: int = 512) -> torch.Tensor:
     """(n, block) token ids of the calibration text, at most `calib_tokens` tokens in all."""
-    from ..data import load_text, tokenize
+    from ..data import load_text, pack_blocks, tokenize
 
     if tokenizer is None:
         raise HeadshareError("this method needs a tokenizer for its calibration text (pass tokenizer=...)")
@@ -55,10 +55,7 @@ def calibration_ids(model, tokenizer, calib: str, calib_tokens: int, block_size:
     ids = tokenize(tokenizer, load_text(calib, split="calib"), bos=False)[:calib_tokens]
     if len(ids) < 2:
         raise HeadshareError(f"calibration text {calib!r} has fewer than 2 tokens")
-    if len(ids) < block:  # a short text still calibrates, as one shorter block
-        return ids[None]
-    n = len(ids) // block
-    return ids[: n * block].view(n, block)
+    return pack_blocks(ids, block, short=True)  # a short text still calibrates, as one shorter block
 
 
 # -- calls and devices ------------------------------------------------------------------------------------
