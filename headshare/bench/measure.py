@@ -21,6 +21,9 @@ from ..structure import BASIS_NAME
 from .probe import PROBE_KEYS, probe
 from .settings import bench_config
 
+# what a row keeps of each evaluation text
+TEXT_KEYS = ("perplexity", "reference_perplexity", "kl", "top1_agreement", "nll", "tokens")
+
 
 def attention_params(model: nn.Module) -> int:
     """Parameters stored by the attention projections and any shared bases they read (each tensor once).
@@ -44,15 +47,16 @@ def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def measure(method: str, ratio: float, original: nn.Module, reference: nn.Module, tokenizer, text: str,
-            settings: dict, run_probe: bool = True, progress: bool = True,
+def measure(method: str, ratio: float, original: nn.Module, reference: nn.Module, tokenizer,
+            text: str | dict[str, str], settings: dict, run_probe: bool = True, progress: bool = True,
             make: Callable[[nn.Module], SharePlan] | None = None, plan_device: torch.device | None = None) -> dict:
     """Plan, share and measure one (method, ratio) on a copy of `original`; returns the row.
 
     `make`, if given, makes the plan from the copy instead of the registered `method` (for controls that
     are not methods, such as pruning exactly the units another method shares); `method` then only names
     the row. `plan_device`: where calibration computes (None: where the model is; a GPU for a model kept
-    on the CPU: offloading)."""
+    on the CPU: offloading). `text`: the evaluation text, or {source name: text} for several, the first of
+    which gives the row's own perplexity, KL and top-1; every one is in the row's "texts"."""
     from ..evaluate import compare
 
     params0, _ = unique_parameters(original)
@@ -70,9 +74,14 @@ def measure(method: str, ratio: float, original: nn.Module, reference: nn.Module
     layout = layout_of(original.config, plan.unit_kind if plan else None)
     params, nbytes = unique_parameters(model)
     attn = attention_params(model)
-    # ratio 0 compares the original with itself: its windows then run once, the second pass is replayed
-    ev = compare(reference if model is original else model, reference, tokenizer, text, window=settings["window"], stride=settings["window"],
-                 max_tokens=settings["max_tokens"], progress=progress)
+    texts = text if isinstance(text, dict) else {str(settings.get("text")): text}
+    evals = {}
+    for name, body in texts.items():
+        # ratio 0 compares the original with itself: its windows then run once, the second pass is replayed
+        evals[name] = compare(reference if model is original else model, reference, tokenizer, body,
+                              window=settings["window"], stride=settings["window"], max_tokens=settings["max_tokens"],
+                              progress=progress)
+    ev = next(iter(evals.values()))
     with tempfile.TemporaryDirectory(prefix="headshare-bench-") as tmp:
         ckpt = Path(tmp) / "model"
         model.save_pretrained(ckpt)
@@ -88,6 +97,7 @@ def measure(method: str, ratio: float, original: nn.Module, reference: nn.Module
         "units_based": plan.units_based(layout.units_per_layer) if plan else 0,
         "perplexity": ev["perplexity"], "nll": ev["nll"], "tokens": ev["tokens"],
         "kl": ev["kl"], "top1_agreement": ev["top1_agreement"], "reference_perplexity": ev["reference_perplexity"],
+        "texts": {name: {k: e[k] for k in TEXT_KEYS} for name, e in evals.items()},
         "attn_params_total": attn0, "attn_params_removed": attn0 - attn,
         "params_total": params0, "params_removed": params0 - params,
         "weight_bytes": nbytes, "checkpoint_bytes": ckpt_bytes,
@@ -95,7 +105,7 @@ def measure(method: str, ratio: float, original: nn.Module, reference: nn.Module
         "config": plan.config if plan else None,
         # autoshare: the candidate kept and every candidate's held-out calibration loss
         **({k: plan.notes[k] for k in ("chosen", "candidates")} if plan and "chosen" in plan.notes else {}),
-        "plan_s": plan_s, "eval_s": ev["seconds"], "torch_threads": torch.get_num_threads(),
+        "plan_s": plan_s, "eval_s": sum(e["seconds"] for e in evals.values()), "torch_threads": torch.get_num_threads(),
         "device": str(plan_device or next(original.parameters()).device),  # where planning computed
         "loadavg_1min": round(os.getloadavg()[0], 2),  # these machines are shared: say how busy this one was
         **settings,

@@ -40,7 +40,7 @@ def plot_rows(rows: list[dict], path: str | Path, title: str | None = None) -> N
     ax.set_ylabel("perplexity (log scale)")
     if rows:
         r = rows[0]
-        ax.set_title(title or f"{r['model']}: perplexity on {r['tokens']:,} tokens of {r['text']}", fontsize=10)
+        ax.set_title(title or f"{r['model']}: perplexity on {r['tokens']:,} tokens of {r['text'] if isinstance(r['text'], str) else r['text'][0]}", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, ncol=2 if len(methods) > 8 else 1)
     fig.tight_layout()

@@ -21,7 +21,7 @@ def _ratio_key(r: float) -> float:
 
 
 def run_bench(model: str = "smollm2-135m", ratios=DEFAULT_RATIOS, methods=DEFAULT_METHODS,
-              out: str | Path = "bench.json", *, text: str = "builtin", calib: str = "builtin:calib",
+              out: str | Path = "bench.json", *, text: str | list[str] = "builtin", calib: str = "builtin:calib",
               calib_tokens: int | None = None, max_tokens: int | None = None, window: int = 512, seed: int = 0,
               options: dict | None = None, resume: bool = False, force: bool = False, md: str | Path | None = None,
               plot: str | Path | None = None, run_probe: bool = True, progress: bool = True,
@@ -31,7 +31,8 @@ def run_bench(model: str = "smollm2-135m", ratios=DEFAULT_RATIOS, methods=DEFAUL
 
     Args:
         model: alias, local directory or hub id of the original model.
-        text / calib: evaluation and calibration text sources (see `headshare.data.load_text`).
+        text / calib: evaluation and calibration text sources (see `headshare.data.load_text`); `text` may list
+            several (in domain and out of it, say): each row is scored on every one, the first is its own.
         max_tokens: evaluate on at most this many tokens of `text`.
         options: method options, {key: value} for every method that has the option, {"method.key": value}
             for one (`parse_options` reads them from --option texts).
@@ -55,7 +56,10 @@ def run_bench(model: str = "smollm2-135m", ratios=DEFAULT_RATIOS, methods=DEFAUL
         if not 0 <= r < 1:
             raise HeadshareError(f"ratio must be in [0, 1), got {r}")
     # float32 is stored as None, so rows that hold no dtype (all float32) stay resumable
-    settings = {"model": model, "text": text, "calib": calib, "calib_tokens": calib_tokens,
+    texts = [text] if isinstance(text, str) else list(dict.fromkeys(text))
+    if not texts:
+        raise HeadshareError("no evaluation text given")
+    settings = {"model": model, "text": texts[0] if len(texts) == 1 else texts, "calib": calib, "calib_tokens": calib_tokens,
                 "max_tokens": max_tokens, "window": window, "seed": seed, "options": options or None,
                 "dtype": None if dtype in (None, torch.float32) else str(dtype).removeprefix("torch.")}
     for m in methods:
@@ -70,7 +74,7 @@ def run_bench(model: str = "smollm2-135m", ratios=DEFAULT_RATIOS, methods=DEFAUL
                                    device="cpu" if offload else device)
         if tok is None:
             raise HeadshareError(f"{model} has no tokenizer; save one beside the weights")
-        eval_text = load_text(text, split="eval")
+        eval_text = {name: load_text(name, split="eval") for name in texts}
         reference = CachedReference(original)
         baseline = next((r for r in rows if _ratio_key(r["ratio"]) == 0), None)
         bar = tqdm(todo, desc="bench", unit="row", disable=not progress)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..errors import HeadshareError
 from .settings import split_method
 
 
@@ -13,20 +14,50 @@ def _ms(x) -> str:
     return "" if x is None else f"{x * 1e3:.1f}"
 
 
+def perplexity_on(row: dict, text: str | None = None) -> float:
+    """A row's perplexity on evaluation text `text` (a source it was scored on), or on its first one."""
+    if text is None:
+        return row["perplexity"]
+    scored = row.get("texts") or {}
+    if text not in scored:
+        raise HeadshareError(f"row {row['method']} {row['ratio']:g} was not scored on {text!r}: "
+                             f"{', '.join(scored) or 'one text only'}")
+    return scored[text]["perplexity"]
+
+
+def _other_texts(rows: list[dict]) -> list[str]:
+    """The evaluation texts after each row's first, in order of appearance."""
+    names: dict[str, None] = {}
+    for r in rows:
+        for name in list(r.get("texts") or {})[1:]:
+            names.setdefault(name, None)
+    return list(names)
+
+
 def markdown_table(rows: list[dict]) -> str:
-    """The rows as a markdown table (sizes in MB = 1e6 bytes, times in ms)."""
+    """The rows as a markdown table (sizes in MB = 1e6 bytes, times in ms), with a column of perplexity
+    (and its ratio to the original's) for every evaluation text after the first."""
+    others = _other_texts(rows)
     head = ["method", "ratio", "units removed", "attn params removed", "params removed", "perplexity",
-            "ppl / orig", "KL", "top-1", "weights MB", "checkpoint MB", "peak RSS MB", "prefill ms", "decode ms"]
+            "ppl / orig", *(f"ppl {name} (/ orig)" for name in others), "KL", "top-1", "weights MB",
+            "checkpoint MB", "peak RSS MB", "prefill ms", "decode ms"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         attn_pct = 100 * r["attn_params_removed"] / r["attn_params_total"] if r["attn_params_total"] else 0.0
         cells = [r["method"], f"{r['ratio']:g}", f"{r['units_removed']}/{r['units_total']}",
                  f"{r['attn_params_removed']:,} ({attn_pct:.1f} %)", f"{r['params_removed']:,}",
                  f"{r['perplexity']:.3f}", f"{r['perplexity'] / r['reference_perplexity']:.3f}",
+                 *(_text_cell((r.get("texts") or {}).get(name)) for name in others),
                  f"{r['kl']:.4f}", f"{r['top1_agreement']:.3f}", _mb(r["weight_bytes"]), _mb(r["checkpoint_bytes"]),
                  _mb(r.get("peak_rss_bytes")), _ms(r.get("prefill_s")), _ms(r.get("decode_s"))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _text_cell(scored: dict | None) -> str:
+    if scored is None:
+        return ""
+    return f"{scored['perplexity']:.3f} ({scored['perplexity'] / scored['reference_perplexity']:.3f})"
 
 
 PRUNING = ("prune", "fitprune")  # methods that remove units without sharing anything
@@ -58,20 +89,21 @@ def group_ratio(group: list[dict]) -> float:
     return min(plain or [r["ratio"] for r in group])
 
 
-def sharing_gap(rows: list[dict], pruning: tuple[str, ...] = PRUNING) -> list[dict]:
+def sharing_gap(rows: list[dict], pruning: tuple[str, ...] = PRUNING, text: str | None = None) -> list[dict]:
     """Per budget (`budget_groups`): the best row that shares against the best that only prunes
-    (`is_pruning` with `pruning`).
+    (`is_pruning` with `pruning`), by perplexity on evaluation text `text` (default: each row's first).
 
     `gap` is best sharing perplexity / best pruning perplexity - 1: negative means sharing wins."""
+    def ppl(r: dict) -> float:
+        return perplexity_on(r, text)
+
     out = []
     for here in budget_groups(rows):
-        share = min((r for r in here if not is_pruning(r["method"], pruning)), key=lambda r: r["perplexity"],
-                    default=None)
-        prune = min((r for r in here if is_pruning(r["method"], pruning)), key=lambda r: r["perplexity"],
-                    default=None)
+        share = min((r for r in here if not is_pruning(r["method"], pruning)), key=ppl, default=None)
+        prune = min((r for r in here if is_pruning(r["method"], pruning)), key=ppl, default=None)
         if share and prune:
-            out.append({"ratio": group_ratio(here), "sharing": share["method"], "sharing_ppl": share["perplexity"],
-                        "pruning": prune["method"], "pruning_ppl": prune["perplexity"],
-                        "gap": share["perplexity"] / prune["perplexity"] - 1,
+            out.append({"ratio": group_ratio(here), "sharing": share["method"], "sharing_ppl": ppl(share),
+                        "pruning": prune["method"], "pruning_ppl": ppl(prune),
+                        "gap": ppl(share) / ppl(prune) - 1,
                         "model_fraction": share["params_removed"] / share["params_total"]})
     return out
