@@ -8,8 +8,8 @@ The whole model's loss can. Every candidate ("METHOD@UNIT") gets the same parame
 `ratio` of this config's units hold (a candidate on smaller units removes the fewest units that reach it), fits on
 the same first `calib_tokens` tokens of the calibration text, and is scored as the model it makes (emulated one
 block at a time, `calibration.plan_applied`: no copy of the model) on the `val_tokens` tokens that follow them:
-text no fit has seen, and never the evaluation split. The plan it
-returns is the winner's, with every candidate's score in its notes (`notes["candidates"]`).
+text no fit has seen, and never the evaluation split; or, with `val`, on text of another kind (the calib half
+of another source: a choice made on docstrings alone picks what fits docstrings). The plan it returns is the winner's, with every candidate's score in its notes (`notes["candidates"]`).
 
     >>> plan = headshare.make_plan(model, AutoShareConfig(ratio=0.3), tokenizer=tok)   # doctest: +SKIP
 """
@@ -28,7 +28,7 @@ from ..config import check, is_integer
 from ..errors import HeadshareError
 from ..plan import new_plan, units_for_ratio
 from .base import METHODS, CalibConfig, make_config, make_plan, register_method, split_method
-from .calibration import held_out_loss
+from .calibration import held_out_loss, source_ids
 
 # the two that won somewhere in BENCHMARKS.md; each is a registered method and a unit kind
 CANDIDATES = "choiceshare@query,basisshare@kv"
@@ -40,10 +40,16 @@ BLOCK = 512
 class AutoShareConfig(CalibConfig):
     candidates: str = CANDIDATES  # comma list of METHOD@UNIT (UNIT: kv or query); each fits on calib_tokens
     val_tokens: int = VAL_TOKENS  # scored on the calibration tokens after the first calib_tokens
+    # a text source (or SOURCE+SOURCE mix), calib halves, to score on instead: text of another kind than the
+    # calibration text chooses for text the fits never saw the like of ("" = the calibration text, as above)
+    val: str = ""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check(self, "val_tokens", is_integer(self.val_tokens) and self.val_tokens >= 2, "an integer >= 2")
+        check(self, "val", isinstance(self.val, str) and not any(
+            s.strip().endswith(":eval") for s in self.val.split("+")),
+            "a text source whose calib half is read (the eval halves stay for evaluation), or empty")
         try:
             names = parse_candidates(self.candidates) if isinstance(self.candidates, str) else []
         except HeadshareError:  # a unit that is no unit kind: refused below, as an unknown method is
@@ -73,17 +79,21 @@ def candidate_ratio(model, budget: int, unit: str) -> float:
 
 
 def validation_ids(tokenizer, cfg: AutoShareConfig) -> torch.Tensor:
-    """(n, block) token ids of the held-out calibration text the candidates are scored on: the `val_tokens`
-    after the first `calib_tokens` of `cfg.calib`."""
-    from ..data import load_text, pack_blocks, tokenize
+    """(n, block) token ids the candidates are scored on: `val_tokens` of `cfg.val`, or where that is empty
+    the ones after the first `calib_tokens` of `cfg.calib` (per source of a mix, an equal share each)."""
+    from ..data import pack_blocks
 
-    ids = tokenize(tokenizer, load_text(cfg.calib, split="calib"), bos=False)
-    if len(ids) < cfg.calib_tokens + cfg.val_tokens:
-        raise HeadshareError(f"calibration text {cfg.calib!r} has {len(ids):,} tokens; autoshare fits on the first "
-                         f"calib_tokens={cfg.calib_tokens:,} and scores on the next val_tokens={cfg.val_tokens:,}: "
-                         "give a longer text or fewer tokens")
-    val = ids[cfg.calib_tokens:cfg.calib_tokens + cfg.val_tokens]
-    return pack_blocks(val, min(BLOCK, len(val)))
+    source = cfg.val or cfg.calib
+    parts = source_ids(tokenizer, source)
+    skip = 0 if cfg.val else cfg.calib_tokens // len(parts)
+    share = cfg.val_tokens // len(parts)
+    for name, ids in zip(source.split("+"), parts, strict=True):
+        if len(ids) < skip + share:
+            fits = f"autoshare fits on the first {skip:,} tokens and " if skip else "autoshare "
+            raise HeadshareError(f"text {name.strip()!r} has {len(ids):,} tokens; {fits}scores on the next "
+                                 f"{share:,} (val_tokens={cfg.val_tokens:,}): give a longer text or fewer tokens")
+    block = min(BLOCK, share)
+    return torch.cat([pack_blocks(ids[skip:skip + share], block) for ids in parts])
 
 
 @register_method("autoshare", AutoShareConfig, "make each candidate plan (default: choiceshare on query heads, "
@@ -128,5 +138,6 @@ def autoshare(model, cfg: AutoShareConfig, tokenizer=None, progress: bool = Fals
                          + "; ".join(f"{s['candidate']}: {s['reason']}" for s in skipped) + "; lower the ratio")
     _, plan, chosen = best
     plan.notes = {**plan.notes, "chosen": chosen, "candidates": scores, "val_tokens": int(val.numel()),
+                  "val_text": cfg.val or f"{cfg.calib} (after calib_tokens)",
                   "candidate_config": plan.config, **({"skipped": skipped} if skipped else {})}
     return plan

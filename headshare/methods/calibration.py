@@ -44,18 +44,40 @@ from .gram import LayerGram
 BATCH_TOKENS = 8192
 
 
-def calibration_ids(model, tokenizer, calib: str, calib_tokens: int, block_size: int = 512) -> torch.Tensor:
-    """(n, block) token ids of the calibration text, at most `calib_tokens` tokens in all."""
-    from ..data import load_text, pack_blocks, tokenize
+def source_ids(tokenizer, source: str) -> list[torch.Tensor]:
+    """Token ids (1-D) of each text source in `source`: one source, or a mix of several joined by "+"
+    ("builtin:calib+news+code"), each read with split="calib"."""
+    from ..data import load_text, tokenize
 
     if tokenizer is None:
         raise HeadshareError("this method needs a tokenizer for its calibration text (pass tokenizer=...)")
+    names = [s.strip() for s in source.split("+")]
+    if not all(names):
+        raise HeadshareError(f"text {source!r} has an empty source; mix sources as SOURCE+SOURCE")
+    return [tokenize(tokenizer, load_text(name, split="calib"), bos=False) for name in names]
+
+
+def calibration_ids(model, tokenizer, calib: str, calib_tokens: int, block_size: int = 512) -> torch.Tensor:
+    """(n, block) token ids of the calibration text, at most `calib_tokens` tokens in all; a mix of sources
+    ("a+b") gives each an equal share, packed in blocks of its own."""
+    from ..data import pack_blocks
+
+    parts = source_ids(tokenizer, calib)
+    share = calib_tokens // len(parts)
     max_pos = getattr(model.config, "max_position_embeddings", None) or block_size
-    block = max(2, min(block_size, max_pos, calib_tokens))
-    ids = tokenize(tokenizer, load_text(calib, split="calib"), bos=False)[:calib_tokens]
-    if len(ids) < 2:
-        raise HeadshareError(f"calibration text {calib!r} has fewer than 2 tokens")
-    return pack_blocks(ids, block, short=True)  # a short text still calibrates, as one shorter block
+    block = max(2, min(block_size, max_pos, share))
+    if len(parts) == 1:
+        ids = parts[0][:calib_tokens]
+        if len(ids) < 2:
+            raise HeadshareError(f"calibration text {calib!r} has fewer than 2 tokens")
+        return pack_blocks(ids, block, short=True)  # a short text still calibrates, as one shorter block
+    blocks = []
+    for name, ids in zip(calib.split("+"), parts, strict=True):
+        if len(ids) < block:
+            raise HeadshareError(f"calibration source {name.strip()!r} has {len(ids):,} tokens, fewer than one "
+                                 f"block of {block} of the mix")
+        blocks.append(pack_blocks(ids[:share], block))
+    return torch.cat(blocks)
 
 
 # -- calls and devices ------------------------------------------------------------------------------------
