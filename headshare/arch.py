@@ -20,7 +20,7 @@ Everything headshare knows about a model family is one `ArchSpec` in `ARCHITECTU
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -30,7 +30,7 @@ from .errors import HeadshareError
 
 @dataclass(frozen=True)
 class ArchSpec:
-    """Module paths of one model family's attention, relative to `model.base_model`."""
+    """Module paths of one model family's attention (and MLP), relative to `model.base_model`."""
 
     layers: str  # the ModuleList of decoder/encoder blocks
     o: str  # output projection, relative to one block
@@ -40,6 +40,10 @@ class ArchSpec:
     qkv: str | None = None  # one fused projection holding q, k and v (GPT-2's c_attn)
     conv1d: bool = False  # GPT-2's Conv1D stores weights as (in, out) instead of nn.Linear's (out, in)
     rope: bool = False  # rotary position embeddings on q and k, with pairs (i, i + head_dim/2)
+    # a gated MLP's input projections (one row each per channel) and its output projection (one column), for
+    # the bench's whole-model alternatives; empty where the family has none
+    mlp_in: tuple[str, ...] = ()
+    mlp_out: str | None = None
 
     @property
     def attention(self) -> str:
@@ -53,14 +57,15 @@ class ArchSpec:
 
 
 _LLAMA_LIKE = ArchSpec(layers="layers", q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj",
-                       o="self_attn.o_proj", rope=True)
+                       o="self_attn.o_proj", rope=True, mlp_in=("mlp.gate_proj", "mlp.up_proj"),
+                       mlp_out="mlp.down_proj")
 _BERT_LIKE = ArchSpec(layers="encoder.layer", q="attention.self.query", k="attention.self.key",
                       v="attention.self.value", o="attention.output.dense")
 
 ARCHITECTURES: dict[str, ArchSpec] = {
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
-    "mixtral": _LLAMA_LIKE,
+    "mixtral": replace(_LLAMA_LIKE, mlp_in=(), mlp_out=None),  # experts, no one MLP
     "qwen2": _LLAMA_LIKE,
     "qwen3": _LLAMA_LIKE,
     "gemma": _LLAMA_LIKE,

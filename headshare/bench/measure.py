@@ -18,6 +18,7 @@ from ..methods import make_plan
 from ..plan import SharePlan
 from ..sharing import share, unique_parameters
 from ..structure import BASIS_NAME
+from .alternatives import is_alternative, remove_whole
 from .probe import PROBE_KEYS, probe
 from .settings import bench_config
 
@@ -43,6 +44,16 @@ def attention_params(model: nn.Module) -> int:
     return sum(seen.values())
 
 
+def _calibration(model: nn.Module, tokenizer, settings: dict) -> torch.Tensor:
+    """The calibration blocks the data-aware methods read, for the whole-model alternatives."""
+    from ..methods import CalibConfig
+    from ..methods.calibration import calibration_ids
+
+    defaults = CalibConfig.defaults()
+    return calibration_ids(model, tokenizer, settings.get("calib") or defaults["calib"],
+                           settings.get("calib_tokens") or defaults["calib_tokens"])
+
+
 def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
@@ -62,8 +73,12 @@ def measure(method: str, ratio: float, original: nn.Module, reference: nn.Module
     params0, _ = unique_parameters(original)
     attn0 = attention_params(original)
     t0 = time.perf_counter()
+    removed = None
     if ratio == 0:
         model, plan = original, None  # nothing to share: measure the model as it is
+    elif is_alternative(method) and make is None:
+        model, plan = copy.deepcopy(original), None
+        removed = remove_whole(model, method, ratio, _calibration(original, tokenizer, settings), plan_device)
     else:
         model = copy.deepcopy(original)
         plan = make(model) if make is not None else make_plan(model, bench_config(method, ratio, settings),
@@ -103,6 +118,7 @@ def measure(method: str, ratio: float, original: nn.Module, reference: nn.Module
         "weight_bytes": nbytes, "checkpoint_bytes": ckpt_bytes,
         **{k: speed.get(k) for k in PROBE_KEYS},
         "config": plan.config if plan else None,
+        **({"removed": removed} if removed is not None else {}),
         # autoshare: the candidate kept and every candidate's held-out calibration loss
         **({k: plan.notes[k] for k in ("chosen", "candidates")} if plan and "chosen" in plan.notes else {}),
         "plan_s": plan_s, "eval_s": sum(e["seconds"] for e in evals.values()), "torch_threads": torch.get_num_threads(),

@@ -8,6 +8,7 @@ import torch
 
 from ..errors import HeadshareError
 from ..files import atomic_write_text
+from .alternatives import is_alternative
 from .measure import measure
 from .plot import plot_rows
 from .reference import CachedReference
@@ -64,7 +65,8 @@ def run_bench(model: str = "smollm2-135m", ratios=DEFAULT_RATIOS, methods=DEFAUL
                 "dtype": None if dtype in (None, torch.float32) else str(dtype).removeprefix("torch.")}
     for m in methods:
         for r in ratios:
-            bench_config(m, r, settings)  # a bad option or value fails before anything loads
+            if not is_alternative(m):
+                bench_config(m, r, settings)  # a bad option or value fails before anything loads
     out = Path(out)
     rows = read_rows(out, settings, resume, force)
     done = {(r["method"], _ratio_key(r["ratio"])) for r in rows}

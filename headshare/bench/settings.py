@@ -13,14 +13,17 @@ SETTING_KEYS = ("model", "text", "calib", "calib_tokens", "max_tokens", "window"
 
 def resolve_methods(names) -> list[str]:
     """Method names with "all" expanded to every registered method, in registration order; a name may end
-    in "@UNIT" (`split_method`)."""
+    in "@UNIT" (`split_method`) or be a whole-model alternative (`alternatives.ALTERNATIVES`)."""
+    from .alternatives import ALTERNATIVES
+
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",") if n.strip()]
     out: list[str] = []
     for name in names:
         for m in (list(METHODS) if name == "all" else [name]):
-            if split_method(m)[0] not in METHODS:
-                raise HeadshareError(f"unknown method {m!r}; registered: {', '.join(METHODS)}")
+            if m not in ALTERNATIVES and split_method(m)[0] not in METHODS:
+                raise HeadshareError(f"unknown method {m!r}; registered: {', '.join(METHODS)}; whole-model "
+                                     f"alternatives: {', '.join(ALTERNATIVES)}")
             if m not in out:
                 out.append(m)
     if not out:
@@ -31,6 +34,9 @@ def resolve_methods(names) -> list[str]:
 def parse_options(texts, methods) -> dict[str, object] | None:
     """`--option` texts (KEY=VALUE, or METHOD.KEY=VALUE for one method) as {key: value}, each parsed by the
     option's declared type; an option that none of `methods` has is refused. None when there are none."""
+    from .alternatives import ALTERNATIVES
+
+    methods = [m for m in methods if m not in ALTERNATIVES]  # they have no options
     out: dict[str, object] = {}
     for text in texts or ():
         key = text.partition("=")[0].strip()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..errors import HeadshareError
+from .alternatives import is_alternative
 from .settings import split_method
 
 
@@ -93,17 +94,23 @@ def sharing_gap(rows: list[dict], pruning: tuple[str, ...] = PRUNING, text: str 
     """Per budget (`budget_groups`): the best row that shares against the best that only prunes
     (`is_pruning` with `pruning`), by perplexity on evaluation text `text` (default: each row's first).
 
-    `gap` is best sharing perplexity / best pruning perplexity - 1: negative means sharing wins."""
+    `gap` is best sharing perplexity / best pruning perplexity - 1: negative means sharing wins. Whole-model
+    alternatives (`alternatives.ALTERNATIVES`) are neither: they join the group of their ratio as "whole", the
+    best of them, with the share of the model they really removed ("whole_fraction")."""
     def ppl(r: dict) -> float:
         return perplexity_on(r, text)
 
     out = []
-    for here in budget_groups(rows):
-        share = min((r for r in here if not is_pruning(r["method"], pruning)), key=ppl, default=None)
-        prune = min((r for r in here if is_pruning(r["method"], pruning)), key=ppl, default=None)
+    for group in budget_groups([r for r in rows if not is_alternative(r["method"])]):
+        wholes = [r for r in rows if is_alternative(r["method"]) and r["ratio"] == group_ratio(group)]
+        share = min((r for r in group if not is_pruning(r["method"], pruning)), key=ppl, default=None)
+        prune = min((r for r in group if is_pruning(r["method"], pruning)), key=ppl, default=None)
+        whole = min(wholes, key=ppl, default=None)
         if share and prune:
-            out.append({"ratio": group_ratio(here), "sharing": share["method"], "sharing_ppl": ppl(share),
+            out.append({"ratio": group_ratio(group), "sharing": share["method"], "sharing_ppl": ppl(share),
                         "pruning": prune["method"], "pruning_ppl": ppl(prune),
+                        **({"whole": whole["method"], "whole_ppl": ppl(whole),
+                            "whole_fraction": whole["params_removed"] / whole["params_total"]} if whole else {}),
                         "gap": ppl(share) / ppl(prune) - 1,
                         "model_fraction": share["params_removed"] / share["params_total"]})
     return out
