@@ -1,4 +1,4 @@
-"""Model resolution and loading: local directories, clear errors, and real fetches of the built-in models."""
+"""`headshare.fetch`: finding and loading models: local directories, clear errors, the built-in models."""
 
 import hashlib
 import json
@@ -21,10 +21,9 @@ def test_cache_dir_follows_env(monkeypatch, tmp_path):
     assert cache_dir().parts[-2:] == (".cache", "headshare")
 
 
-def test_local_directory_round_trips_bit_exactly(tmp_path, tiny_llama, tiny_tokenizer):
+def test_local_directory_round_trips_bit_exactly(tmp_path, tiny_llama, tiny_checkpoint):
     model = tiny_llama()
-    model.save_pretrained(tmp_path / "m")
-    tiny_tokenizer.save_pretrained(tmp_path / "m")
+    tiny_checkpoint(tmp_path / "m", model)
     assert resolve_model(str(tmp_path / "m")) == str(tmp_path / "m")
 
     loaded, tok = load_model(str(tmp_path / "m"))
