@@ -1,11 +1,11 @@
-"""The benchmark: rows with every key, ratio 0 measured once, resume without recomputing, table and plot."""
+"""`headshare.bench`: rows with every key, ratio 0 measured once, resume without recomputing, table, plot."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
-from conftest import TINY_CORPUS, build_tiny_llama, build_tiny_tokenizer
+from conftest import TINY_CORPUS
 
 import headshare
 import headshare.bench as bench
@@ -19,20 +19,18 @@ REQUIRED = {"method", "ratio", "perplexity", "kl", "top1_agreement", "attn_param
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
+def bench_dir(tmp_path_factory, tiny_llama, tiny_checkpoint):
     """A tiny Llama (4 layers x 2 units) saved with its tokenizer, and a text file."""
     d = tmp_path_factory.mktemp("bench")
-    model = build_tiny_llama(num_hidden_layers=4)
-    model.save_pretrained(d / "model")
-    build_tiny_tokenizer().save_pretrained(d / "model")
+    tiny_checkpoint(d / "model", tiny_llama(num_hidden_layers=4))
     (d / "text.txt").write_text("\n".join(TINY_CORPUS * 12))
     return d
 
 
-def _run(tiny_dir, out, methods, **kw):
-    text = str(tiny_dir / "text.txt")
+def _run(bench_dir, out, methods, **kw):
+    text = str(bench_dir / "text.txt")
     kw.setdefault("run_probe", False)
-    return bench.run_bench(str(tiny_dir / "model"), [0, 0.5], methods, out, text=text, calib=text,
+    return bench.run_bench(str(bench_dir / "model"), [0, 0.5], methods, out, text=text, calib=text,
                            calib_tokens=256, progress=False, **kw)
 
 
@@ -49,9 +47,9 @@ def count_measure(monkeypatch):
     return calls
 
 
-def test_rows_table_and_plot(tiny_dir, tmp_path, count_measure):
+def test_rows_table_and_plot(bench_dir, tmp_path, count_measure, tiny_llama):
     out, md, png = tmp_path / "out.json", tmp_path / "t.md", tmp_path / "p.png"
-    rows = _run(tiny_dir, out, ["directshare", "prune"], md=md, plot=png, run_probe=True)
+    rows = _run(bench_dir, out, ["directshare", "prune"], md=md, plot=png, run_probe=True)
     assert count_measure == [("directshare", 0.0), ("directshare", 0.5), ("prune", 0.5)]  # ratio 0 once
     saved = json.loads(out.read_text())
     assert saved == json.loads(json.dumps(rows))
@@ -67,13 +65,13 @@ def test_rows_table_and_plot(tiny_dir, tmp_path, count_measure):
     # each row records the method config it ran and the run's options
     assert base["config"] is None and all(r["options"] is None for r in saved)
     assert shared["config"] == {"ratio": 0.5, "metric": "qk", "version": 1}
-    assert pruned["config"] == {"ratio": 0.5, "calib": str(tiny_dir / "text.txt"), "calib_tokens": 256,
+    assert pruned["config"] == {"ratio": 0.5, "calib": str(bench_dir / "text.txt"), "calib_tokens": 256,
                                 "relative": True, "version": 1}
     assert {k: v for k, v in saved[2].items() if k != "method"} == {k: v for k, v in base.items() if k != "method"}
     assert base["kl"] == pytest.approx(0, abs=1e-12) and base["top1_agreement"] == 1.0
     assert base["params_removed"] == 0 and base["perplexity"] == pytest.approx(base["reference_perplexity"])
 
-    layout = layout_of(build_tiny_llama(num_hidden_layers=4).config)
+    layout = layout_of(tiny_llama(num_hidden_layers=4).config)
     per_unit = layout.unit_params()
     for r in (shared, pruned):
         assert r["units_removed"] == 4
@@ -90,31 +88,31 @@ def test_rows_table_and_plot(tiny_dir, tmp_path, count_measure):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_resume_computes_only_missing_rows(tiny_dir, tmp_path, count_measure):
+def test_resume_computes_only_missing_rows(bench_dir, tmp_path, count_measure):
     out = tmp_path / "out.json"
-    first = _run(tiny_dir, out, ["random", "prune"])
+    first = _run(bench_dir, out, ["random", "prune"])
     assert len(count_measure) == 3
     with pytest.raises(FileExistsError, match="--resume"):
-        _run(tiny_dir, out, ["random", "prune"])
+        _run(bench_dir, out, ["random", "prune"])
 
     count_measure.clear()
-    assert _run(tiny_dir, out, ["random", "prune"], resume=True) == first
+    assert _run(bench_dir, out, ["random", "prune"], resume=True) == first
     assert count_measure == []
 
     # drop one finished row (as if the run had crashed before it) and add a method
     out.write_text(json.dumps([r for r in first if (r["method"], r["ratio"]) != ("prune", 0.5)]))
-    rows = _run(tiny_dir, out, ["random", "prune", "layerwise"], resume=True)
+    rows = _run(bench_dir, out, ["random", "prune", "layerwise"], resume=True)
     assert count_measure == [("prune", 0.5), ("layerwise", 0.5)]  # layerwise at 0 reuses the measured ratio 0
     assert len(rows) == 6 and rows[:3] == first[:3]
     stable = ("perplexity", "kl", "top1_agreement", "params_removed", "weight_bytes")  # not the timings
     assert {k: rows[3][k] for k in stable} == {k: first[3][k] for k in stable}
 
     with pytest.raises(ValueError, match="seed"):
-        _run(tiny_dir, out, ["random"], resume=True, seed=1)
-    assert len(_run(tiny_dir, out, ["random"], force=True, seed=1)) == 2
+        _run(bench_dir, out, ["random"], resume=True, seed=1)
+    assert len(_run(bench_dir, out, ["random"], force=True, seed=1)) == 2
 
 
-def test_a_crash_keeps_finished_rows(tiny_dir, tmp_path, monkeypatch):
+def test_a_crash_keeps_finished_rows(bench_dir, tmp_path, monkeypatch):
     out = tmp_path / "out.json"
     real = bench.measure
 
@@ -125,16 +123,16 @@ def test_a_crash_keeps_finished_rows(tiny_dir, tmp_path, monkeypatch):
 
     monkeypatch.setattr(bench_run, "measure", crash_on_prune)
     with pytest.raises(RuntimeError, match="boom"):
-        _run(tiny_dir, out, ["random", "prune"])
+        _run(bench_dir, out, ["random", "prune"])
     assert [(r["method"], r["ratio"]) for r in json.loads(out.read_text())] == [("random", 0), ("random", 0.5),
                                                                                 ("prune", 0)]
 
 
-def test_measure_takes_a_control_plan_that_is_no_method(tiny_tokenizer):
+def test_measure_takes_a_control_plan_that_is_no_method(tiny_tokenizer, tiny_llama):
     """`make` builds the row's plan (here: prune exactly the units directshare would share) under a free name."""
     from headshare.plan import new_plan
 
-    original = build_tiny_llama(num_hidden_layers=3)
+    original = tiny_llama(num_hidden_layers=3)
     text = "\n".join(TINY_CORPUS * 6)
     settings = dict(model="tiny", text="t", calib=None, calib_tokens=None, max_tokens=None, window=32, seed=0,
                     options=None)
@@ -153,9 +151,9 @@ def test_measure_takes_a_control_plan_that_is_no_method(tiny_tokenizer):
     assert row["kl"] > 0 and 0 <= row["loadavg_1min"]
 
 
-def test_cached_reference_gives_the_same_comparison(tiny_tokenizer):
-    original = build_tiny_llama(num_hidden_layers=3)
-    shared = build_tiny_llama(num_hidden_layers=3)
+def test_cached_reference_gives_the_same_comparison(tiny_tokenizer, tiny_llama):
+    original = tiny_llama(num_hidden_layers=3)
+    shared = tiny_llama(num_hidden_layers=3)
     headshare.share(shared, headshare.make_plan(shared, 0.5))
     text = "\n".join(TINY_CORPUS * 6)
     cached = bench.CachedReference(original)
@@ -181,7 +179,7 @@ def test_methods_all_follows_the_registry(monkeypatch):
         bench.resolve_methods(["nope"])
 
 
-def test_options_go_to_the_methods_that_have_them(tiny_dir, tmp_path):
+def test_options_go_to_the_methods_that_have_them(bench_dir, tmp_path):
     assert bench.parse_options(None, ["random"]) is None
     assert bench.parse_options(["random.seed=3", "calib-tokens=64"], ["random", "prune"]) == \
         {"random.seed": 3, "calib_tokens": 64}
@@ -195,14 +193,14 @@ def test_options_go_to_the_methods_that_have_them(tiny_dir, tmp_path):
     assert bench.bench_config("random", 0.5, settings).to_dict() == {"ratio": 0.5, "seed": 3, "version": 1}
     # a bad value fails before anything loads or is written
     with pytest.raises(ValueError, match="seed must be an integer"):
-        _run(tiny_dir, tmp_path / "o.json", ["random"], options={"seed": "x"})
+        _run(bench_dir, tmp_path / "o.json", ["random"], options={"seed": "x"})
     assert not (tmp_path / "o.json").exists()
 
 
-def test_cli_bench(tiny_dir, tmp_path, capsys):
+def test_cli_bench(bench_dir, tmp_path, capsys):
     out, md = tmp_path / "o.json", tmp_path / "t.md"
-    text = str(tiny_dir / "text.txt")
-    argv = ["bench", "--model", str(tiny_dir / "model"), "--ratios", "0,0.25", "--methods", "random,layerwise",
+    text = str(bench_dir / "text.txt")
+    argv = ["bench", "--model", str(bench_dir / "model"), "--ratios", "0,0.25", "--methods", "random,layerwise",
             "--json", str(out), "--text", text, "--calib", text, "--no-probe", "--md", str(md), "--max-tokens", "200",
             "-o", "random.seed=3"]
     assert main(argv) == 0
@@ -236,3 +234,24 @@ def test_sharing_gap_compares_the_best_of_each_kind_at_each_ratio():
     (g,) = sharing_gap(rows)  # 0.5 has no sharing row: no comparison
     assert (g["sharing"], g["pruning"]) == ("basisshare", "fitprune")
     assert abs(g["gap"] - (15.2 / 16.0 - 1)) < 1e-12 and g["model_fraction"] == 0.1
+
+
+def test_bench_rows_of_both_unit_kinds_sit_side_by_side(tmp_path, tiny_checkpoint):
+    from headshare.bench import bench_config, budget_groups, resolve_methods, run_bench
+    from headshare.methods import split_method
+
+    assert split_method("fitprune@query") == ("fitprune", "query") and split_method("prune") == ("prune", None)
+    assert bench_config("random@query", 0.4, {"seed": 0}).unit == "query"
+    with pytest.raises(ValueError, match="after '@'"):
+        resolve_methods("random@heads")
+    tiny_checkpoint(tmp_path / "m")
+    kw = dict(max_tokens=64, window=32, run_probe=False, progress=False)
+    run_bench(str(tmp_path / "m"), [0.34], ["random"], tmp_path / "b.json", **kw)
+    # floor(0.34 x 6) = 2 of 6 kv units (q, k, v rows and o columns: 6 x 8 rows of 32 each) remove what 6 of 12 query heads
+    # (2 x 8 rows each) do
+    rows = run_bench(str(tmp_path / "m"), [0.5], ["random@query"], tmp_path / "b.json", resume=True, **kw)
+    by = {r["method"]: r for r in rows}
+    assert by["random"]["units_total"] == 6 and by["random@query"]["units_total"] == 12
+    assert by["random"]["attn_params_removed"] == 2 * 6 * 256 == by["random@query"]["attn_params_removed"]
+    assert by["random"]["attn_params_total"] == by["random@query"]["attn_params_total"]
+    assert [len(g) for g in budget_groups(rows)] == [2]

@@ -1,4 +1,4 @@
-"""Text sources: the built-in docstring corpus and its split, local files, datasets, token blocks."""
+"""`headshare.data`: the built-in docstring corpus and its split, local files, datasets, token blocks."""
 
 import json
 

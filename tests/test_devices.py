@@ -1,4 +1,4 @@
-"""--device, --dtype and --offload: how they resolve, what they refuse, and end to end on the CPU.
+"""`headshare.devices`: --device, --dtype and --offload: how they resolve, what they refuse, end to end.
 
 GPUs are not needed: the checks that depend on one (an index past the GPU count, a model that does not
 fit) run against a faked torch.cuda.
@@ -11,7 +11,6 @@ import json
 
 import pytest
 import torch
-from archs import tiny_model
 from conftest import TINY_CORPUS
 
 import headshare
@@ -24,14 +23,6 @@ from headshare.files import safetensors_shapes
 PAPER = ("--method", "directshare")
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture
-def model_dir(tmp_path, tiny_tokenizer):
-    d = tmp_path / "model"
-    tiny_model("llama-gqa").save_pretrained(d)
-    tiny_tokenizer.save_pretrained(d)
-    return d
 
 
 @pytest.fixture
@@ -48,7 +39,7 @@ def fake_gpus(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
-    monkeypatch.setattr(devices, "_bf16_native", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     monkeypatch.setattr(devices, "computes_in", lambda device, dtype: True)
     monkeypatch.setattr(devices, "free_bytes", lambda device: free[0])
     return free
@@ -124,16 +115,17 @@ def test_a_dtype_the_cpu_cannot_compute_in_is_refused(dtype):
 def test_auto_dtype_on_a_gpu(fake_gpus, monkeypatch):
     gpu = torch.device("cuda", 0)
     assert resolve_dtype("auto", gpu) == torch.bfloat16
-    monkeypatch.setattr(devices, "_bf16_native", lambda: False)  # e.g. a V100: float16 would overflow bf16 models
+    # e.g. a V100: float16 would overflow bf16 models
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
     assert resolve_dtype("auto", gpu) == torch.float32
 
 
 # -- does it fit ----------------------------------------------------------------------------------------
 
-def test_weight_bytes_from_the_headers_and_from_the_config(model_dir, tmp_path):
+def test_weight_bytes_from_the_headers_and_from_the_config(tiny_dir, tmp_path, tiny_model):
     n = _params(tiny_model("llama-gqa"))
-    assert weight_bytes(model_dir, torch.float32) == 4 * n
-    assert weight_bytes(model_dir, torch.bfloat16) == 2 * n
+    assert weight_bytes(tiny_dir, torch.float32) == 4 * n
+    assert weight_bytes(tiny_dir, torch.bfloat16) == 2 * n
     bare = tmp_path / "bare"  # no safetensors (as a .bin checkpoint): counted on the meta device
     tiny_model("llama-gqa").config.save_pretrained(bare)
     assert 2 * n <= weight_bytes(bare, torch.bfloat16) <= 2 * n + 1024  # + RoPE's small buffer
@@ -153,18 +145,18 @@ def test_fit_check(fake_gpus):
 
 # -- refusals through the command line ---------------------------------------------------------------------
 
-def _commands(model_dir, tmp_path, text_file) -> dict[str, tuple[list[str], object]]:
+def _commands(tiny_dir, tmp_path, text_file) -> dict[str, tuple[list[str], object]]:
     """Every command that loads a model: its argv and the path it would write."""
     return {
-        "plan": (["plan", str(model_dir), *PAPER, "--ratio", "0.5", "--out", str(tmp_path / "plan.json")],
+        "plan": (["plan", str(tiny_dir), *PAPER, "--ratio", "0.5", "--out", str(tmp_path / "plan.json")],
                  tmp_path / "plan.json"),
-        "share": (["share", str(model_dir), *PAPER, "--ratio", "0.5", "--out", str(tmp_path / "o")], tmp_path / "o"),
-        "eval": (["eval", str(model_dir), "--text", str(text_file), "--json"], None),
-        "bench": (["bench", "--model", str(model_dir), "--ratios", "0", "--json", str(tmp_path / "b.json"),
+        "share": (["share", str(tiny_dir), *PAPER, "--ratio", "0.5", "--out", str(tmp_path / "o")], tmp_path / "o"),
+        "eval": (["eval", str(tiny_dir), "--text", str(text_file), "--json"], None),
+        "bench": (["bench", "--model", str(tiny_dir), "--ratios", "0", "--json", str(tmp_path / "b.json"),
                    "--text", str(text_file), "--no-probe"], tmp_path / "b.json"),
-        "report": (["report", str(model_dir), "--out", str(tmp_path / "r"), "--text", str(text_file)],
+        "report": (["report", str(tiny_dir), "--out", str(tmp_path / "r"), "--text", str(text_file)],
                    tmp_path / "r"),
-        "posttrain": (["posttrain", str(model_dir), "--ratio", "0.5", "--data", str(text_file), "--steps", "1",
+        "posttrain": (["posttrain", str(tiny_dir), "--ratio", "0.5", "--data", str(text_file), "--steps", "1",
                        "--block-size", "16", "--out", str(tmp_path / "p")], tmp_path / "p"),
     }
 
@@ -180,8 +172,8 @@ if not torch.cuda.is_available():
 
 @pytest.mark.parametrize("refusal", list(REFUSALS))
 @pytest.mark.parametrize("command", ["plan", "share", "eval", "bench", "report", "posttrain"])
-def test_cli_refuses_bad_devices_and_dtypes(model_dir, tmp_path, text_file, capsys, command, refusal):
-    argv, out = _commands(model_dir, tmp_path, text_file)[command]
+def test_cli_refuses_bad_devices_and_dtypes(tiny_dir, tmp_path, text_file, capsys, command, refusal):
+    argv, out = _commands(tiny_dir, tmp_path, text_file)[command]
     flags, message = REFUSALS[refusal]
     assert main([*argv, *flags]) == 2
     assert message in _error_line(capsys)
@@ -190,18 +182,19 @@ def test_cli_refuses_bad_devices_and_dtypes(model_dir, tmp_path, text_file, caps
 
 
 @pytest.mark.parametrize("command", ["plan", "share", "eval", "bench", "report", "posttrain"])
-def test_cli_refuses_a_dtype_the_cpu_cannot_compute_in(model_dir, tmp_path, text_file, capsys, monkeypatch, command):
+def test_cli_refuses_a_dtype_the_cpu_cannot_compute_in(tiny_dir, tmp_path, text_file, capsys, monkeypatch,
+                                                       command):
     monkeypatch.setattr(devices, "computes_in", lambda device, dtype: dtype == torch.float32)
-    argv, out = _commands(model_dir, tmp_path, text_file)[command]
+    argv, out = _commands(tiny_dir, tmp_path, text_file)[command]
     assert main([*argv, "--device", "cpu", "--dtype", "bfloat16"]) == 2
     assert "cannot compute in bfloat16 on cpu; use --dtype float32" in _error_line(capsys)
     assert out is None or not out.exists()
 
 
 @pytest.mark.parametrize("command", ["plan", "share", "eval", "bench", "report"])
-def test_cli_refuses_a_model_that_does_not_fit(model_dir, tmp_path, text_file, capsys, fake_gpus, command):
+def test_cli_refuses_a_model_that_does_not_fit(tiny_dir, tmp_path, text_file, capsys, fake_gpus, command):
     fake_gpus[0] = 1000  # bytes
-    argv, out = _commands(model_dir, tmp_path, text_file)[command]
+    argv, out = _commands(tiny_dir, tmp_path, text_file)[command]
     assert main([*argv, "--device", "cuda"]) == 2
     line = _error_line(capsys)
     assert "does not fit on cuda:0" in line and "0.0 GB free" in line
@@ -209,8 +202,8 @@ def test_cli_refuses_a_model_that_does_not_fit(model_dir, tmp_path, text_file, c
     assert out is None or not out.exists()
 
 
-def test_posttrain_refusals(model_dir, tmp_path, text_file, capsys, fake_gpus):
-    argv, out = _commands(model_dir, tmp_path, text_file)["posttrain"]
+def test_posttrain_refusals(tiny_dir, tmp_path, text_file, capsys, fake_gpus):
+    argv, out = _commands(tiny_dir, tmp_path, text_file)["posttrain"]
     assert main([*argv, "--device", "cuda:1"]) == 2
     assert "CUDA_VISIBLE_DEVICES=1 and --device cuda" in _error_line(capsys)
     assert main([*argv, "--device", "cuda", "--dtype", "float16"]) == 2
@@ -221,7 +214,7 @@ def test_posttrain_refusals(model_dir, tmp_path, text_file, capsys, fake_gpus):
     assert not out.exists()
 
 
-def test_eval_offload_refuses_shared_checkpoints_and_tasks(model_dir, tmp_path, text_file, capsys):
+def test_eval_offload_refuses_shared_checkpoints_and_tasks(tiny_dir, tmp_path, text_file, capsys, tiny_model):
     model = tiny_model("llama-gqa")
     headshare.share(model, headshare.make_plan(model, 0.5))
     model.save_pretrained(tmp_path / "shared")
@@ -229,13 +222,13 @@ def test_eval_offload_refuses_shared_checkpoints_and_tasks(model_dir, tmp_path, 
     base = ["eval", "--text", str(text_file), "--device", "cpu", "--offload"]
     assert main([*base, str(tmp_path / "shared")]) == 2
     assert "--offload cannot run a shared checkpoint" in _error_line(capsys)
-    assert main([*base, str(model_dir), "--reference", str(tmp_path / "shared")]) == 2
+    assert main([*base, str(tiny_dir), "--reference", str(tmp_path / "shared")]) == 2
     assert "--offload cannot run a shared checkpoint" in _error_line(capsys)
-    assert main([*base, str(model_dir), "--tasks", "piqa"]) == 2
+    assert main([*base, str(tiny_dir), "--tasks", "piqa"]) == 2
     assert "lm-eval does not run an offloaded model" in _error_line(capsys)
 
 
-def test_offload_refuses_a_shared_model():
+def test_offload_refuses_a_shared_model(tiny_model):
     """accelerate's hooks bring one block's weights to the device, but a shared layer also reads an earlier
     block's: its output would be silently wrong, so it is refused."""
     model = tiny_model("llama-gqa")
@@ -246,9 +239,9 @@ def test_offload_refuses_a_shared_model():
 
 # -- end to end on the CPU ----------------------------------------------------------------------------------
 
-def test_share_in_bfloat16_on_the_cpu(model_dir, tmp_path, capsys):
+def test_share_in_bfloat16_on_the_cpu(tiny_dir, tmp_path, capsys):
     out = tmp_path / "bf16"
-    assert main(["share", str(model_dir), *PAPER, "--ratio", "0.5", "--out", str(out), "--device", "cpu",
+    assert main(["share", str(tiny_dir), *PAPER, "--ratio", "0.5", "--out", str(out), "--device", "cpu",
                  "--dtype", "bfloat16", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["units_shared"] == 3
     assert _dtypes(out) == {"BF16"}
@@ -257,11 +250,10 @@ def test_share_in_bfloat16_on_the_cpu(model_dir, tmp_path, capsys):
     assert model(torch.tensor([[5, 6, 7]])).logits.shape == (1, 3, 99)
 
 
-def test_auto_dtype_on_the_cpu_is_float32(tmp_path, tiny_tokenizer):
+def test_auto_dtype_on_the_cpu_is_float32(tmp_path, tiny_model, tiny_checkpoint):
     """A bfloat16 checkpoint is computed in float32 on the CPU by default (the fast dtype there)."""
     src = tmp_path / "bf16-model"
-    tiny_model("llama-gqa").to(torch.bfloat16).save_pretrained(src)
-    tiny_tokenizer.save_pretrained(src)
+    tiny_checkpoint(src, tiny_model("llama-gqa").to(torch.bfloat16))
     assert _dtypes(src) == {"BF16"}
     for argv in ([], ["--dtype", "auto", "--device", "auto"]):
         out = tmp_path / f"o{len(argv)}"
@@ -269,10 +261,10 @@ def test_auto_dtype_on_the_cpu_is_float32(tmp_path, tiny_tokenizer):
         assert _dtypes(out) == {"F32"}
 
 
-def test_plan_with_offload_on_the_cpu_matches_plain(model_dir, tmp_path, calib_file):
+def test_plan_with_offload_on_the_cpu_matches_plain(tiny_dir, tmp_path, calib_file):
     """--offload keeps the model on the CPU and hands the device to calibration; on a CPU both are the CPU,
     so the fitted plan must be the one made without it."""
-    args = ["plan", str(model_dir), "--ratio", "0.5", "--method", "fitshare", "--calib", calib_file,
+    args = ["plan", str(tiny_dir), "--ratio", "0.5", "--method", "fitshare", "--calib", calib_file,
             "--calib-tokens", "64", "--device", "cpu"]
     assert main([*args, "--out", str(tmp_path / "a.json")]) == 0
     assert main([*args, "--offload", "--out", str(tmp_path / "b.json")]) == 0
@@ -280,12 +272,12 @@ def test_plan_with_offload_on_the_cpu_matches_plain(model_dir, tmp_path, calib_f
     assert a["assignments"] == b["assignments"] and a["pruned"] == b["pruned"]
 
 
-def test_eval_with_offload_matches_plain(model_dir, tmp_path, text_file, capsys):
+def test_eval_with_offload_matches_plain(tiny_dir, tmp_path, text_file, capsys):
     """Offloaded for real on the CPU too (parameters on the meta device between calls, brought in per block):
     the perplexity and the KL against an offloaded reference are those of the plain run."""
     def run(*extra):
-        assert main(["eval", str(model_dir), "--text", str(text_file), "--window", "16", "--max-tokens", "80",
-                     "--reference", str(model_dir), "--device", "cpu", "--json", *extra]) == 0
+        assert main(["eval", str(tiny_dir), "--text", str(text_file), "--window", "16", "--max-tokens", "80",
+                     "--reference", str(tiny_dir), "--device", "cpu", "--json", *extra]) == 0
         return json.loads(capsys.readouterr().out)
 
     plain, offloaded = run(), run("--offload")
@@ -293,7 +285,7 @@ def test_eval_with_offload_matches_plain(model_dir, tmp_path, text_file, capsys)
     assert offloaded["kl"] == pytest.approx(0.0, abs=1e-12) and offloaded["top1_agreement"] == 1.0
 
 
-def test_offload_keeps_the_weights_off_the_device():
+def test_offload_keeps_the_weights_off_the_device(tiny_model):
     model = tiny_model("llama-gqa")
     ids = torch.tensor([[5, 6, 7, 8]])
     want = model(ids).logits
@@ -308,9 +300,9 @@ def test_placement_loads_on_the_cpu_when_offloading():
     assert Placement(torch.device("cuda", 1), torch.bfloat16).load_device == torch.device("cuda", 1)
 
 
-def test_posttrain_computes_in_bfloat16_on_the_cpu(model_dir, tmp_path, text_file, capsys):
+def test_posttrain_computes_in_bfloat16_on_the_cpu(tiny_dir, tmp_path, text_file, capsys):
     """posttrain's --dtype is the precision it computes in: bfloat16 mixed precision on float32 weights."""
-    argv, out = _commands(model_dir, tmp_path, text_file)["posttrain"]
+    argv, out = _commands(tiny_dir, tmp_path, text_file)["posttrain"]
     assert main([*argv, "--device", "cpu", "--dtype", "bfloat16"]) == 0
     record = json.loads((out / "posttrain.json").read_text())
     assert record["device"] == "cpu" and record["bf16"] is True and record["config"]["use_cpu"] is True

@@ -1,23 +1,14 @@
-"""What reaches the user: bad input is one line and exit status 2, a bug is a traceback."""
+"""`headshare.errors`: bad input reaches the user as one line and exit status 2, a bug as a traceback."""
 
 from __future__ import annotations
 
 import dataclasses
 
 import pytest
-from archs import tiny_model
 
 import headshare.methods as methods
 from headshare.cli import main
 from headshare.errors import HeadshareError
-
-
-@pytest.fixture
-def model_dir(tmp_path, tiny_tokenizer):
-    d = tmp_path / "model"
-    tiny_model("llama-gqa").save_pretrained(d)
-    tiny_tokenizer.save_pretrained(d)
-    return d
 
 
 def _broken(monkeypatch, exc: Exception) -> None:
@@ -30,17 +21,17 @@ def _broken(monkeypatch, exc: Exception) -> None:
 
 @pytest.mark.parametrize("exc", [KeyError("layers.3"), RuntimeError("size mismatch"), ValueError("bad shape"),
                                  IndexError("list index out of range")])
-def test_a_bug_in_a_method_reaches_the_user_as_a_traceback(monkeypatch, model_dir, tmp_path, exc):
+def test_a_bug_in_a_method_reaches_the_user_as_a_traceback(monkeypatch, tiny_dir, tmp_path, exc):
     _broken(monkeypatch, exc)
     with pytest.raises(type(exc)) as err:
-        main(["plan", str(model_dir), "--method", "random", "--ratio", "0.5", "--out", str(tmp_path / "p.json")])
+        main(["plan", str(tiny_dir), "--method", "random", "--ratio", "0.5", "--out", str(tmp_path / "p.json")])
     assert err.value is exc
     assert not (tmp_path / "p.json").exists()
 
 
-def test_bad_input_from_a_method_is_one_line_and_exit_2(monkeypatch, model_dir, tmp_path, capsys):
+def test_bad_input_from_a_method_is_one_line_and_exit_2(monkeypatch, tiny_dir, tmp_path, capsys):
     _broken(monkeypatch, HeadshareError("the model is too small for this ratio"))
-    assert main(["plan", str(model_dir), "--method", "random", "--ratio", "0.5",
+    assert main(["plan", str(tiny_dir), "--method", "random", "--ratio", "0.5",
                  "--out", str(tmp_path / "p.json")]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
@@ -58,8 +49,8 @@ def test_headshare_error_is_a_value_error():
     (["plan", "MODEL", "--ratio", "0.5", "--method", "random", "-o", "seed=x", "--out", "p.json"], "seed"),
     (["plan", "MODEL", "--ratio", "0.5", "--method", "random", "--out", "p.safetensors"], ".json"),
 ])
-def test_user_errors_are_one_line(model_dir, tmp_path, capsys, argv, words):
-    argv = [str(model_dir) if a == "MODEL" else str(tmp_path / a) if a in ("MISSING", "p.json", "p.safetensors")
+def test_user_errors_are_one_line(tiny_dir, tmp_path, capsys, argv, words):
+    argv = [str(tiny_dir) if a == "MODEL" else str(tmp_path / a) if a in ("MISSING", "p.json", "p.safetensors")
             else a for a in argv]
     assert main(argv) == 2
     err = capsys.readouterr().err

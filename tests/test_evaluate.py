@@ -1,4 +1,4 @@
-"""Perplexity, model comparison and lm-eval wiring, checked against computations done by hand."""
+"""`headshare.evaluate`: perplexity, model comparison and lm-eval wiring, against computations by hand."""
 
 import math
 import random

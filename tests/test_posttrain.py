@@ -1,6 +1,10 @@
-"""PostShare: the constraint pulls pairs together, the result shares and reloads exactly, ties survive
-share-then-tune, interrupted runs resume to the same weights, and two processes agree with one."""
+"""`headshare.posttrain`: PostShare, share-then-tune and tune-only, resuming, several processes.
 
+The constraint pulls pairs together, the result shares and reloads exactly, ties survive
+share-then-tune, interrupted runs resume to the same weights, and two processes agree with one.
+"""
+
+import functools
 import json
 import os
 import subprocess
@@ -9,8 +13,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from archs import TINY, outputs, tiny_model
-from conftest import TINY_CORPUS, build_tiny_llama
+from conftest import IDS, TINY, TINY_CORPUS, outputs
 from transformers import TrainerCallback
 
 import headshare
@@ -36,8 +39,10 @@ TEXT = "\n".join(TINY_CORPUS * 12)
 LAYERS, RATIO = 3, 0.4
 
 
-def tiny(seed: int = 0):
-    return build_tiny_llama(seed=seed, num_hidden_layers=LAYERS)
+@pytest.fixture(scope="session")
+def tiny(tiny_llama):
+    """Factory: tiny(seed=0) -> the tiny Llama of these tests, LAYERS layers."""
+    return functools.partial(tiny_llama, num_hidden_layers=LAYERS)
 
 
 def cfg(tmp_path=None, **kw) -> PostTrainConfig:
@@ -94,7 +99,7 @@ def test_config_refuses_unknown_keys_and_newer_versions():
 
 # -- the constraint -----------------------------------------------------------------------------------------
 
-def test_chains_are_pulled_towards_their_root():
+def test_chains_are_pulled_towards_their_root(tiny):
     model = tiny()
     plan = headshare.make_plan(model, RATIO)
     src = {(a.layer, a.unit): (a.source_layer, a.source_unit) for a in plan.assignments}
@@ -105,7 +110,7 @@ def test_chains_are_pulled_towards_their_root():
         assert pairs[u] == src[src[u]] and pairs[u] not in src
 
 
-def test_constraint_matches_hand_computed_distance():
+def test_constraint_matches_hand_computed_distance(tiny):
     model = tiny()
     layout = layout_of(model.config)
     pairs = [((1, 0), (0, 1)), ((2, 1), (0, 0))]
@@ -136,7 +141,7 @@ def test_constraint_matches_hand_computed_distance():
 
 
 @pytest.mark.parametrize("constraint", ["fro", "mse"])
-def test_constraint_drives_pair_distances_down(tiny_tokenizer, blocks16, constraint):
+def test_constraint_drives_pair_distances_down(tiny_tokenizer, blocks16, constraint, tiny):
     """Every selected pair ends closer with the constraint; without it (tune-only) they do not close in."""
     plan = headshare.make_plan(tiny(), RATIO)
     pairs = constraint_pairs(plan)
@@ -155,7 +160,7 @@ def test_constraint_drives_pair_distances_down(tiny_tokenizer, blocks16, constra
     assert (after < 0.6 * after_free).all(), (after, after_free)
 
 
-def test_qkvo_constraint_also_pulls_the_o_columns(tiny_tokenizer, blocks16):
+def test_qkvo_constraint_also_pulls_the_o_columns(tiny_tokenizer, blocks16, tiny):
     """With parts="qkvo" the o columns (which sharing ties too) close in; the paper's q/k/v L_w leaves them."""
     plan = headshare.make_plan(tiny(), RATIO)
     pairs = constraint_pairs(plan)
@@ -186,7 +191,7 @@ def mixed_plan(model):
                     pruned=[(1, 1), (2, 0)])
 
 
-def test_prox_pull_closes_distances_linearly_to_zero():
+def test_prox_pull_closes_distances_linearly_to_zero(tiny):
     """Without training, the pull's schedule shrinks every member's distance to its root by (T - t) / T."""
     model = tiny()
     plan = headshare.make_plan(model, RATIO)
@@ -201,7 +206,7 @@ def test_prox_pull_closes_distances_linearly_to_zero():
     assert torch.equal(d, torch.zeros_like(d))
 
 
-def test_prox_pull_schedule_can_finish_early_and_then_holds():
+def test_prox_pull_schedule_can_finish_early_and_then_holds(tiny):
     model = tiny()
     plan, layout = headshare.make_plan(model, RATIO), layout_of(model.config)
     assert [ProximalPull(plan, layout).alpha(t, 4) for t in range(1, 5)] == [1 / 4, 1 / 3, 1 / 2, 1]
@@ -210,7 +215,7 @@ def test_prox_pull_schedule_can_finish_early_and_then_holds():
 
 
 @pytest.mark.parametrize("name", sorted(TINY))
-def test_prox_pull_at_one_gives_what_sharing_gives(name):
+def test_prox_pull_at_one_gives_what_sharing_gives(name, tiny_model):
     """alpha = 1 makes every architecture's weights (fused qkv, Conv1D, biases, GQA/MQA units) obey a plan with
     a chain, scales and pruned units exactly: sharing then changes no output."""
     model = tiny_model(name)
@@ -222,7 +227,7 @@ def test_prox_pull_at_one_gives_what_sharing_gives(name):
     assert torch.allclose(outputs(headshare.share(model, plan), ids), pulled, atol=1e-5)
 
 
-def test_prox_postshare_ends_as_the_shared_model(tmp_path, tiny_tokenizer, blocks16):
+def test_prox_postshare_ends_as_the_shared_model(tmp_path, tiny_tokenizer, blocks16, tiny):
     """With the prox pull the trained weights already obey the plan (a chain, scales, pruned units), so
     sharing them changes no output; the checkpoint keeps the plan's scales and reloads bit-identical."""
     ids = blocks16[:3]
@@ -274,7 +279,7 @@ def _unshared_state(shared, plan, like):
 
 # -- postshare output ----------------------------------------------------------------------------------------
 
-def test_postshare_checkpoint_reloads_bit_identical(tmp_path, tiny_tokenizer, blocks16):
+def test_postshare_checkpoint_reloads_bit_identical(tmp_path, tiny_tokenizer, blocks16, tiny):
     model = tiny()
     plan = headshare.make_plan(model, RATIO)
     model = posttrain(model, tiny_tokenizer, plan, blocks16, cfg(tmp_path))
@@ -298,7 +303,7 @@ def test_postshare_checkpoint_reloads_bit_identical(tmp_path, tiny_tokenizer, bl
     assert not (tmp_path / "out.work").exists()  # checkpoints are removed after a finished run
 
 
-def test_refuses_existing_output_and_stale_checkpoints(tmp_path, tiny_tokenizer, blocks16):
+def test_refuses_existing_output_and_stale_checkpoints(tmp_path, tiny_tokenizer, blocks16, tiny):
     plan = headshare.make_plan(tiny(), RATIO)
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "x").write_text("x")
@@ -312,9 +317,25 @@ def test_refuses_existing_output_and_stale_checkpoints(tmp_path, tiny_tokenizer,
         posttrain(tiny(), tiny_tokenizer, plan, blocks16, cfg(work_dir=str(tmp_path / "w"), resume=True))
 
 
+def test_posttrain_keeps_query_heads_tied(tmp_path, tiny_tokenizer, tiny):
+    model = tiny()
+    plan = headshare.make_plan(model, 0.3, "directshare", unit="query")
+    data = token_blocks(tiny_tokenizer, "\n".join(TINY_CORPUS * 12), 16)
+    cfg = PostTrainConfig(steps=3, block_size=16, batch_size=2, lr=1e-2, save_steps=2, progress=False,
+                          out=str(tmp_path / "out"))
+    model = posttrain(model, tiny_tokenizer, plan, data, cfg)
+    loaded = headshare.load(tmp_path / "out")
+    assert torch.equal(outputs(loaded, IDS % 50), outputs(model, IDS % 50))
+    assert headshare.info(tmp_path / "out")["unit_kind"] == "query"
+    for a in plan.assignments:  # the borrower reads the source layer's q rows: one tensor, not a copy
+        q = blocks(loaded)[a.layer].self_attn.q_proj
+        assert any(seg[0] is blocks(loaded)[a.source_layer].self_attn.q_proj for seg in q._segments)
+        assert q.weight is None or q.weight.shape[0] < 32
+
+
 # -- share-then-tune ----------------------------------------------------------------------------------------
 
-def test_share_then_tune_keeps_ties(tmp_path, tiny_tokenizer, blocks16):
+def test_share_then_tune_keeps_ties(tmp_path, tiny_tokenizer, blocks16, tiny):
     model = tiny()
     plan = headshare.make_plan(model, RATIO)
     reference = headshare.share(tiny(), plan)  # the same shared structure, untrained
@@ -358,7 +379,7 @@ def test_share_then_tune_keeps_ties(tmp_path, tiny_tokenizer, blocks16):
     assert torch.equal(logits(model, ids), logits(headshare.load(out), ids))
 
 
-def test_share_then_tune_starts_from_the_plans_fitted_weights(tiny_tokenizer, blocks16):
+def test_share_then_tune_starts_from_the_plans_fitted_weights(tiny_tokenizer, blocks16, tiny):
     """share-then-tune shares first, so a plan's fitted weights (here: refitted o columns of unit (1, 1), which
     (2, 0) borrows) are in the model when training starts."""
     from headshare.units import read_fitted, weights_fingerprint
@@ -382,7 +403,7 @@ def test_share_then_tune_starts_from_the_plans_fitted_weights(tiny_tokenizer, bl
 
 # -- tune-only ------------------------------------------------------------------------------------------------
 
-def test_tune_only_saves_a_plain_checkpoint(tmp_path, tiny_tokenizer, blocks16):
+def test_tune_only_saves_a_plain_checkpoint(tmp_path, tiny_tokenizer, blocks16, tiny):
     from transformers import AutoModelForCausalLM
 
     model = tiny()
@@ -410,7 +431,7 @@ class _Crash(Exception):
 
 
 @pytest.mark.parametrize("constraint", ["fro", "prox"])
-def test_interrupted_run_resumes_to_identical_weights(tmp_path, tiny_tokenizer, blocks16, constraint):
+def test_interrupted_run_resumes_to_identical_weights(tmp_path, tiny_tokenizer, blocks16, constraint, tiny):
     """4 steps straight vs 2 steps, a crash right after checkpoint-2, then --resume to 4: bit-identical.
 
     Exact equality holds because the Trainer's sampler is seeded per epoch (it skips the batches
@@ -446,17 +467,16 @@ def test_interrupted_run_resumes_to_identical_weights(tmp_path, tiny_tokenizer, 
 # -- CLI ----------------------------------------------------------------------------------------------------
 
 @pytest.fixture
-def tiny_dir(tmp_path, tiny_tokenizer):
-    path = tmp_path / "tiny"
-    tiny().save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
+def train_dir(tmp_path, tiny, tiny_checkpoint):
+    """tmp_path / "tiny": the tiny Llama with the tokenizer; tmp_path / "train.txt": the training text."""
+    path = tiny_checkpoint(tmp_path / "tiny", tiny())
     (tmp_path / "train.txt").write_text(TEXT)
     return path
 
 
-def test_cli_posttrain_end_to_end(tmp_path, tiny_dir, capsys):
+def test_cli_posttrain_end_to_end(tmp_path, train_dir, capsys):
     out = tmp_path / "cli-out"
-    argv = ["posttrain", str(tiny_dir), "--ratio", str(RATIO), "--data", str(tmp_path / "train.txt"),
+    argv = ["posttrain", str(train_dir), "--ratio", str(RATIO), "--data", str(tmp_path / "train.txt"),
             "--steps", "3", "--block-size", "16", "--batch-size", "2", "--lr", "1e-2", "--save-steps", "2",
             "--lambda", "0.5", "--constraint", "fro", "--seed", "1", "--out", str(out)]
     assert main(argv) == 0
@@ -470,11 +490,11 @@ def test_cli_posttrain_end_to_end(tmp_path, tiny_dir, capsys):
     assert "not empty" in capsys.readouterr().err
 
 
-def test_cli_prox_postshare_of_a_fitted_plan(tmp_path, tiny_dir, capsys):
+def test_cli_prox_postshare_of_a_fitted_plan(tmp_path, train_dir, capsys):
     """A fitted plan (fitshare: pruned units, scales, refitted o columns) post-trains under the prox pull from
     the original weights; the output is the plan's shared model, with its pruned units and scales."""
     out = tmp_path / "fit-out"
-    argv = ["posttrain", str(tiny_dir), "--ratio", "0.5", "--method", "fitshare", "--calib", str(tmp_path / "train.txt"),
+    argv = ["posttrain", str(train_dir), "--ratio", "0.5", "--method", "fitshare", "--calib", str(tmp_path / "train.txt"),
             "--data", str(tmp_path / "train.txt"), "--steps", "4", "--block-size", "16", "--batch-size", "2",
             "--constraint", "prox", "--pull-until", "0.5", "--out", str(out)]
     assert main(argv) == 0
@@ -497,8 +517,8 @@ def test_cli_prox_postshare_of_a_fitted_plan(tmp_path, tiny_dir, capsys):
     ("--steps", "0", "steps must be an integer >= 1, got 0"),
     ("--pull-until", "0", "pull_until must be a number in (0, 1], got 0.0"),
 ])
-def test_cli_bad_values_exit_2(tmp_path, tiny_dir, capsys, flag, value, message):
-    argv = ["posttrain", str(tiny_dir), "--ratio", "0.3", "--out", str(tmp_path / "o"), flag, value]
+def test_cli_bad_values_exit_2(tmp_path, train_dir, capsys, flag, value, message):
+    argv = ["posttrain", str(train_dir), "--ratio", "0.3", "--out", str(tmp_path / "o"), flag, value]
     assert main(argv) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
@@ -507,7 +527,7 @@ def test_cli_bad_values_exit_2(tmp_path, tiny_dir, capsys, flag, value, message)
 # -- several processes --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("constraint,port", [("fro", 29517), ("prox", 29518)])
-def test_two_processes_under_accelerate_match_one(tmp_path, tiny_dir, constraint, port):
+def test_two_processes_under_accelerate_match_one(tmp_path, train_dir, constraint, port, tiny):
     """`accelerate launch` with 2 processes on the CPU (gloo DDP) against one process with the same global batch.
 
     Launcher: `accelerate launch --cpu --num_processes 2` starts ONE process unless it is given an MPI
@@ -528,11 +548,11 @@ def test_two_processes_under_accelerate_match_one(tmp_path, tiny_dir, constraint
     multi = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-         "-m", "headshare.cli", "posttrain", str(tiny_dir), *common, "--batch-size", "1",
+         "-m", "headshare.cli", "posttrain", str(train_dir), *common, "--batch-size", "1",
          "--out", str(tmp_path / "multi")],
         capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert multi.returncode == 0, multi.stderr[-3000:]
-    assert main(["posttrain", str(tiny_dir), *common, "--batch-size", "2", "--out", str(tmp_path / "single")]) == 0
+    assert main(["posttrain", str(train_dir), *common, "--batch-size", "2", "--out", str(tmp_path / "single")]) == 0
 
     rec = {k: json.loads((tmp_path / k / "posttrain.json").read_text()) for k in ("multi", "single")}
     assert rec["multi"]["processes"] == 2 and rec["single"]["processes"] == 1
@@ -586,7 +606,7 @@ def test_cli_help_lists_posttrain_flags(capsys):
 
 
 def test_basis_plans_train_with_share_then_tune_and_the_basis_stays_one_tensor(tiny_tokenizer, blocks16,
-                                                                                   calib_file):
+                                                                                   calib_file, tiny):
     from headshare.methods import BasisShareConfig
     from headshare.sharing import BASIS_NAME
 

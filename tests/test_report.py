@@ -1,6 +1,9 @@
-"""Tests of `headshare report`: the numbers (ranks, weight vectors, attention-map similarity), a planted
-duplicate head found by both weights and maps, the figures drawing exactly what report.json holds,
-the page rendering in headless Chromium, and the CLI."""
+"""`headshare.report`: the analysis page of `headshare report`.
+
+The numbers (ranks, weight vectors, attention-map similarity), a planted duplicate head found by
+both weights and maps, the figures drawing exactly what report.json holds, the page rendering in
+headless Chromium, and the CLI.
+"""
 
 import base64
 import json
@@ -12,7 +15,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_CORPUS, build_tiny_llama
+from conftest import TINY_CORPUS
 
 from headshare.cli import main
 from headshare.report import (
@@ -38,26 +41,32 @@ def text_file(tmp_path):
     return str(path)
 
 
-def planted_model(layers: int = 3):
-    """A tiny multi-head model whose head (2, 3) is an exact copy of head (0, 1).
+@pytest.fixture(scope="session")
+def planted_model(tiny_llama):
+    """Factory: planted_model(layers=3) -> a tiny multi-head model whose head (2, 3) is an exact copy of head
+    (0, 1).
 
     Weights alone make the copy exact; for the *maps* to match too, layer 2 must see nearly what layer 0
     sees, so every block's writes to the residual stream (o_proj, down_proj) are shrunk. q and k are
     scaled up so that maps are peaked and distinct heads are told apart (at init they are near uniform).
     """
-    model = build_tiny_llama(num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for block in model.model.layers:
-            block.self_attn.q_proj.weight.normal_(0, 0.6)
-            block.self_attn.k_proj.weight.normal_(0, 0.6)
-            block.self_attn.o_proj.weight.mul_(1e-3)
-            block.mlp.down_proj.weight.mul_(1e-3)
-        src, dst = model.model.layers[0].self_attn, model.model.layers[2].self_attn
-        for name in ("q_proj", "k_proj", "v_proj"):
-            getattr(dst, name).weight[3 * D:4 * D] = getattr(src, name).weight[1 * D:2 * D]
-        dst.o_proj.weight[:, 3 * D:4 * D] = src.o_proj.weight[:, 1 * D:2 * D]
-    return model
+
+    def build(layers: int = 3):
+        model = tiny_llama(num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4)
+        torch.manual_seed(1)
+        with torch.no_grad():
+            for block in model.model.layers:
+                block.self_attn.q_proj.weight.normal_(0, 0.6)
+                block.self_attn.k_proj.weight.normal_(0, 0.6)
+                block.self_attn.o_proj.weight.mul_(1e-3)
+                block.mlp.down_proj.weight.mul_(1e-3)
+            src, dst = model.model.layers[0].self_attn, model.model.layers[2].self_attn
+            for name in ("q_proj", "k_proj", "v_proj"):
+                getattr(dst, name).weight[3 * D:4 * D] = getattr(src, name).weight[1 * D:2 * D]
+            dst.o_proj.weight[:, 3 * D:4 * D] = src.o_proj.weight[:, 1 * D:2 * D]
+        return model
+
+    return build
 
 
 # -- numbers ------------------------------------------------------------------------------------------------
@@ -77,8 +86,8 @@ def test_spearman_hand_computed():
     assert np.isnan(spearman(x, np.ones(5)))
 
 
-def test_head_weight_vectors_follow_gqa_layout():
-    model = build_tiny_llama()  # 4 query heads reading 2 key/value heads
+def test_head_weight_vectors_follow_gqa_layout(tiny_llama):
+    model = tiny_llama()  # 4 query heads reading 2 key/value heads
     attn = model.model.layers[1].self_attn
     q, k = head_weight_vectors(model, "q"), head_weight_vectors(model, "k")
     assert q.shape == (2 * 4, D * 32)
@@ -92,7 +101,7 @@ def test_head_weight_vectors_follow_gqa_layout():
     assert torch.equal(qk[4 + 3], torch.cat([q[4 + 3], k[4 + 3]]))
 
 
-def test_attention_similarity_equals_brute_force(tiny_tokenizer, text_file):
+def test_attention_similarity_equals_brute_force(tiny_tokenizer, text_file, planted_model):
     from headshare.data import token_blocks
 
     model = planted_model()
@@ -116,7 +125,7 @@ def test_attention_similarity_equals_brute_force(tiny_tokenizer, text_file):
         assert S_mean[a, b] == pytest.approx(float(want), abs=1e-6)
 
 
-def test_planted_duplicate_is_the_top_match(tiny_tokenizer, text_file):
+def test_planted_duplicate_is_the_top_match(tiny_tokenizer, text_file, planted_model):
     model = planted_model()
     data, S = compute(model, tiny_tokenizer, text=text_file, windows=4, window=24, head=(2, 3), top=3,
                       ratio=0.25, progress=False)
@@ -140,7 +149,7 @@ def test_planted_duplicate_is_the_top_match(tiny_tokenizer, text_file):
 # -- the written report --------------------------------------------------------------------------------------
 
 @pytest.fixture
-def tiny_report(tmp_path, tiny_tokenizer, text_file):
+def tiny_report(tmp_path, tiny_tokenizer, text_file, planted_model):
     model = planted_model(layers=4)
     out = tmp_path / "report"
     return report(model, tiny_tokenizer, out, text=text_file, windows=3, window=16, ratio=0.25, top=4,
@@ -235,10 +244,8 @@ def test_report_renders_in_headless_chromium(tiny_report, tmp_path):
 
 # -- command line --------------------------------------------------------------------------------------------
 
-def test_cli_report(tmp_path, tiny_tokenizer, text_file, capsys):
-    model_dir = tmp_path / "model"
-    planted_model().save_pretrained(model_dir)
-    tiny_tokenizer.save_pretrained(model_dir)
+def test_cli_report(tmp_path, text_file, capsys, tiny_checkpoint, planted_model):
+    model_dir = tiny_checkpoint(tmp_path / "model", planted_model())
     out = tmp_path / "rep"
     argv = ["report", str(model_dir), "--text", text_file, "--ratio", "0.25", "--out", str(out),
             "--windows", "2", "--window", "16", "--head", "2,3", "--top", "2"]

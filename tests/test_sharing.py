@@ -1,25 +1,26 @@
-"""DirectShare on every supported architecture: exact savings, exact forward, exact save/load."""
+"""`headshare.sharing`: `share` on every supported architecture, with key/value and query-head units.
+
+Exact savings and an exact forward (both ways a shared projection computes: one product over a
+gathered weight, or one per run), ties that hold through training, and what `share` refuses.
+"""
 
 from __future__ import annotations
 
 import copy
-import json
 
 import pytest
 import torch
 import torch.nn.functional as F
-from archs import TINY, copy_in, outputs, tiny_model
+from conftest import IDS, TINY, bias_flags, copy_in, outputs
 from torch.overrides import TorchFunctionMode
-from transformers import AutoModel, AutoModelForCausalLM
 
 import headshare
 import headshare.structure as structure
 from headshare.arch import blocks, layout_of
 from headshare.plan import Assignment, SharePlan, new_plan
-from headshare.sharing import SharedProjection
+from headshare.sharing import SharedProjection, unique_parameters
 
 ARCHS = sorted(TINY)
-IDS = torch.randint(0, 99, (2, 12), generator=torch.Generator().manual_seed(1))
 
 
 @pytest.fixture(params=["gathered", "per-run"])
@@ -29,13 +30,8 @@ def product(request, monkeypatch):
     return request.param
 
 
-def _bias_flags(model) -> dict[str, bool]:
-    bl = blocks(model)[0]
-    return {p.path: bl.get_submodule(p.path).bias is not None for p in layout_of(model.config).projections()}
-
-
 @pytest.mark.parametrize("arch", ARCHS)
-def test_ratio_zero_is_bit_identical(arch):
+def test_ratio_zero_is_bit_identical(arch, tiny_model):
     model = tiny_model(arch)
     before = outputs(model, IDS)
     headshare.share(model, headshare.make_plan(model, 0.0))
@@ -45,7 +41,7 @@ def test_ratio_zero_is_bit_identical(arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_shared_forward_equals_copied_weights_and_savings_are_exact(arch, product):
+def test_shared_forward_equals_copied_weights_and_savings_are_exact(arch, product, tiny_model):
     model = tiny_model(arch)
     reference = copy.deepcopy(model)
     plan = headshare.make_plan(model, 0.5)
@@ -54,14 +50,14 @@ def test_shared_forward_equals_copied_weights_and_savings_are_exact(arch, produc
     p0, b0 = headshare.unique_parameters(model)
     headshare.share(model, plan)
     p1, b1 = headshare.unique_parameters(model)
-    per_unit = layout.unit_params(_bias_flags(reference))
+    per_unit = layout.unit_params(bias_flags(reference))
     assert p0 - p1 == plan.units_shared * per_unit
     assert b0 - b1 == plan.units_shared * per_unit * 4  # float32
     copy_in(reference, plan)
     torch.testing.assert_close(outputs(model, IDS), outputs(reference, IDS), rtol=1e-5, atol=1e-6)
 
 
-def test_chains_read_the_root(product):
+def test_chains_read_the_root(product, tiny_model):
     model = tiny_model("llama-gqa")
     plan = new_plan(model, "manual", 0.0, assignments=[Assignment(1, 0, 0, 1), Assignment(2, 1, 1, 0)])
     assert plan.roots() == {(1, 0): (0, 1), (2, 1): (0, 1)}
@@ -77,7 +73,7 @@ def test_chains_read_the_root(product):
     torch.testing.assert_close(outputs(model, IDS), outputs(reference, IDS), rtol=1e-5, atol=1e-6)
 
 
-def test_scaled_and_pruned_units_match_reference(product):
+def test_scaled_and_pruned_units_match_reference(product, tiny_model):
     model = tiny_model("qwen2-bias")
     reference = copy.deepcopy(model)
     plan = new_plan(model, "manual", 0.0, assignments=[Assignment(1, 0, 0, 1, scale=0.5),
@@ -86,59 +82,6 @@ def test_scaled_and_pruned_units_match_reference(product):
     headshare.share(model, plan)
     copy_in(reference, plan)
     torch.testing.assert_close(outputs(model, IDS), outputs(reference, IDS), rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize("arch", ["llama-gqa", "gpt2", "qwen3-norm"])
-def test_planted_duplicate_is_found_shared_and_free(arch):
-    model = tiny_model(arch)
-    layout = layout_of(model.config)
-    # make unit 1 of the last layer an exact copy of unit 0 of layer 0
-    last = layout.num_layers - 1
-    copy_in(model, new_plan(model, "manual", 0.0, assignments=[Assignment(last, 1, 0, 0)]))
-    before = outputs(model, IDS)
-    ratio = 1 / layout.units_total + 1e-9  # exactly one unit
-    plan = headshare.make_plan(model, ratio)
-    assert [(a.layer, a.unit, a.source_layer, a.source_unit) for a in plan.assignments] == [(last, 1, 0, 0)]
-    assert plan.assignments[0].score == pytest.approx(1.0, abs=1e-6)
-    headshare.share(model, plan)
-    torch.testing.assert_close(outputs(model, IDS), before, rtol=1e-6, atol=1e-6)
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-def test_save_load_round_trip_is_bit_identical(arch, tmp_path):
-    model = tiny_model(arch)
-    headshare.share(model, headshare.make_plan(model, 0.5))
-    expected = outputs(model, IDS)
-    out = tmp_path / "shared"
-    model.save_pretrained(out)
-    assert (out / "headshare_modeling.py").is_file()
-    cfg = json.loads((out / "config.json").read_text())
-    assert cfg["headshare"]["method"] == "directshare"
-    assert torch.equal(outputs(headshare.load(out), IDS), expected)
-    auto = AutoModelForCausalLM if arch not in ("bert",) else AutoModel
-    remote = auto.from_pretrained(out, trust_remote_code=True)
-    assert torch.equal(outputs(remote, IDS), expected)
-    # the checkpoint stores exactly the unique parameters: nothing duplicated
-    info = headshare.info(out)
-    params, _ = headshare.unique_parameters(model)
-    assert info["params_shared"] == params
-    assert info["units_shared"] == len(cfg["headshare"]["assignments"])
-
-
-def test_checkpoint_bytes_drop_by_shared_weights(tmp_path):
-    model = tiny_model("llama-gqa")
-    plain = tmp_path / "plain"
-    model.save_pretrained(plain)
-    layout = layout_of(model.config)
-    plan = headshare.make_plan(model, 0.5)
-    headshare.share(model, plan)
-    model.save_pretrained(tmp_path / "shared")
-    info = headshare.info(tmp_path / "shared")
-    from safetensors import safe_open
-    with safe_open(plain / "model.safetensors", framework="pt") as f:
-        plain_bytes = sum(f.get_tensor(k).numel() * 4 for k in f.keys())
-    assert info["bytes_original"] == plain_bytes
-    assert plain_bytes - info["bytes_shared"] == plan.units_shared * layout.unit_params() * 4
 
 
 class _LinearWeights(TorchFunctionMode):
@@ -155,7 +98,7 @@ class _LinearWeights(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def test_shared_weights_stay_tied_through_training(monkeypatch):
+def test_shared_weights_stay_tied_through_training(monkeypatch, tiny_model):
     # one product per run: the forward then reads each unit's rows where they are stored, no gathered copy
     monkeypatch.setattr(structure, "GATHER_MIN_TOKENS", 10**9)
     model = tiny_model("llama-gqa").train()  # 2 units per layer; q rows of a unit: 2 heads x 8
@@ -198,24 +141,14 @@ def test_shared_weights_stay_tied_through_training(monkeypatch):
     assert [(w.data_ptr(), tuple(w.shape)) for w in views] == [(start, (width, q0.weight.shape[1]))]
 
 
-def test_generate_after_reload(tmp_path):
-    model = tiny_model("llama-gqa")
-    headshare.share(model, headshare.make_plan(model, 0.3))
-    model.save_pretrained(tmp_path / "s")
-    loaded = headshare.load(tmp_path / "s")
-    out = loaded.generate(IDS[:1, :4], max_new_tokens=6, do_sample=False)
-    assert out.shape == (1, 10)
-    assert torch.equal(out, model.generate(IDS[:1, :4], max_new_tokens=6, do_sample=False))
-
-
-def test_sharing_twice_is_refused():
+def test_sharing_twice_is_refused(tiny_model):
     model = tiny_model("llama-gqa")
     headshare.share(model, headshare.make_plan(model, 0.3))
     with pytest.raises(ValueError, match="already shared"):
         headshare.share(model, SharePlan.from_dict(model.config.headshare))
 
 
-def test_shared_models_are_refused_for_planning_and_analysis(tmp_path):
+def test_shared_models_are_refused_for_planning_and_analysis(tmp_path, tiny_model):
     from headshare.similarity import similarity_matrix
 
     model = tiny_model("llama-gqa")
@@ -232,28 +165,7 @@ def test_shared_models_are_refused_for_planning_and_analysis(tmp_path):
         headshare.make_plan(loaded, 0.3, "random")
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda a: a.update(source_layer=2), "earlier layer"),
-    (lambda a: a.update(unit=5), "outside"),
-    (lambda a: a.update(scale=float("nan")), "non-finite scale"),
-])
-def test_edited_stored_plan_is_refused_by_load_and_info(tmp_path, edit, message):
-    import re
-
-    model = tiny_model("llama-gqa")
-    headshare.share(model, new_plan(model, "manual", 0.0, assignments=[Assignment(2, 0, 0, 1)]))
-    out = tmp_path / "s"
-    model.save_pretrained(out)
-    cfg = json.loads((out / "config.json").read_text())
-    edit(cfg["headshare"]["assignments"][0])
-    (out / "config.json").write_text(json.dumps(cfg))
-    for fn in (headshare.load, headshare.info):
-        with pytest.raises(ValueError, match=f"{re.escape(str(out))}: the plan stored in config.json is invalid: "
-                                             f".*{message}"):
-            fn(out)
-
-
-def test_fitted_slices_are_written_before_tying_and_only_on_their_weights():
+def test_fitted_slices_are_written_before_tying_and_only_on_their_weights(tiny_model):
     from headshare.units import read_fitted, weights_fingerprint
 
     model = tiny_model("qwen2-bias")
@@ -279,7 +191,7 @@ def test_fitted_slices_are_written_before_tying_and_only_on_their_weights():
     assert model.config.headshare["fitted"] == [f"1.{o.path}.unit0"]
 
 
-def test_plan_for_another_model_is_refused():
+def test_plan_for_another_model_is_refused(tiny_model):
     small = tiny_model("llama-gqa")
     plan = headshare.make_plan(small, 0.3)
     other = tiny_model("llama-mha")
@@ -287,31 +199,33 @@ def test_plan_for_another_model_is_refused():
         headshare.share(other, plan)
 
 
-def test_existing_output_is_refused_and_kept(tmp_path):
+# -- query-head units: one query head and its o columns per unit, key/value heads kept per layer ---------
+
+def test_ratio_zero_with_query_units_is_bit_identical(tiny_model):
     model = tiny_model("llama-gqa")
-    headshare.share(model, headshare.make_plan(model, 0.3))
-    out = tmp_path / "o"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
-    with pytest.raises(FileExistsError):
-        model.save_pretrained(out)
-    assert (out / "keep.txt").read_text() == "mine"
-    model.save_pretrained(out, force=True)
-    assert not (out / "keep.txt").exists() and (out / "config.json").exists()
-    assert [p.name for p in tmp_path.iterdir()] == ["o"]  # no temporary directories left behind
+    before = outputs(model, IDS)
+    headshare.share(model, headshare.make_plan(model, 0.0, unit="query"))
+    assert torch.equal(outputs(model, IDS), before)
 
 
-def test_bf16_save_load_is_bit_identical_and_keeps_rope_in_float32(tmp_path):
-    # a model loaded in bf16 keeps RoPE's inv_freq (not saved) in float32; a reload must do the same,
-    # or the rotary angles round differently and the logits drift
-    tiny_model("llama-gqa").save_pretrained(tmp_path / "base")
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.bfloat16)
-    headshare.share(model, headshare.make_plan(model, 0.5))
-    expected = outputs(model, IDS)
-    model.save_pretrained(tmp_path / "shared")
-    back = headshare.load(tmp_path / "shared")
-    assert back.model.rotary_emb.inv_freq.dtype == torch.float32
-    assert {p.dtype for p in back.parameters()} == {torch.bfloat16}
-    assert torch.equal(outputs(back, IDS), expected)
-    remote = AutoModelForCausalLM.from_pretrained(tmp_path / "shared", trust_remote_code=True, dtype=torch.bfloat16)
-    assert torch.equal(outputs(remote, IDS), expected)
+@pytest.mark.parametrize("arch", ["llama-gqa", "llama-mha", "qwen2-bias", "qwen3-norm", "gemma"])
+@pytest.mark.parametrize("method", ["directshare", "random", "layerwise"])
+def test_forward_equals_copied_query_heads_and_savings_are_exact(arch, method, tiny_model):
+    model = tiny_model(arch)
+    plan = headshare.make_plan(model, 0.5, method, unit="query")
+    layout = layout_of(model.config, "query")
+    assert plan.unit_kind == "query" and plan.layout["units_per_layer"] == model.config.num_attention_heads
+    reference = copy.deepcopy(model)
+    copy_in(reference, plan)
+    shared = copy.deepcopy(model)
+    params0, bytes0 = unique_parameters(shared)
+    headshare.share(shared, plan)
+    params1, bytes1 = unique_parameters(shared)
+    q_bias = blocks(model)[0].self_attn.q_proj.bias is not None
+    per_unit = layout.unit_params({"self_attn.q_proj": q_bias})
+    assert params0 - params1 == plan.units_removed * per_unit == 6 * per_unit
+    assert bytes0 - bytes1 == 4 * (params0 - params1)
+    assert torch.equal(outputs(shared, IDS), outputs(reference, IDS))
+    # k and v are untouched modules: every layer keeps its key/value heads
+    for a, b in zip(blocks(shared), blocks(model), strict=True):
+        assert torch.equal(a.self_attn.k_proj.weight, b.self_attn.k_proj.weight)

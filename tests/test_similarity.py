@@ -1,4 +1,4 @@
-"""Blocked, streamed similarity equals the plain pair-by-pair computation."""
+"""`headshare.similarity`: blocked, streamed similarity equals the plain pair-by-pair computation."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-from archs import tiny_model
 
 from headshare.arch import blocks, layout_of
 from headshare.similarity import METRICS, analysis, best_earlier_matches, similarity_matrix
@@ -36,13 +35,13 @@ def _naive(model, metric):
 
 @pytest.mark.parametrize("metric", sorted(METRICS))
 @pytest.mark.parametrize("arch", ["llama-mha", "llama-gqa"])
-def test_blocked_equals_naive(arch, metric):
+def test_blocked_equals_naive(arch, metric, tiny_model):
     model = tiny_model(arch)
     fast = similarity_matrix(model, metric, progress=False)
     torch.testing.assert_close(fast.double(), _naive(model, metric), atol=1e-5, rtol=0)
 
 
-def test_streamed_from_checkpoint_in_small_blocks_equals_in_memory(tmp_path):
+def test_streamed_from_checkpoint_in_small_blocks_equals_in_memory(tmp_path, tiny_model):
     model = tiny_model("qwen3-norm")
     model.save_pretrained(tmp_path, max_shard_size="20KB")  # several shards
     assert len(list(tmp_path.glob("*.safetensors"))) > 1
@@ -53,7 +52,7 @@ def test_streamed_from_checkpoint_in_small_blocks_equals_in_memory(tmp_path):
     torch.testing.assert_close(streamed, in_memory, atol=1e-6, rtol=0)
 
 
-def test_gpt2_fused_qkv_matches_manual_slices():
+def test_gpt2_fused_qkv_matches_manual_slices(tiny_model):
     model = tiny_model("gpt2")
     sim = similarity_matrix(model, "qk", progress=False)
     w = [b.attn.c_attn.weight for b in model.transformer.h]  # (in, 3*out), Conv1D layout
@@ -65,7 +64,7 @@ def test_gpt2_fused_qkv_matches_manual_slices():
     assert sim[1 * 4 + 2, 0 * 4 + 3].item() == pytest.approx(cosine(vec(1, 2), vec(0, 3)), abs=1e-6)
 
 
-def test_best_earlier_matches_only_look_back_and_break_ties_by_position():
+def test_best_earlier_matches_only_look_back_and_break_ties_by_position(tiny_model):
     model = tiny_model("llama-gqa")
     layout = layout_of(model.config)
     sim = torch.zeros(layout.units_total, layout.units_total)  # every pair ties
@@ -74,12 +73,12 @@ def test_best_earlier_matches_only_look_back_and_break_ties_by_position():
     assert all((src_l, src_u) == (0, 0) for _, _, src_l, src_u, _ in best)
 
 
-def test_unknown_metric_is_refused():
+def test_unknown_metric_is_refused(tiny_model):
     with pytest.raises(ValueError, match="unknown match function"):
         similarity_matrix(tiny_model("llama-gqa"), "qq", progress=False)
 
 
-def test_multi_query_uses_query_rows_only():
+def test_multi_query_uses_query_rows_only(tiny_model):
     model = tiny_model("llama-mqa")
     qk = similarity_matrix(model, "qk", progress=False)
     q = similarity_matrix(model, "q", progress=False)
@@ -88,7 +87,7 @@ def test_multi_query_uses_query_rows_only():
         similarity_matrix(model, "v", progress=False)
 
 
-def test_analysis_lists_every_borrower(tmp_path):
+def test_analysis_lists_every_borrower(tmp_path, tiny_model):
     model = tiny_model("llama-gqa")
     model.save_pretrained(tmp_path)
     res = analysis(str(tmp_path), progress=False)

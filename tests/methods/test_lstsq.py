@@ -1,9 +1,12 @@
-"""The fast least-squares paths of `lstsq` against the direct computations they replace.
+"""`headshare.methods.lstsq`: the fits and the knapsack, and the fast paths against direct ones.
+
+Ridge refits, fitted scales, cross-fitting and the knapsack on tiny models; the fast paths of `lstsq` against
+the direct computations they replace.
 
 The oracles below are the earlier implementations (`candidate_subsets` refactorising every candidate's kept
-set, and the same at the fixed ridge the fast order uses, `basis.heldout.subset_errors` solving with hidden-wide right-hand sides, `heldout_share_costs` refitting on the
-tokens), kept here verbatim in substance so that the fast ones are checked against them and not against
-themselves.
+set, and the same at the fixed ridge the fast order uses, `basis.heldout.subset_errors` solving with
+hidden-wide right-hand sides, `heldout_share_costs` refitting on the tokens), kept here verbatim in substance
+so that the fast ones are checked against them and not against themselves.
 """
 
 from __future__ import annotations
@@ -15,20 +18,29 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import headshare
+from headshare.arch import blocks, layout_of
 from headshare.methods.basis.heldout import subset_errors
+from headshare.methods.calibration import borrowed_z, calibration_ids, capture, layer_gram
 from headshare.methods.gram import LayerGram
 from headshare.methods.lstsq import (
+    EXHAUSTIVE,
+    RidgeResidual,
     candidate_subsets,
+    fit_scales,
     fold_grams,
     greedy_order,
     half,
+    heldout_lenders,
     heldout_lending,
     heldout_prune_costs,
     heldout_share_costs,
+    knapsack,
     layer_options,
     nested_prune_errors,
     prune_errors,
 )
+from headshare.units import o_columns, unit_z
 
 # --- oracles: the implementations the fast paths replace ---------------------------------------------------
 
@@ -223,9 +235,7 @@ def test_on_a_smollm2_layer_with_query_units(smollm2_dir):
     """A real layer (9 query-head units of width 64, hidden 576): on the greedy's nested subsets the held-out
     costs are the per-subset solves at the layer's fixed ridge (`nested_prune_errors`), each subset's own-ridge
     errors (`prune_errors`) agree with the hidden-wide solve, and the greedy order is the fixed-ridge greedy's."""
-    from headshare.arch import blocks, layout_of
     from headshare.fetch import load_model
-    from headshare.methods.calibration import calibration_ids, capture, layer_gram
 
     model, tok = load_model(str(smollm2_dir))
     ids = calibration_ids(model, tok, "builtin:calib", 2048)
@@ -304,3 +314,104 @@ def test_heldout_prune_costs_take_the_nested_path_for_the_greedys_subsets():
     own = prune_errors(fold_grams(z, w, half(160, 4)), wo, blocks, loose, 1.0, 160)
     assert list(heldout_prune_costs(gram, loose, data, layout, 1.0, 4).values()) == pytest.approx(
         list(own.values()), rel=1e-9)
+
+
+# --- the fits and the knapsack on tiny models ---------------------------------------------------------------
+
+def test_layer_costs_match_a_direct_fit_on_the_full_outputs(tiny_tokenizer, calib_file, tiny_model):
+    model = tiny_model("llama-mha", seed=1)  # 3 layers x 4 units
+    layout = layout_of(model.config)
+    data = capture(model, calibration_ids(model, tiny_tokenizer, calib_file, 128))
+    d, bl, U = data[2], blocks(model), layout.units_per_layer
+    sources = [(0, 1), (1, 2), (1, 3)]
+    options = layer_options(layer_gram(model, data[2], layout, 2, sources), U, sources, rho=1e-2, min_gain=0.0)
+    pruned_only = layer_options(layer_gram(model, data[2], layout, 2, []), U, [], rho=1e-2, min_gain=0.0)
+    assert len(options) == 2 ** U - 1
+    zb = borrowed_z(model, data[2], layout, 2, sources)
+    for removed in [(0,), (1, 3), (0, 1, 2, 3)]:
+        kept = [u for u in range(U) if u not in removed]
+        v = sum(unit_z(d.z, layout, u) @ o_columns(bl[2], layout, u).T for u in removed)
+        fit = RidgeResidual(torch.cat([unit_z(d.z, layout, u) for u in kept], 1) if kept else None, d.w, 1e-2)
+        assert pruned_only[frozenset(removed)][0] == pytest.approx(fit.inner(v, v) / v.shape[0], rel=1e-4)
+        cost, prune, ranked = options[frozenset(removed)]
+        assert prune == pytest.approx(pruned_only[frozenset(removed)][0])
+        lent = [ranked[u][0][1] for u in removed]
+        ys = [zb[s] @ o_columns(bl[s[0]], layout, s[1]).T for s in lent]
+        a = fit_scales(fit, v, ys)
+        left = v - sum(ai * y for ai, y in zip(a.tolist(), ys, strict=True))
+        assert cost == pytest.approx(fit.inner(left, left) / v.shape[0], rel=1e-3, abs=1e-9)
+        assert cost <= pruned_only[frozenset(removed)][0] + 1e-12
+
+
+def test_heldout_pruning_costs_fit_on_one_half_and_measure_on_the_other(tiny_tokenizer, calib_file,
+                                                                        tiny_model):
+    model = tiny_model("llama-mha", seed=2)
+    layout = layout_of(model.config)
+    ids = calibration_ids(model, tiny_tokenizer, calib_file, 128)  # 2 sequences of 64
+    data, U = capture(model, ids), layout.units_per_layer
+    d, gram = data[1], layer_gram(model, data[1], layout, 1, [])
+
+    def held(rho):  # no lender: the cross-fitted cost of pruning each subset
+        return heldout_share_costs(gram, layer_options(gram, U, [], rho, math.inf), d, layout, rho, len(ids), math.inf)
+
+    cols = [o_columns(blocks(model)[1], layout, u) for u in range(U)]
+    removed, kept = (1, 2), [0, 3]
+    zs = [unit_z(d.z, layout, u) for u in range(U)]
+    v = sum(zs[u] @ cols[u].T for u in removed)
+    zk = torch.cat([zs[u] for u in kept], 1)
+    halves = [slice(0, 64), slice(64, 128)]
+    want = 0.0
+    for a, b in ((0, 1), (1, 0)):
+        fit = RidgeResidual(zk[halves[a]], d.w[halves[a]], 1.0)
+        left = v[halves[b]] - zk[halves[b]] @ fit.solve(v[halves[a]])
+        want += float((left * left * d.w[halves[b]]).sum())
+    assert held(1.0)[frozenset(removed)] == pytest.approx(want / 128, rel=1e-6)
+    # an enormous ridge means no refit: the cost is then the removed units' plain weighted output energy
+    assert held(1e12)[frozenset(removed)] == pytest.approx(float((v * v * d.w).sum()) / 128, rel=1e-6)
+
+
+def test_heldout_lenders_keep_a_real_source_and_drop_noise():
+    """A borrowed output that explains the target is kept; one that only fits noise in-sample is not."""
+    g = torch.Generator().manual_seed(0)
+    n, d = 400, 6
+    w = torch.ones(n, 1, dtype=torch.float64)
+    kz = torch.randn(n, 3, generator=g, dtype=torch.float64)
+    useful = torch.randn(n, d, generator=g, dtype=torch.float64)
+    noise = torch.randn(n, d, generator=g, dtype=torch.float64)
+    v = 0.7 * useful + kz @ torch.randn(3, d, generator=g, dtype=torch.float64) \
+        + 0.1 * torch.randn(n, d, generator=g, dtype=torch.float64)
+    assert heldout_lenders(kz, v, w, {"useful": useful, "noise": noise}, 1e-6, n // 2) == ["useful"]
+    assert heldout_lenders(None, v, w, {"noise": noise}, 1e-6, n // 2) == []
+
+
+def test_knapsack_is_optimal_and_exact():
+    gen = torch.Generator().manual_seed(0)
+    costs = []
+    for _ in range(4):
+        c = {}
+        for k in (1, 2, 3):
+            for s in itertools.combinations(range(3), k):
+                c[frozenset(s)] = float(torch.rand(1, generator=gen)) * k
+        costs.append(c)
+    for n in range(0, 13):
+        chosen = knapsack(costs, n)
+        assert len(chosen) == n
+        total = sum(costs[lay][frozenset(u for ly, u in chosen if ly == lay)] for lay in {ly for ly, _ in chosen})
+        options = [[frozenset()] + list(c) for c in costs]
+        best = min(sum(costs[i][s] for i, s in enumerate(combo) if s)
+                   for combo in itertools.product(*options) if sum(len(s) for s in combo) == n)
+        assert total == pytest.approx(best)
+
+
+def test_selection_on_many_units_a_layer_weighs_nested_subsets(tiny_tokenizer, tiny_llama):
+    """With more units a layer than `EXHAUSTIVE` the knapsack sees nested subsets, one per size."""
+    model = tiny_llama(num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2, hidden_size=64)
+    ids = torch.randint(4, 50, (2, 16), generator=torch.Generator().manual_seed(0))
+    layout = layout_of(model.config, "query")
+    gram = layer_gram(model, capture(model, ids)[1], layout, 1, [])
+    assert layout.units_per_layer == 8 > EXHAUSTIVE
+    subsets = candidate_subsets(gram, 8, 1.0)
+    assert [len(s) for s in subsets] == list(range(1, 9))
+    assert all(set(a) < set(b) for a, b in zip(subsets, subsets[1:], strict=False))
+    plan = headshare.make_plan(model, 0.25, "fitprune", unit="query", tokenizer=tiny_tokenizer, calib_tokens=256)
+    assert len(plan.pruned) == 4

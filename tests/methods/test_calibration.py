@@ -1,4 +1,4 @@
-"""The calibration pipeline: one block at a time, what each layer sees is what the whole model computes."""
+"""`headshare.methods.calibration`: block by block, each layer sees what the whole model computes."""
 
 from __future__ import annotations
 
@@ -6,14 +6,22 @@ import copy
 
 import pytest
 import torch
-import transformers
-from archs import tiny_model
 from conftest import TINY_CORPUS
 
 import headshare
 from headshare.arch import blocks, layout_of
-from headshare.methods.calibration import calibration_ids, held_out_loss, plan_applied, stream, walk
-from headshare.plan import SharePlan
+from headshare.methods.calibration import (
+    borrowed_z,
+    calibration_ids,
+    capture,
+    held_out_loss,
+    plan_applied,
+    source_key,
+    stream,
+    walk,
+)
+from headshare.plan import Assignment, SharePlan, new_plan
+from headshare.units import unit_z
 
 
 def _ids(tok, n: int = 2, t: int = 24) -> torch.Tensor:
@@ -39,7 +47,7 @@ def _reference(model, ids) -> dict:
 
 
 @pytest.mark.parametrize("arch", ["llama-gqa", "qwen2-bias", "gpt2", "gemma"])
-def test_walk_sees_what_the_whole_model_computes(arch, tiny_tokenizer):
+def test_walk_sees_what_the_whole_model_computes(arch, tiny_tokenizer, tiny_model):
     model = tiny_model(arch)
     ids = _ids(tiny_tokenizer)
     before = copy.deepcopy(model.state_dict())
@@ -54,15 +62,10 @@ def test_walk_sees_what_the_whole_model_computes(arch, tiny_tokenizer):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_layers_with_their_own_calls_get_them(tiny_tokenizer):
+def test_layers_with_their_own_calls_get_them(tiny_tokenizer, tiny_model):
     """Gemma 3 alternates sliding-window and global layers, each with its own mask and rotary embedding:
     each block must be replayed with its own call, not the first block's."""
-    cfg = transformers.Gemma3TextConfig(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                                        num_attention_heads=4, num_key_value_heads=1, head_dim=16,
-                                        max_position_embeddings=64, sliding_window=4,
-                                        layer_types=["sliding_attention", "full_attention", "sliding_attention"])
-    torch.manual_seed(0)
-    model = transformers.Gemma3ForCausalLM(cfg).eval()
+    model = tiny_model("gemma3-sliding")
     ids = _ids(tiny_tokenizer)
     ref = _reference(model, ids)
     for layer, d in walk(model, ids):
@@ -70,7 +73,7 @@ def test_layers_with_their_own_calls_get_them(tiny_tokenizer):
         assert torch.equal(d.a, ref[("o", layer)][1].reshape(d.a.shape)), layer
 
 
-def test_micro_batches_give_the_same_layer_data(tiny_tokenizer):
+def test_micro_batches_give_the_same_layer_data(tiny_tokenizer, tiny_model):
     model = tiny_model("llama-gqa")
     ids = _ids(tiny_tokenizer, n=4, t=16)
     whole = [d for _, d in walk(model, ids)]
@@ -82,7 +85,7 @@ def test_micro_batches_give_the_same_layer_data(tiny_tokenizer):
         torch.testing.assert_close(a.x, b.x)
 
 
-def test_a_plan_made_through_micro_batches_is_the_same(tiny_tokenizer, calib_file, monkeypatch):
+def test_a_plan_made_through_micro_batches_is_the_same(tiny_tokenizer, calib_file, monkeypatch, tiny_model):
     from headshare.methods import calibration
 
     model = tiny_model("llama-mha")
@@ -94,7 +97,7 @@ def test_a_plan_made_through_micro_batches_is_the_same(tiny_tokenizer, calib_fil
         torch.testing.assert_close(got.fitted[k], want.fitted[k], rtol=1e-4, atol=1e-6)
 
 
-def test_explicit_cpu_device_is_the_model_device(tiny_tokenizer, calib_file):
+def test_explicit_cpu_device_is_the_model_device(tiny_tokenizer, calib_file, tiny_model):
     model = tiny_model("llama-gqa")
     kw = dict(tokenizer=tiny_tokenizer, calib=calib_file, calib_tokens=128)
     a = headshare.make_plan(model, 0.5, "basisshare", **kw)
@@ -104,7 +107,7 @@ def test_explicit_cpu_device_is_the_model_device(tiny_tokenizer, calib_file):
 
 
 @pytest.mark.parametrize("method", ["prune", "fitprune", "basisshare", "choiceshare"])
-def test_bfloat16_model_gives_the_plan_float32_gives(method, tiny_tokenizer, calib_file):
+def test_bfloat16_model_gives_the_plan_float32_gives(method, tiny_tokenizer, calib_file, tiny_model):
     """Statistics accumulate in float32/float64 whatever the model's dtype, so a bf16 copy of a model chooses
     the same units (the fitted tensors differ by bf16 rounding only)."""
     model = tiny_model("llama-mha", seed=1)
@@ -119,7 +122,7 @@ def test_bfloat16_model_gives_the_plan_float32_gives(method, tiny_tokenizer, cal
         assert err < 0.1, (k, float(err))
 
 
-def test_half_precision_blocks_compute_in_float32_on_the_cpu_and_keep_their_tensors(tiny_tokenizer):
+def test_half_precision_blocks_compute_in_float32_on_the_cpu_and_keep_their_tensors(tiny_model):
     """On a CPU a bf16 block computes in float32 during its turn (bf16 products are slow there), and afterwards
     holds its own bf16 tensors again, the same storage: nothing rounded, a memory-mapped weight stays mapped."""
     model = tiny_model("llama-gqa").to(torch.bfloat16)
@@ -138,7 +141,8 @@ def test_half_precision_blocks_compute_in_float32_on_the_cpu_and_keep_their_tens
     assert ((got.float() - ref.float()).norm() / ref.float().norm()) < 0.05
 
 
-def test_a_model_dispatched_by_accelerate_is_computed_where_it_was_put(tiny_tokenizer, calib_file):
+def test_a_model_dispatched_by_accelerate_is_computed_where_it_was_put(tiny_tokenizer, calib_file,
+                                                                       tiny_model):
     from accelerate import dispatch_model
 
     model = tiny_model("llama-gqa")
@@ -166,7 +170,8 @@ def _plans(model, tok, calib, query: bool) -> list[SharePlan]:
 
 
 @pytest.mark.parametrize("arch", ["llama-gqa", "qwen2-bias", "gpt2"])
-def test_a_plan_applied_block_by_block_computes_what_the_shared_model_does(arch, tiny_tokenizer, calib_file):
+def test_a_plan_applied_block_by_block_computes_what_the_shared_model_does(arch, tiny_tokenizer, calib_file,
+                                                                           tiny_model):
     model = tiny_model(arch)
     ids = _ids(tiny_tokenizer)
     before = copy.deepcopy(model.state_dict())
@@ -182,7 +187,7 @@ def test_a_plan_applied_block_by_block_computes_what_the_shared_model_does(arch,
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "plan_applied left edits"
 
 
-def test_held_out_loss_is_the_models_own_loss(tiny_tokenizer):
+def test_held_out_loss_is_the_models_own_loss(tiny_tokenizer, tiny_model):
     model = tiny_model("llama-gqa")
     ids = _ids(tiny_tokenizer, n=3, t=16)
     with torch.no_grad():
@@ -190,13 +195,60 @@ def test_held_out_loss_is_the_models_own_loss(tiny_tokenizer):
     assert held_out_loss(model, ids) == pytest.approx(want, rel=1e-6)
 
 
-def test_calibration_ids_need_a_tokenizer(calib_file):
+def test_calibration_ids_need_a_tokenizer(calib_file, tiny_model):
     with pytest.raises(ValueError, match="tokenizer"):
         calibration_ids(tiny_model("llama-gqa"), None, calib_file, 64)
 
 
-def test_walk_refuses_a_shared_model(tiny_tokenizer):
+def test_walk_refuses_a_shared_model(tiny_tokenizer, tiny_model):
     model = tiny_model("llama-gqa")
     headshare.share(model, headshare.make_plan(model, 0.3))
     with pytest.raises(ValueError, match="already shared"):
         next(walk(model, _ids(tiny_tokenizer)))
+
+
+def test_borrowed_outputs_are_what_share_computes(tiny_tokenizer, calib_file, tiny_model):
+    model = tiny_model("llama-gqa")
+    layout = layout_of(model.config)
+    ids = calibration_ids(model, tiny_tokenizer, calib_file, 128)
+    data = capture(model, ids)
+    plan = SharePlan.from_dict({"layout": layout.to_dict(), "method": "manual", "ratio": 0.3,
+                                "assignments": [{"layer": 2, "unit": 0, "source_layer": 0, "source_unit": 1},
+                                                {"layer": 2, "unit": 1, "source_layer": 1, "source_unit": 1}]})
+    want = borrowed_z(model, data[2], layout, 2, [(0, 1), (1, 1)])
+    shared = headshare.share(copy.deepcopy(model), plan)
+    got = {}
+    o = blocks(shared)[2].get_submodule(layout.projections()[-1].path)
+    handle = o.register_forward_pre_hook(lambda m, a: got.__setitem__("z", a[0]))
+    args, kwargs = data[2].attn_call
+    with torch.no_grad():
+        blocks(shared)[2].get_submodule("self_attn")(*args, **kwargs)
+    handle.remove()
+    z = got["z"].reshape(-1, got["z"].shape[-1])
+    torch.testing.assert_close(unit_z(z, layout, 0), want[(0, 1)])
+    torch.testing.assert_close(unit_z(z, layout, 1), want[(1, 1)])
+
+
+def test_borrowed_query_head_attends_with_the_key_value_head_of_its_slot(tiny_llama):
+    """The features a calibrated method fits are those `share` computes: a query head borrowed into a slot
+    of key/value head g attends with this layer's head g."""
+    model = tiny_llama(num_hidden_layers=3)  # 4 query heads, 2 key/value heads
+    ids = torch.randint(4, 50, (1, 16), generator=torch.Generator().manual_seed(0))
+    layout = layout_of(model.config, "query")
+    data = capture(model, ids)
+    keys = [source_key(layout, (0, 1), 3), source_key(layout, (0, 1), 0)]
+    assert keys == [(0, 1, 1), (0, 1, 0)]
+    z = borrowed_z(model, data[2], layout, 2, keys)
+    for unit, key in ((3, keys[0]), (0, keys[1])):
+        plan = new_plan(model, "manual", 0.0, unit_kind="query", assignments=[Assignment(2, unit, 0, 1)])
+        assert plan.unit_kind == "query"
+        shared = headshare.share(copy.deepcopy(model), plan)
+        got = {}
+        o = blocks(shared)[2].self_attn.o_proj
+        h = o.register_forward_pre_hook(lambda _m, args, got=got: got.__setitem__("z", args[0]))
+        with torch.no_grad():
+            shared(ids)
+        h.remove()
+        want = got["z"].reshape(-1, 32)[:, unit * 8:(unit + 1) * 8]
+        assert torch.allclose(z[key].float(), want, atol=1e-5)
+

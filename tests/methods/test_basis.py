@@ -1,4 +1,7 @@
-"""basisshare: shared input-side bases, exact parameter accounting, bit-exact share/save/load, refusals."""
+"""`headshare.methods.basis`: basisshare and choiceshare, shared input-side bases.
+
+Exact parameter accounting, bit-exact share/save/load, the held-out choice, refusals.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +9,7 @@ import copy
 
 import pytest
 import torch
-from archs import outputs, tiny_model
-from conftest import TINY_CORPUS
+from conftest import corpus_ids, outputs
 
 import headshare
 from headshare.arch import blocks, layout_of
@@ -20,10 +22,6 @@ from headshare.sharing import BASIS_NAME, SharedBasis, unique_parameters
 from headshare.units import basis_key, coef_key
 
 ARCHS = ("llama-gqa", "llama-mha", "llama-mqa", "qwen2-bias", "qwen3-norm", "gpt2")
-
-
-def _ids(tok) -> torch.Tensor:
-    return torch.tensor([tok(" ".join(TINY_CORPUS))["input_ids"][:48]])
 
 
 def _expected_removed(model, plan, layout) -> tuple[int, int]:
@@ -48,7 +46,8 @@ def _plan(model, tok, calib, ratio=0.5, config=BasisShareConfig, **kw):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_removes_at_least_the_units_budget_and_counts_every_parameter(arch, tiny_tokenizer, calib_file):
+def test_removes_at_least_the_units_budget_and_counts_every_parameter(arch, tiny_tokenizer, calib_file,
+                                                                      tiny_model):
     model = tiny_model(arch)
     layout = layout_of(model.config)
     before = copy.deepcopy(model.state_dict())
@@ -64,10 +63,11 @@ def test_removes_at_least_the_units_budget_and_counts_every_parameter(arch, tiny
     assert b0 - b1 == 4 * expect  # float32
     assert expect >= budget
     assert expect - budget < per_rank  # the largest rank that meets the budget: one more would miss it
-    assert torch.isfinite(outputs(model, _ids(tiny_tokenizer))).all()
+    assert torch.isfinite(outputs(model, corpus_ids(tiny_tokenizer))).all()
 
 
-def test_the_basis_is_stored_once_and_read_by_every_layer_of_its_group(tiny_tokenizer, calib_file):
+def test_the_basis_is_stored_once_and_read_by_every_layer_of_its_group(tiny_tokenizer, calib_file,
+                                                                       tiny_model):
     model = tiny_model("llama-gqa")
     plan = _plan(model, tiny_tokenizer, calib_file, group=3, prune=0.0)
     assert [b["layers"] for b in plan.bases] == [[0, 1, 2]]
@@ -83,7 +83,7 @@ def test_the_basis_is_stored_once_and_read_by_every_layer_of_its_group(tiny_toke
 
 
 @pytest.mark.parametrize("unit", ["kv", "query"])
-def test_forward_is_what_the_plan_tensors_compute(unit, tiny_tokenizer, calib_file):
+def test_forward_is_what_the_plan_tensors_compute(unit, tiny_tokenizer, calib_file, tiny_model):
     """A q/k/v output of a basis layer is x @ basis^T @ coef^T on the kept rows and zero on pruned rows (with
     query-head units, only q rows are on the bases)."""
     model = tiny_model("llama-gqa")
@@ -137,13 +137,14 @@ def test_rank_for_budget_is_the_largest_that_meets_it():
 
 @pytest.mark.parametrize("unit", ["kv", "query"])
 @pytest.mark.parametrize("select", ["fixed", "heldout"])
-def test_share_save_load_round_trip_is_bit_exact(select, unit, tiny_tokenizer, calib_file, tmp_path):
+def test_share_save_load_round_trip_is_bit_exact(select, unit, tiny_tokenizer, calib_file, tmp_path,
+                                                 tiny_model):
     model = tiny_model("llama-gqa")
     plan = _plan(model, tiny_tokenizer, calib_file, prune=0.5, group=1, unit=unit,
                  config=ChoiceShareConfig if select == "heldout" else BasisShareConfig)
     assert plan.bases, "nothing to round-trip"
     headshare.share(model, plan)
-    ids = _ids(tiny_tokenizer)
+    ids = corpus_ids(tiny_tokenizer)
     ref = outputs(model, ids)
     model.save_pretrained(tmp_path / "s")
     again = headshare.load(tmp_path / "s")
@@ -161,25 +162,25 @@ def test_share_save_load_round_trip_is_bit_exact(select, unit, tiny_tokenizer, c
     assert torch.equal(outputs(hf, ids), ref)
 
 
-def test_plan_file_round_trip_and_share_from_it(tiny_tokenizer, calib_file, tmp_path):
+def test_plan_file_round_trip_and_share_from_it(tiny_tokenizer, calib_file, tmp_path, tiny_model):
     model = tiny_model("llama-gqa")
     plan = _plan(model, tiny_tokenizer, calib_file)
     plan.save(tmp_path / "p.json")
     again = SharePlan.load(tmp_path / "p.json")
     assert again.bases == plan.bases and sorted(again.fitted) == sorted(plan.fitted)
     a, b = headshare.share(copy.deepcopy(model), plan), headshare.share(copy.deepcopy(model), again)
-    ids = _ids(tiny_tokenizer)
+    ids = corpus_ids(tiny_tokenizer)
     assert torch.equal(outputs(a, ids), outputs(b, ids))
 
 
-def test_basis_gradients_reach_one_tensor_through_every_layer(tiny_tokenizer, calib_file):
+def test_basis_gradients_reach_one_tensor_through_every_layer(tiny_tokenizer, calib_file, tiny_model):
     """Post-training a based model trains one basis per group: the tie holds through an optimiser step."""
     model = tiny_model("llama-gqa")
     headshare.share(model, _plan(model, tiny_tokenizer, calib_file, group=3, prune=0.0))
     basis = getattr(blocks(model)[0].self_attn, BASIS_NAME)
     before = basis.weight.detach().clone()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    out = model(input_ids=_ids(tiny_tokenizer), labels=_ids(tiny_tokenizer))
+    out = model(input_ids=corpus_ids(tiny_tokenizer), labels=corpus_ids(tiny_tokenizer))
     out.loss.backward()
     assert basis.weight.grad is not None and basis.weight.grad.abs().sum() > 0
     opt.step()
@@ -188,7 +189,7 @@ def test_basis_gradients_reach_one_tensor_through_every_layer(tiny_tokenizer, ca
         assert block.self_attn.k_proj._basis.weight is basis.weight
 
 
-def test_refusals(tiny_tokenizer, calib_file):
+def test_refusals(tiny_tokenizer, calib_file, tiny_model):
     model = tiny_model("llama-gqa")
     layout = layout_of(model.config)
     with pytest.raises(ValueError, match="group"):
@@ -210,7 +211,7 @@ def test_refusals(tiny_tokenizer, calib_file):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_a_plan_written_before_bases_existed_still_loads():
+def test_a_plan_written_before_bases_existed_still_loads(tiny_model):
     model = tiny_model("llama-gqa")
     d = headshare.make_plan(model, 0.3, "random").to_dict()
     d.pop("bases")
@@ -220,27 +221,7 @@ def test_a_plan_written_before_bases_existed_still_loads():
     old.validate(layout_of(model.config))
 
 
-def test_cli_share_and_info_count_based_units(tmp_path, tiny_tokenizer, calib_file, capsys):
-    import json
-
-    from conftest import build_tiny_llama
-
-    from headshare.cli import main
-
-    build_tiny_llama().save_pretrained(tmp_path / "m")
-    tiny_tokenizer.save_pretrained(tmp_path / "m")
-    main(["share", str(tmp_path / "m"), "--method", "basisshare", "--ratio", "0.5", "-o", f"calib={calib_file}",
-          "-o", "calib_tokens=128", "-o", "group=2", "--out", str(tmp_path / "o")])
-    printed = capsys.readouterr().out
-    main(["info", str(tmp_path / "o"), "--json"])
-    s = json.loads(capsys.readouterr().out)
-    assert s["method"] == "basisshare" and s["bases"] >= 1
-    assert len(s["basis_ranks"]) == s["bases"] and min(s["basis_ranks"]) >= 1 and s["based_rows"] == "q/k/v"
-    assert f"shared bases, ranks {', '.join(map(str, s['basis_ranks']))})" in printed
-    assert s["units_based"] + s["units_pruned"] == s["units_total"]  # one group of 2 layers: every unit based or pruned
-
-
-def test_a_layer_whose_units_are_all_pruned_can_sit_in_a_basis_group(tiny_tokenizer, calib_file):
+def test_a_layer_whose_units_are_all_pruned_can_sit_in_a_basis_group(tiny_tokenizer, calib_file, tiny_model):
     """Gemma 3 270M at 30 % pruned every query head of a layer; its group's basis then serves the others."""
     from headshare.methods import basis as basis_module
 
@@ -260,7 +241,7 @@ def test_a_layer_whose_units_are_all_pruned_can_sit_in_a_basis_group(tiny_tokeni
         basis_module.pruning_costs = real
     assert {(0, u) for u in range(U)} <= set(plan.pruned) and plan.bases
     headshare.share(model, plan)
-    assert torch.isfinite(outputs(model, _ids(tiny_tokenizer))).all()
+    assert torch.isfinite(outputs(model, corpus_ids(tiny_tokenizer))).all()
 
 
 # --- choiceshare: per group a rank or no basis, per layer the units to prune ---
@@ -268,7 +249,7 @@ def test_a_layer_whose_units_are_all_pruned_can_sit_in_a_basis_group(tiny_tokeni
 @pytest.mark.parametrize("unit", ["kv", "query"])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_heldout_choice_removes_at_least_the_budget_and_counts_every_parameter(arch, unit, tiny_tokenizer,
-                                                                              calib_file):
+                                                                              calib_file, tiny_model):
     if arch == "gpt2" and unit != "kv":
         pytest.skip("fused qkv: no query units")
     model = tiny_model(arch)
@@ -283,10 +264,11 @@ def test_heldout_choice_removes_at_least_the_budget_and_counts_every_parameter(a
     p1, b1 = unique_parameters(model)
     assert p0 - p1 == expect and b0 - b1 == 4 * expect
     assert expect >= budget
-    assert torch.isfinite(outputs(model, _ids(tiny_tokenizer))).all()
+    assert torch.isfinite(outputs(model, corpus_ids(tiny_tokenizer))).all()
 
 
-def test_heldout_choice_finds_a_planted_shared_basis_and_shares_it_at_no_cost(tiny_tokenizer, calib_file):
+def test_heldout_choice_finds_a_planted_shared_basis_and_shares_it_at_no_cost(tiny_tokenizer, calib_file,
+                                                                              tiny_model):
     """Every q/k/v row of every layer lies in one 4-dimensional subspace of the input: a rank-4 basis shared by
     all layers reproduces the model exactly, while pruning any unit costs. The held-out choice must put the
     whole budget on that basis and leave the outputs as they were."""
@@ -299,7 +281,7 @@ def test_heldout_choice_finds_a_planted_shared_basis_and_shares_it_at_no_cost(ti
             for p in layout.in_projections():
                 w = block.get_submodule(p.path).weight
                 w.copy_(torch.randn(w.shape[0], 4) @ shared / 2)
-    ids = _ids(tiny_tokenizer)
+    ids = corpus_ids(tiny_tokenizer)
     ref = outputs(model, ids)
     plan = _plan(model, tiny_tokenizer, calib_file, group=3, config=ChoiceShareConfig)
     assert plan.pruned == [] and len(plan.bases) == 1 and plan.bases[0]["rank"] >= 4
@@ -333,7 +315,7 @@ def test_allocate_spends_the_budget_where_the_error_is_least():
         allocate(groups, options, 121, 50, 10)
 
 
-def test_query_units_leave_key_value_rows_off_the_bases(tiny_tokenizer, calib_file):
+def test_query_units_leave_key_value_rows_off_the_bases(tiny_tokenizer, calib_file, tiny_model):
     """With query-head units only q rows go on the bases; k and v stay as they were."""
     model = tiny_model("llama-gqa")
     layout = layout_of(model.config, "query")
@@ -348,7 +330,8 @@ def test_query_units_leave_key_value_rows_off_the_bases(tiny_tokenizer, calib_fi
     assert torch.equal(blocks(model)[0].self_attn.k_proj.weight, k0)
 
 
-def test_key_value_rows_on_a_basis_need_query_units_and_query_fits_need_the_kv_weights(tiny_tokenizer, calib_file):
+def test_key_value_rows_on_a_basis_need_query_units_and_query_fits_need_the_kv_weights(tiny_tokenizer, calib_file,
+                                                                                       tiny_model):
     model = tiny_model("llama-gqa")
     plan = _plan(model, tiny_tokenizer, calib_file, unit="query")
     d = plan.to_dict()

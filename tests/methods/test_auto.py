@@ -1,4 +1,4 @@
-"""autoshare: candidate plans at one parameter budget, the winner chosen by loss on held-out calibration text."""
+"""`headshare.methods.auto`: candidate plans at one parameter budget, the winner chosen by held-out loss."""
 
 from __future__ import annotations
 
@@ -6,8 +6,7 @@ import copy
 
 import pytest
 import torch
-from archs import outputs, tiny_model
-from conftest import TINY_CORPUS
+from conftest import corpus_ids, outputs
 
 import headshare
 from headshare.arch import layout_of
@@ -24,7 +23,7 @@ def _cfg(calib, **kw):
                               "candidates": CANDIDATES, **kw})
 
 
-def test_keeps_the_candidate_with_the_least_held_out_loss(tiny_tokenizer, calib_file):
+def test_keeps_the_candidate_with_the_least_held_out_loss(tiny_tokenizer, calib_file, tiny_model):
     model = tiny_model("llama-gqa")
     before = copy.deepcopy(model.state_dict())
     cfg = _cfg(calib_file)
@@ -51,7 +50,7 @@ def test_keeps_the_candidate_with_the_least_held_out_loss(tiny_tokenizer, calib_
     assert torch.equal(val.flatten(), ids[96:96 + val.numel()])
 
 
-def test_every_candidate_removes_at_least_the_budget(tiny_tokenizer, calib_file):
+def test_every_candidate_removes_at_least_the_budget(tiny_tokenizer, calib_file, tiny_model):
     model = tiny_model("llama-gqa")
     kv, q = layout_of(model.config, "kv"), layout_of(model.config, "query")
     budget = units_for_ratio(0.34, kv) * kv.unit_params()
@@ -65,25 +64,25 @@ def test_every_candidate_removes_at_least_the_budget(tiny_tokenizer, calib_file)
         assert p0 - unique_parameters(shared)[0] >= budget, cand
 
 
-def test_the_plan_saves_shares_and_reloads(tiny_tokenizer, calib_file, tmp_path):
+def test_the_plan_saves_shares_and_reloads(tiny_tokenizer, calib_file, tmp_path, tiny_model):
     model = tiny_model("llama-gqa")
     plan = headshare.make_plan(model, _cfg(calib_file), tokenizer=tiny_tokenizer)
     plan.save(tmp_path / "p.json")
     again = SharePlan.load(tmp_path / "p.json")
     assert again.notes["chosen"] == plan.notes["chosen"] and again.unit_kind == plan.unit_kind
     headshare.share(model, again)
-    ids = torch.tensor([tiny_tokenizer(" ".join(TINY_CORPUS))["input_ids"][:32]])
+    ids = corpus_ids(tiny_tokenizer, 32)
     ref = outputs(model, ids)
     model.save_pretrained(tmp_path / "s")
     assert torch.equal(outputs(headshare.load(tmp_path / "s"), ids), ref)
 
 
-def test_ratio_zero_is_the_unchanged_model(tiny_tokenizer, calib_file):
+def test_ratio_zero_is_the_unchanged_model(tiny_tokenizer, calib_file, tiny_model):
     plan = headshare.make_plan(tiny_model("llama-gqa"), _cfg(calib_file, ratio=0.0), tokenizer=tiny_tokenizer)
     assert plan.pruned == [] and plan.assignments == [] and plan.bases == []
 
 
-def test_refusals(tiny_tokenizer, calib_file):
+def test_refusals(tiny_tokenizer, calib_file, tiny_model):
     with pytest.raises(ValueError, match="candidates"):
         AutoShareConfig(ratio=0.3, candidates="nosuch@kv")
     with pytest.raises(ValueError, match="candidates"):
@@ -96,23 +95,3 @@ def test_refusals(tiny_tokenizer, calib_file):
         AutoShareConfig(ratio=0.3, val_tokens=1)
     with pytest.raises(ValueError, match="val_tokens"):  # the text is too short for both parts
         headshare.make_plan(tiny_model("llama-gqa"), _cfg(calib_file, val_tokens=10**6), tokenizer=tiny_tokenizer)
-
-
-def test_cli_share_and_info_name_the_candidate_kept(tmp_path, tiny_tokenizer, calib_file, capsys):
-    import json
-
-    from conftest import build_tiny_llama
-
-    from headshare.cli import main
-
-    build_tiny_llama().save_pretrained(tmp_path / "m")
-    tiny_tokenizer.save_pretrained(tmp_path / "m")
-    main(["share", str(tmp_path / "m"), "--method", "autoshare", "--ratio", "0.34", "-o", f"calib={calib_file}",
-          "-o", "calib_tokens=96", "-o", "val_tokens=64", "-o", "candidates=prune@kv,fitprune@query,random@kv",
-          "--out", str(tmp_path / "o")])
-    printed = capsys.readouterr().out
-    main(["info", str(tmp_path / "o"), "--json"])
-    s = json.loads(capsys.readouterr().out)
-    assert s["method"] == "autoshare" and s["chosen"] in ("prune@kv", "fitprune@query", "random@kv")
-    assert f"autoshare (kept {s['chosen']})" in printed
-    assert s["unit_kind"] == s["chosen"].split("@")[1]
