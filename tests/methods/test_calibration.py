@@ -10,6 +10,7 @@ from conftest import TINY_CORPUS
 
 import headshare
 from headshare.arch import blocks, layout_of
+from headshare.errors import HeadshareError
 from headshare.methods.calibration import (
     borrowed_z,
     calibration_ids,
@@ -252,3 +253,19 @@ def test_borrowed_query_head_attends_with_the_key_value_head_of_its_slot(tiny_ll
         want = got["z"].reshape(-1, 32)[:, unit * 8:(unit + 1) * 8]
         assert torch.allclose(z[key].float(), want, atol=1e-5)
 
+
+
+def test_a_mix_of_sources_gives_each_an_equal_share(tiny_llama, tiny_tokenizer, tmp_path):
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text(" ".join(TINY_CORPUS * 40))
+    b.write_text(" ".join(reversed(TINY_CORPUS * 40)))
+    model = tiny_llama()
+    mix = calibration_ids(model, tiny_tokenizer, f"{a}+{b}", 256, 64)
+    alone_a = calibration_ids(model, tiny_tokenizer, str(a), 128, 64)
+    alone_b = calibration_ids(model, tiny_tokenizer, str(b), 128, 64)
+    assert mix.shape == (4, 64) and torch.equal(mix, torch.cat([alone_a, alone_b]))
+    with pytest.raises(HeadshareError, match="empty source"):
+        calibration_ids(model, tiny_tokenizer, f"{a}+ ", 256)
+    (tmp_path / "short.txt").write_text("the sky is blue .")
+    with pytest.raises(HeadshareError, match="'.*short.txt' has 5 tokens, fewer than one block of 64"):
+        calibration_ids(model, tiny_tokenizer, f"{a}+{tmp_path / 'short.txt'}", 256, 64)
