@@ -133,8 +133,8 @@ def unit_z(z: torch.Tensor, layout: Layout, unit: int) -> torch.Tensor:
 
 
 def head_slices(block: nn.Module, layout: Layout) -> dict[str, torch.Tensor]:
-    """One block's weights per query head, as views: q, k, v (H, d, D), each query head beside the rows of the
-    key/value head it reads (repeated across a group), and o (H, D, d). The unit kind of `layout` does not
+    """One block's weights per query head: q, k, v (H, d, D), each query head beside the rows of the key/value
+    head it reads (k and v copied across a group, q and o views), and o (H, D, d). The unit kind of `layout` does not
     matter: heads are the finest cut of every kind."""
     spec = arch_spec(layout.model_type)
     d, H, KV = layout.head_dim, layout.num_heads, layout.num_kv_heads

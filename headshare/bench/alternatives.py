@@ -153,9 +153,10 @@ def prune_mlp(model: nn.Module, ids: torch.Tensor, params: int, refit: bool = Fa
             **({"refits": refits} if refit else {})}
 
 
-def _set(block: nn.Module, path: str, module: nn.Module) -> None:
+def _set(root: nn.Module, path: str, module: nn.Module) -> None:
+    """Put `module` at `path` (dotted, relative to `root`) in place of what is there."""
     parent, _, name = path.rpartition(".")
-    setattr(block.get_submodule(parent) if parent else block, name, module)
+    setattr(root.get_submodule(parent) if parent else root, name, module)
 
 
 def drop_layers(model: nn.Module, ids: torch.Tensor, params: int, device=None) -> dict:
@@ -176,8 +177,7 @@ def drop_layers(model: nn.Module, ids: torch.Tensor, params: int, device=None) -
         for module in block.modules():
             if hasattr(module, "layer_idx"):
                 module.layer_idx = new
-    parent, _, name = arch_spec(model.config.model_type).layers.rpartition(".")
-    setattr(model.base_model.get_submodule(parent) if parent else model.base_model, name, kept)
+    _set(model.base_model, arch_spec(model.config.model_type).layers, kept)
     model.config.num_hidden_layers = len(keep)
     if isinstance(getattr(model.config, "layer_types", None), list):
         model.config.layer_types = [model.config.layer_types[i] for i in keep]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..errors import HeadshareError
 from ..methods import METHODS, MethodConfig, get_method, parse_option, split_method
+from .alternatives import ALTERNATIVES
 
 DEFAULT_RATIOS = (0.0, 0.1, 0.2, 0.3, 0.5)
 DEFAULT_METHODS = ("directshare", "random", "layerwise", "prune")
@@ -14,8 +15,6 @@ SETTING_KEYS = ("model", "text", "calib", "calib_tokens", "max_tokens", "window"
 def resolve_methods(names) -> list[str]:
     """Method names with "all" expanded to every registered method, in registration order; a name may end
     in "@UNIT" (`split_method`) or be a whole-model alternative (`alternatives.ALTERNATIVES`)."""
-    from .alternatives import ALTERNATIVES
-
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",") if n.strip()]
     out: list[str] = []
@@ -34,8 +33,6 @@ def resolve_methods(names) -> list[str]:
 def parse_options(texts, methods) -> dict[str, object] | None:
     """`--option` texts (KEY=VALUE, or METHOD.KEY=VALUE for one method) as {key: value}, each parsed by the
     option's declared type; an option that none of `methods` has is refused. None when there are none."""
-    from .alternatives import ALTERNATIVES
-
     methods = [m for m in methods if m not in ALTERNATIVES]  # they have no options
     out: dict[str, object] = {}
     for text in texts or ():

@@ -102,12 +102,13 @@ def sharing_gap(rows: list[dict], pruning: tuple[str, ...] = PRUNING, text: str 
 
     out = []
     for group in budget_groups([r for r in rows if not is_alternative(r["method"])]):
-        wholes = [r for r in rows if is_alternative(r["method"]) and r["ratio"] == group_ratio(group)]
+        ratio = group_ratio(group)
+        wholes = [r for r in rows if is_alternative(r["method"]) and r["ratio"] == ratio]
         share = min((r for r in group if not is_pruning(r["method"], pruning)), key=ppl, default=None)
         prune = min((r for r in group if is_pruning(r["method"], pruning)), key=ppl, default=None)
         whole = min(wholes, key=ppl, default=None)
         if share and prune:
-            out.append({"ratio": group_ratio(group), "sharing": share["method"], "sharing_ppl": ppl(share),
+            out.append({"ratio": ratio, "sharing": share["method"], "sharing_ppl": ppl(share),
                         "pruning": prune["method"], "pruning_ppl": ppl(prune),
                         **({"whole": whole["method"], "whole_ppl": ppl(whole),
                             "whole_fraction": whole["params_removed"] / whole["params_total"]} if whole else {}),

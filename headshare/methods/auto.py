@@ -83,17 +83,16 @@ def validation_ids(tokenizer, cfg: AutoShareConfig) -> torch.Tensor:
     the ones after the first `calib_tokens` of `cfg.calib` (per source of a mix, an equal share each)."""
     from ..data import pack_blocks
 
-    source = cfg.val or cfg.calib
-    parts = source_ids(tokenizer, source)
+    parts = source_ids(tokenizer, cfg.val or cfg.calib)
     skip = 0 if cfg.val else cfg.calib_tokens // len(parts)
     share = cfg.val_tokens // len(parts)
-    for name, ids in zip(source.split("+"), parts, strict=True):
+    for name, ids in parts:
         if len(ids) < skip + share:
             fits = f"autoshare fits on the first {skip:,} tokens and " if skip else "autoshare "
-            raise HeadshareError(f"text {name.strip()!r} has {len(ids):,} tokens; {fits}scores on the next "
+            raise HeadshareError(f"text {name!r} has {len(ids):,} tokens; {fits}scores on the next "
                                  f"{share:,} (val_tokens={cfg.val_tokens:,}): give a longer text or fewer tokens")
     block = min(BLOCK, share)
-    return torch.cat([pack_blocks(ids[skip:skip + share], block) for ids in parts])
+    return torch.cat([pack_blocks(ids[skip:skip + share], block) for _, ids in parts])
 
 
 @register_method("autoshare", AutoShareConfig, "make each candidate plan (default: choiceshare on query heads, "

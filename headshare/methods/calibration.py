@@ -44,8 +44,8 @@ from .gram import LayerGram
 BATCH_TOKENS = 8192
 
 
-def source_ids(tokenizer, source: str) -> list[torch.Tensor]:
-    """Token ids (1-D) of each text source in `source`: one source, or a mix of several joined by "+"
+def source_ids(tokenizer, source: str) -> list[tuple[str, torch.Tensor]]:
+    """(name, token ids (1-D)) of each text source in `source`: one source, or a mix of several joined by "+"
     ("builtin:calib+news+code"), each read with split="calib"."""
     from ..data import load_text, tokenize
 
@@ -54,7 +54,7 @@ def source_ids(tokenizer, source: str) -> list[torch.Tensor]:
     names = [s.strip() for s in source.split("+")]
     if not all(names):
         raise HeadshareError(f"text {source!r} has an empty source; mix sources as SOURCE+SOURCE")
-    return [tokenize(tokenizer, load_text(name, split="calib"), bos=False) for name in names]
+    return [(name, tokenize(tokenizer, load_text(name, split="calib"), bos=False)) for name in names]
 
 
 def calibration_ids(model, tokenizer, calib: str, calib_tokens: int, block_size: int = 512) -> torch.Tensor:
@@ -67,14 +67,14 @@ def calibration_ids(model, tokenizer, calib: str, calib_tokens: int, block_size:
     max_pos = getattr(model.config, "max_position_embeddings", None) or block_size
     block = max(2, min(block_size, max_pos, share))
     if len(parts) == 1:
-        ids = parts[0][:calib_tokens]
+        ids = parts[0][1][:calib_tokens]
         if len(ids) < 2:
             raise HeadshareError(f"calibration text {calib!r} has fewer than 2 tokens")
         return pack_blocks(ids, block, short=True)  # a short text still calibrates, as one shorter block
     blocks = []
-    for name, ids in zip(calib.split("+"), parts, strict=True):
+    for name, ids in parts:
         if len(ids) < block:
-            raise HeadshareError(f"calibration source {name.strip()!r} has {len(ids):,} tokens, fewer than one "
+            raise HeadshareError(f"calibration source {name!r} has {len(ids):,} tokens, fewer than one "
                                  f"block of {block} of the mix")
         blocks.append(pack_blocks(ids[:share], block))
     return torch.cat(blocks)
