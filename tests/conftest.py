@@ -248,6 +248,18 @@ def outputs(model, ids: torch.Tensor) -> torch.Tensor:
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
 
+def reloads_identically(model, ids: torch.Tensor, path):
+    """Save a shared `model` to `path`, load it back with `headshare.load`, assert its outputs on `ids` are
+    bit-identical to the saved model's, and return the loaded model."""
+    import headshare
+
+    ref = outputs(model, ids)
+    model.save_pretrained(path)
+    again = headshare.load(path)
+    assert torch.equal(outputs(again, ids), ref)
+    return again
+
+
 def bias_flags(model) -> dict[str, bool]:
     """Which attention projections of the model have a bias (read on its first block)."""
     bl = blocks(model)[0]

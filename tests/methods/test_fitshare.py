@@ -10,7 +10,7 @@ import copy
 
 import pytest
 import torch
-from conftest import corpus_ids, duplicate_unit, outputs
+from conftest import corpus_ids, duplicate_unit, outputs, reloads_identically
 
 import headshare
 from headshare.arch import blocks, layout_of
@@ -80,11 +80,7 @@ def test_save_load_round_trip_is_bit_exact(tiny_tokenizer, tmp_path, tiny_model,
     plan = tiny_plan(model, 0.5, "fitshare", min_gain=0.0, heldout=False)
     assert plan.assignments and any(a.scale != 1.0 for a in plan.assignments)
     headshare.share(model, plan)
-    ids = corpus_ids(tiny_tokenizer)
-    before = outputs(model, ids)
-    model.save_pretrained(tmp_path / "out")
-    again = headshare.load(tmp_path / "out")
-    assert torch.equal(outputs(again, ids), before)
+    reloads_identically(model, corpus_ids(tiny_tokenizer), tmp_path / "out")
 
 
 @pytest.mark.slow
