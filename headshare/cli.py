@@ -233,12 +233,25 @@ def _summary_table(s: dict) -> str:
         ("weight bytes", f"{s['bytes_original']:,} -> {s['bytes_shared']:,} (-{saved_b:,})"),
         ("checkpoint", f"{s.get('out', '')} ({s['checkpoint_bytes']:,} bytes of safetensors)"),
     ]
+    if s.get("candidates"):
+        rows.append(("candidates", f"chosen on the loss on {s.get('val_text')}"))
+        rows += [("  " + c["candidate"], _candidate_cell(c)) for c in s["candidates"]]
     if "perplexity_shared" in s:
         rows.append(("perplexity", f"{s['perplexity_original']:.3f} -> {s['perplexity_shared']:.3f} "
                                    f"(x{s['perplexity_shared'] / s['perplexity_original']:.3f}) on "
                                    f"{s['eval_tokens']:,} tokens of {s['eval_text']}"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _candidate_cell(c: dict) -> str:
+    """An autoshare candidate's held-out losses (and perplexities) for the summary table."""
+    import math
+
+    cell = f"loss {c['val_loss']:.4f} (perplexity {math.exp(c['val_loss']):.2f})"
+    if "calib_loss" in c:
+        cell += f"; on the calibration text's kind {c['calib_loss']:.4f} ({math.exp(c['calib_loss']):.2f})"
+    return cell + f", ratio {c['ratio']:.4g} of its units"
 
 
 def cmd_info(args) -> None:

@@ -258,6 +258,11 @@ def test_cli_share_and_info_name_the_candidate_kept(tmp_path, calib_file, capsys
     assert s["method"] == "autoshare" and s["chosen"] in ("prune@kv", "fitprune@query", "random@kv")
     assert f"autoshare (kept {s['chosen']})" in printed
     assert s["unit_kind"] == s["chosen"].split("@")[1]
+    # why: every candidate's held-out loss, in the checkpoint's info and on the screen
+    assert [c["candidate"] for c in s["candidates"]] == ["prune@kv", "fitprune@query", "random@kv"]
+    assert min(s["candidates"], key=lambda c: c["val_loss"])["candidate"] == s["chosen"]
+    for c in s["candidates"]:
+        assert f"  {c['candidate']}" in printed and f"loss {c['val_loss']:.4f}" in printed
 
 
 # -- eval: perplexity, KL against a reference, lm-eval tasks, on plain and shared checkpoints -------------

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -30,8 +30,9 @@ from ..plan import new_plan, units_for_ratio
 from .base import METHODS, CalibConfig, make_config, make_plan, register_method, split_method
 from .calibration import held_out_loss, source_ids
 
-# the two that won somewhere in BENCHMARKS.md; each is a registered method and a unit kind
-CANDIDATES = "choiceshare@query,basisshare@kv"
+# the two sharing methods that won somewhere in BENCHMARKS.md, and the two prunings, so that autoshare never
+# keeps a plan that scores worse than pruning on its validation text; each is a registered method and a unit kind
+CANDIDATES = "choiceshare@query,basisshare@kv,fitprune@kv,prune@kv"
 VAL_TOKENS = 4096  # held-out calibration tokens each candidate is scored on (the fits read the calib_tokens before)
 BLOCK = 512
 
@@ -96,8 +97,8 @@ def validation_ids(tokenizer, cfg: AutoShareConfig) -> torch.Tensor:
 
 
 @register_method("autoshare", AutoShareConfig, "make each candidate plan (default: choiceshare on query heads, "
-                                               "basisshare on key/value units) at the same parameters and keep the "
-                                               "one with the least loss on held-out calibration text",
+                                               "basisshare, fitprune and prune on key/value units) at the same "
+                                               "parameters and keep the one with the least loss on held-out text",
                  needs_tokenizer=True)
 def autoshare(model, cfg: AutoShareConfig, tokenizer=None, progress: bool = False, device=None):
     """The candidate plan whose shared model scores best on held-out calibration text (module docstring)."""
@@ -109,6 +110,9 @@ def autoshare(model, cfg: AutoShareConfig, tokenizer=None, progress: bool = Fals
         return new_plan(model, "autoshare", cfg.ratio, unit_kind=cfg.unit)
     budget = n * layout.unit_params()
     val = validation_ids(tokenizer, cfg)
+    # in domain beside it: a choice made on another kind of text still reports what it costs on the kind of
+    # text it was fitted on (the calibration text after calib_tokens)
+    same = validation_ids(tokenizer, replace(cfg, val="")) if cfg.val else None
     scores, best = [], None
     names = parse_candidates(cfg.candidates)
     skipped = []
@@ -129,6 +133,7 @@ def autoshare(model, cfg: AutoShareConfig, tokenizer=None, progress: bool = Fals
         seconds = time.perf_counter() - t0
         loss = held_out_loss(model, val, plan, device)  # the shared model, emulated one block at a time
         scores.append({"candidate": f"{method}@{unit}", "ratio": sub.ratio, "val_loss": round(loss, 6),
+                       **({"calib_loss": round(held_out_loss(model, same, plan, device), 6)} if cfg.val else {}),
                        "plan_seconds": round(seconds, 1)})
         if best is None or loss < best[0]:
             best = (loss, plan, scores[-1]["candidate"])

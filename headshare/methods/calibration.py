@@ -266,7 +266,7 @@ def _catch(model: nn.Module, ids: torch.Tensor, rows: list[slice]) -> tuple[torc
 
 @torch.no_grad()
 def walk(model: nn.Module, ids: torch.Tensor, device: torch.device | str | None = None, progress: bool = False,
-         desc: str = "calibration", batch_tokens: int = BATCH_TOKENS) -> Iterator[tuple[int, LayerData]]:
+         desc: str = "calibration", batch_tokens: int | None = None) -> Iterator[tuple[int, LayerData]]:
     """Yield (layer, LayerData) for every block of the original model in order, computing on `device` (None:
     where each block is). The block is on the compute device while its data is yielded and may be edited by
     the caller, who restores it before asking for the next layer; the next block's input was taken before.
@@ -280,7 +280,7 @@ def walk(model: nn.Module, ids: torch.Tensor, device: torch.device | str | None 
     layout = layout_of(model.config)  # the attention and o paths, the same for every unit kind
     apath, opath = arch_spec(layout.model_type).attention, layout.o_projection().path
     bl = blocks(model)
-    rows = _micro_batches(ids.shape[0], ids.shape[1], batch_tokens)
+    rows = _micro_batches(ids.shape[0], ids.shape[1], batch_tokens or BATCH_TOKENS)
     was_training = model.training
     model.eval()
     try:
@@ -328,14 +328,14 @@ def _layer_data(block: nn.Module, apath: str, opath: str, h: torch.Tensor, calls
 @torch.no_grad()
 def stream(model: nn.Module, ids: torch.Tensor, device: torch.device | str | None = None,
            edit=None, progress: bool = False, desc: str = "blocks",
-           batch_tokens: int = BATCH_TOKENS) -> torch.Tensor:
+           batch_tokens: int | None = None) -> torch.Tensor:
     """The last block's output (B, T, D) on `ids`, the blocks run in turn on one stream, one on the compute
     device at a time, each inside `edit(layer)` (a context manager that edits it while it runs) if given.
     Unlike `walk`, nothing of the original model is kept or computed."""
     from tqdm.auto import tqdm
 
     bl = blocks(model)
-    rows = _micro_batches(ids.shape[0], ids.shape[1], batch_tokens)
+    rows = _micro_batches(ids.shape[0], ids.shape[1], batch_tokens or BATCH_TOKENS)
     was_training = model.training
     model.eval()
     try:

@@ -39,7 +39,7 @@ from .lstsq import (
     knapsack,
     layer_options,
 )
-from .refit import RHO, refit
+from .refit import RHO, RIDGES, refit, ridges_note
 
 MIN_GAIN = 0.01  # fitshare shares a unit only if borrowing removes >= 1 % of what the refit leaves
 
@@ -81,7 +81,8 @@ def _fit_plan(model, method: str, cfg: CalibConfig, tokenizer, rho: float, windo
             if pick is not None and pick[0] >= min_gain:
                 borrow[(layer, u)], gains[(layer, u)] = pick[1], pick[0]
     t1 = time.perf_counter()
-    scales, fitted = refit(model, ids, removed, borrow, rho, progress, heldout, device, cfg.unit)
+    scales, fitted, ridges = refit(model, ids, removed, borrow, rho, progress, heldout, device, cfg.unit,
+                                   RIDGES if cfg.crossfit else None)
     borrow = {u: src for u, src in borrow.items() if u in scales}  # the others did not pay off held out
     assignments = [Assignment(layer, u, *borrow[(layer, u)], score=round(gains[(layer, u)], 6),
                               scale=scales[(layer, u)]) for layer, u in sorted(borrow)]
@@ -90,6 +91,7 @@ def _fit_plan(model, method: str, cfg: CalibConfig, tokenizer, rho: float, windo
              "score": "share of the refit's leftover error that borrowing removes",
              "cost": round(sum(costs[layer][frozenset(u for lay, u in removed if lay == layer)]
                                for layer in {lay for lay, _ in removed}), 9),
+             "ridges": ridges_note(ridges),
              "select_seconds": round(t1 - t0, 1), "refit_seconds": round(time.perf_counter() - t1, 1)}
     return new_plan(model, method, cfg.ratio, unit_kind=cfg.unit, assignments=assignments, pruned=pruned, notes=notes,
                     fitted=fitted,
@@ -98,11 +100,17 @@ def _fit_plan(model, method: str, cfg: CalibConfig, tokenizer, rho: float, windo
 
 @dataclass
 class FitPruneConfig(CalibConfig):
-    rho: float = RHO  # ridge of the o refit, relative to the mean diagonal of the Gram matrix
+    rho: float = RHO  # ridge of the selection's refits, relative to the mean diagonal of the Gram matrix
+    # true: the written refit's ridge chosen per layer from refit.RIDGES by cross-fitting, no refit where that
+    # is better held out. Off by default: on SmolLM2 it chose rho 1 almost everywhere with docstring
+    # calibration (the same plan at 30 %) and, across docstrings+news, stronger ridges that were 1-3 % worse on
+    # every text, the unseen code included (BENCHMARKS.md)
+    crossfit: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check(self, "rho", is_number(self.rho) and self.rho >= 0, "a number >= 0")
+        check(self, "crossfit", isinstance(self.crossfit, bool), "true or false")
 
 
 @dataclass

@@ -242,6 +242,17 @@ def heldout_lending(kz: torch.Tensor | None, v: torch.Tensor, w: torch.Tensor, y
         best.append(step[1])
 
 
+def crossfit_ridge(kz: torch.Tensor | None, v: torch.Tensor, w: torch.Tensor, ys: dict, split: int,
+                   ridges: tuple[float, ...]) -> tuple[float | None, list]:
+    """(ridge, borrowers) with the least cross-fitted error among each of `ridges` and no refit at all (None:
+    the kept units' columns stay as they are), each with the borrowers that pay off under it
+    (`heldout_lending`). Ties go to no refit, then to the smaller ridge."""
+    tried = {r: heldout_lending(kz, v, w, ys, r, split) for r in ridges}
+    tried[None] = heldout_lending(None, v, w, ys, 1.0, split)
+    rho = min(tried, key=lambda r: (tried[r][1], r is not None, r or 0.0))
+    return rho, tried[rho][0]
+
+
 def heldout_share_costs(gram: LayerGram, options: dict, data: LayerData, layout: Layout, rho: float,
                         rows: int, min_gain: float) -> dict:
     """{frozenset(removed units): error per token} with the kept units' refit *and* the removed units'

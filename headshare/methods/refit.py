@@ -4,23 +4,25 @@ and borrowed units get a fitted scale. `fitshare`, `fitprune` and the basis meth
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import nn
 
 from ..arch import blocks, layout_of
 from ..units import fitted_key, get_slices, o_columns, parse_fitted_key, set_o_columns, set_slices, unit_z
 from .calibration import model_dtype, walk
-from .lstsq import RidgeResidual, fit_scales, half, heldout_lenders
+from .lstsq import RidgeResidual, crossfit_ridge, fit_scales, half, heldout_lenders
 
 RHO = 1.0  # ridge, relative to the mean diagonal of the Gram matrix: best held-out error (1e-2 overfitted)
+# the ridges a refit chooses from per layer by cross-fitting (`crossfit=True`; no refit at all is the last
+# choice). A fixed stronger ridge helped SmolLM2 off the calibration text (fitprune at 30 %, news: rho 1 55.2,
+# 10 50.7, 100 45.7) but cross-fitting on docstrings, or on docstrings+news, did not find it (BENCHMARKS.md)
+RIDGES = (0.1, 1.0, 10.0, 100.0, 1000.0)
 
 
 @torch.no_grad()
 def refit(model: nn.Module, ids: torch.Tensor, removed: set, borrow: dict, rho: float = RHO,
-          progress: bool = False, heldout: bool = True, device=None,
-          unit: str = "kv") -> tuple[dict, dict[str, torch.Tensor]]:
+          progress: bool = False, heldout: bool = True, device=None, unit: str = "kv",
+          ridges: tuple[float, ...] | None = RIDGES) -> tuple[dict, dict[str, torch.Tensor], dict]:
     """The sequential refit: in every layer with removed units, the o columns of the units that stay are
     refitted so that the layer's attention output matches the original model's, and borrowed units get a
     fitted scale. Layers run in order on the model as the plan will make it (a second stream beside the
@@ -29,9 +31,10 @@ def refit(model: nn.Module, ids: torch.Tensor, removed: set, borrow: dict, rho: 
     layer was refitted first.
 
     Each layer is edited only while it runs and restored right after. Returns ({(layer, unit): scale} for
-    the units that borrow, the refitted o columns as `units.read_fitted` names them, on the CPU): a candidate
-    whose borrowing does not lower the cross-fitted error (`heldout_lenders`) is pruned instead. `removed` and
-    `borrow` name units of the kind `unit`.
+    the units that borrow, the refitted o columns as `units.read_fitted` names them, on the CPU, {layer: the
+    ridge its refit used, None where none was applied}): a candidate whose borrowing does not lower the
+    cross-fitted error is pruned instead, and the ridge is cross-fitted from `ridges` (`fit_layer`).
+    `removed` and `borrow` name units of the kind `unit`.
     """
     layout = layout_of(model.config, unit)
     U = layout.units_per_layer
@@ -40,6 +43,7 @@ def refit(model: nn.Module, ids: torch.Tensor, removed: set, borrow: dict, rho: 
     layers = {lay for lay, _ in removed}
     scales: dict = {}
     fitted: dict[str, torch.Tensor] = {}
+    used: dict[int, float | None] = {}
     stored = model_dtype(model)  # blocks may compute in float32 during their turn (calibration.compute_dtype)
 
     def source(sl: int, su: int) -> dict:
@@ -51,7 +55,7 @@ def refit(model: nn.Module, ids: torch.Tensor, removed: set, borrow: dict, rho: 
         return slices
 
     if not layers:
-        return scales, fitted
+        return scales, fitted, used
     h = None
     for layer, d in walk(model, ids, device, progress, desc="refit"):
         if layer > max(layers):
@@ -69,63 +73,86 @@ def refit(model: nn.Module, ids: torch.Tensor, removed: set, borrow: dict, rho: 
             for u in gone:
                 if (layer, u) in borrow:
                     set_slices(block, layout, u, source(*borrow[(layer, u)]))
-            handle = block.get_submodule(o.path).register_forward_pre_hook(
-                refit_hook(block, layout, layer, d, gone, borrow, source, rho, scales, heldout))
-            try:
-                h = d.run_block(block, h)
-            finally:
-                handle.remove()
+            z = edited_z(block, layout, d, h)
+            used[layer] = fit_layer(block, layout, layer, d, z, ids.shape[0], gone, borrow, source, rho, scales,
+                                    heldout, ridges)
+            h = d.run_block(block, h)
             for u in range(U):
                 if u not in gone:
                     fitted[fitted_key(layer, o.path, u)] = get_slices(block, layout, u)[o.path][0].to("cpu", stored).contiguous()
         finally:
             for u, slices in saved.items():
                 set_slices(block, layout, u, slices)
-    return scales, dict(sorted(fitted.items(), key=lambda kv: parse_fitted_key(kv[0])))
+    return scales, dict(sorted(fitted.items(), key=lambda kv: parse_fitted_key(kv[0]))), used
 
 
-def refit_hook(block, layout, layer, data, gone, borrow, source, rho, scales, heldout=True) -> Callable:
-    """A pre-hook on the o projection: sees this layer's heads' outputs on the modified model's input,
-    fits, and writes the o columns before the projection runs (so the block's output already uses them).
-    `source(layer, unit)` gives a root's slices as `share` will read them."""
+def edited_z(block, layout, data, h: torch.Tensor) -> torch.Tensor:
+    """(N, in) the o projection's input when `block`, as it is now, runs on the edited stream `h`: every
+    micro-batch's, so that a fit sees all the calibration tokens at once (the block's output is dropped)."""
+    got: list[torch.Tensor] = []
+    handle = block.get_submodule(layout.o_projection().path).register_forward_pre_hook(
+        lambda _m, args: got.append(args[0].reshape(-1, args[0].shape[-1])))
+    try:
+        data.run_block(block, h)
+    finally:
+        handle.remove()
+    return torch.cat(got)
+
+
+def fit_layer(block, layout, layer, data, z, rows, gone, borrow, source, rho, scales, heldout=True,
+              ridges: tuple[float, ...] | None = RIDGES) -> float | None:
+    """Fit one layer's o columns on the heads' outputs `z` (N, in) of the edited stream and write them into
+    `block`: the kept units' columns refitted toward the layer's original attention output, borrowed units
+    scaled, the other removed units zeroed. `source(layer, unit)` gives a root's slices as `share` will read
+    them; `rows` is the number of calibration sequences (the two cross-fitting folds are their halves).
+
+    With `ridges`, the ridge is chosen per layer from them by cross-fitting (fit on one half of the sequences,
+    measured on the other, both ways round), and not refitting at all is one of the choices: the refit is
+    applied only where it lowers the held-out error. With a calibration mix of two sources the halves are the
+    two sources, so the strength is chosen across kinds of text. Without `ridges` (or with `heldout` off) the
+    ridge is `rho`. Returns the ridge used (None: the kept columns were left as they were)."""
     U = layout.units_per_layer
     opath = layout.o_projection().path
-
-    def hook(_m, args):
-        z = args[0].reshape(-1, args[0].shape[-1])
-        target, w = data.a.double(), data.w
-        bias = block.get_submodule(opath).bias
-        if bias is not None:  # a per-layer constant that no unit owns: not part of the fit
-            target = target - bias.detach().double()
-        kept = [u for u in range(U) if u not in gone]
-        zs = {u: unit_z(z, layout, u) for u in range(U)}
-        wk = {u: o_columns(block, layout, u) for u in kept}
-        v = target - sum((zs[u] @ wk[u].T for u in kept), torch.zeros_like(target))
-        kz = torch.cat([zs[u] for u in kept], 1) if kept else None
-        fit = RidgeResidual(kz, w, rho)
-        lent = [u for u in gone if (layer, u) in borrow]
-        roots = {u: _columns(source(*borrow[(layer, u)])[opath][0], layout).to(z.device) for u in lent}
-        ys = {u: zs[u] @ roots[u].T for u in lent}
+    target, w = data.a.double(), data.w
+    bias = block.get_submodule(opath).bias
+    if bias is not None:  # a per-layer constant that no unit owns: not part of the fit
+        target = target - bias.detach().double()
+    kept = [u for u in range(U) if u not in gone]
+    zs = {u: unit_z(z, layout, u) for u in range(U)}
+    wk = {u: o_columns(block, layout, u) for u in kept}
+    v = target - sum((zs[u] @ wk[u].T for u in kept), torch.zeros_like(target))
+    kz = torch.cat([zs[u] for u in kept], 1) if kept else None
+    lent = [u for u in gone if (layer, u) in borrow]
+    roots = {u: _columns(source(*borrow[(layer, u)])[opath][0], layout).to(z.device) for u in lent}
+    ys = {u: zs[u] @ roots[u].T for u in lent}
+    split = half(z.shape[0], rows)
+    if heldout and ridges:
+        rho, lent = crossfit_ridge(kz, v, w, ys, split, ridges)
+    elif heldout:
         # a candidate borrows only if that lowers the cross-fitted error: an in-sample gain of a few
         # scalars is not enough (on SmolLM2 in-sample sharing made held-out perplexity worse than pruning)
-        split = half(z.shape[0], args[0].shape[0] if args[0].dim() == 3 else 1)
-        if heldout:
-            lent = heldout_lenders(kz, v, w, {u: ys[u] for u in lent}, rho, split)
-        ys = [ys[u] for u in lent]
-        a = fit_scales(fit, v, ys)
-        for u, y, s in zip(lent, ys, a.tolist(), strict=True):
-            v = v - s * y
-            scales[(layer, u)] = s
-            set_o_columns(block, layout, u, roots[u] * s)
-        if kept:
-            d = fit.solve(v)
-            width = d.shape[0] // len(kept)
-            for i, u in enumerate(kept):
-                set_o_columns(block, layout, u, wk[u] + d[i * width:(i + 1) * width].T)
-        for u in gone:
-            if u not in lent:
-                set_o_columns(block, layout, u, torch.zeros_like(o_columns(block, layout, u)))
-    return hook
+        lent = heldout_lenders(kz, v, w, ys, rho, split)
+    fit = RidgeResidual(kz if rho is not None else None, w, rho if rho is not None else 1.0)
+    ys = [ys[u] for u in lent]
+    a = fit_scales(fit, v, ys)
+    for u, y, s in zip(lent, ys, a.tolist(), strict=True):
+        v = v - s * y
+        scales[(layer, u)] = s
+        set_o_columns(block, layout, u, roots[u] * s)
+    if kept and rho is not None:
+        d = fit.solve(v)
+        width = d.shape[0] // len(kept)
+        for i, u in enumerate(kept):
+            set_o_columns(block, layout, u, wk[u] + d[i * width:(i + 1) * width].T)
+    for u in gone:
+        if u not in lent:
+            set_o_columns(block, layout, u, torch.zeros_like(o_columns(block, layout, u)))
+    return rho
+
+
+def ridges_note(used: dict) -> dict:
+    """{layer: ridge or "none"} for a plan's notes: what each refitted layer's cross-fitting chose."""
+    return {str(layer): ("none" if r is None else r) for layer, r in sorted(used.items())}
 
 
 def _columns(w: torch.Tensor, layout) -> torch.Tensor:

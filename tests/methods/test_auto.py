@@ -118,6 +118,15 @@ def test_the_plan_says_what_it_was_scored_on(tiny_model, tiny_tokenizer, tmp_pat
     plan = headshare.make_plan(model, AutoShareConfig(ratio=0.5, calib_tokens=256, val_tokens=128,
                                                       val=str(tmp_path / "v.txt")), tokenizer=tiny_tokenizer)
     assert plan.notes["val_text"] == str(tmp_path / "v.txt") and plan.config["val"] == str(tmp_path / "v.txt")
+    # chosen on another text, each candidate also carries its loss on the calibration text's kind: that of
+    # its plan on the tokens after calib_tokens, what the default would have chosen on
+    same = validation_ids(tiny_tokenizer, AutoShareConfig(ratio=0.5, calib_tokens=256, val_tokens=128))
+    for c in plan.notes["candidates"]:
+        assert c["calib_loss"] != c["val_loss"]
+    kept = next(c for c in plan.notes["candidates"] if c["candidate"] == plan.notes["chosen"])
+    assert held_out_loss(headshare.share(copy.deepcopy(model), plan), same) == pytest.approx(kept["calib_loss"],
+                                                                                          abs=1e-6)
     default = headshare.make_plan(tiny_model("llama-gqa"), AutoShareConfig(ratio=0.5, calib_tokens=256,
                                                                            val_tokens=128), tokenizer=tiny_tokenizer)
     assert default.notes["val_text"] == "builtin:calib (after calib_tokens)"
+    assert all("calib_loss" not in c for c in default.notes["candidates"])  # its val_loss is that already

@@ -39,7 +39,7 @@ def test_fitshare_plan_is_pure_data_with_its_fitted_weights(tiny_tokenizer, cali
     # making the plan left the model exactly as it was
     assert model.state_dict().keys() == original.state_dict().keys()
     assert all(torch.equal(v, original.state_dict()[k]) for k, v in model.state_dict().items())
-    assert plan.config == {"ratio": 0.5, "calib": calib_file, "calib_tokens": 128, "rho": 1.0, "window": 6,
+    assert plan.config == {"ratio": 0.5, "calib": calib_file, "calib_tokens": 128, "rho": 1.0, "crossfit": False, "window": 6,
                            "min_gain": 0.0, "heldout": True, "version": 1}
     assert "requires_weights" not in plan.notes and "calib" not in plan.notes
     assert plan.base_sha1 == weights_fingerprint(original)
@@ -72,6 +72,32 @@ def test_fitshare_plan_is_pure_data_with_its_fitted_weights(tiny_tokenizer, cali
     with pytest.raises(ValueError, match="fitted on other attention weights"):
         headshare.share(other, again)
     assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
+
+
+def test_the_refits_ridge_is_chosen_per_layer_and_a_refit_that_does_not_pay_off_is_not_applied(
+        tiny_tokenizer, tiny_model, tiny_plan, monkeypatch):
+    from headshare.methods import refit
+    from headshare.methods.refit import RIDGES
+
+    model = tiny_model("llama-gqa")
+    plan = tiny_plan(model, 0.5, "fitprune", crossfit=True)
+    layers = sorted({layer for layer, _ in plan.pruned})
+    ridges = plan.notes["ridges"]
+    assert sorted(map(int, ridges)) == layers and all(r == "none" or r in RIDGES for r in ridges.values())
+    layout = layout_of(model.config)
+    for key, w in plan.fitted.items():
+        layer, u = int(key.split(".")[0]), int(key.rsplit("unit", 1)[1])
+        w0 = get_slices(blocks(model)[layer], layout, u)["self_attn.o_proj"][0]
+        assert torch.equal(w, w0) == (ridges[str(layer)] == "none")  # left as it was exactly where not refitted
+    fixed = tiny_plan(model, 0.5, "fitprune", rho=0.5)  # the default: one ridge everywhere
+    assert set(fixed.notes["ridges"].values()) == {0.5}
+    # where cross-fitting finds that no refit pays off, the kept units' columns are written back unchanged
+    monkeypatch.setattr(refit, "crossfit_ridge", lambda *a: (None, []))
+    unfitted = tiny_plan(model, 0.5, "fitprune", crossfit=True)
+    assert set(unfitted.notes["ridges"].values()) == {"none"} and unfitted.pruned == plan.pruned
+    for key, w in unfitted.fitted.items():
+        layer, u = int(key.split(".")[0]), int(key.rsplit("unit", 1)[1])
+        assert torch.equal(w, get_slices(blocks(model)[layer], layout, u)["self_attn.o_proj"][0])
 
 
 def test_save_load_round_trip_is_bit_exact(tiny_tokenizer, tmp_path, tiny_model, tiny_plan):

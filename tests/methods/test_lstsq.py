@@ -27,6 +27,7 @@ from headshare.methods.lstsq import (
     EXHAUSTIVE,
     RidgeResidual,
     candidate_subsets,
+    crossfit_ridge,
     fit_scales,
     fold_grams,
     greedy_order,
@@ -415,3 +416,22 @@ def test_selection_on_many_units_a_layer_weighs_nested_subsets(tiny_tokenizer, t
     assert all(set(a) < set(b) for a, b in zip(subsets, subsets[1:], strict=False))
     plan = headshare.make_plan(model, 0.25, "fitprune", unit="query", tokenizer=tiny_tokenizer, calib_tokens=256)
     assert len(plan.pruned) == 4
+
+
+def test_crossfit_ridge_refits_where_it_generalises_and_not_where_it_fits_noise():
+    g = torch.Generator().manual_seed(0)
+    n, k = 64, 24
+    kz = torch.randn(n, k, generator=g, dtype=torch.float64)
+    w = torch.ones(n, 1, dtype=torch.float64)
+    # the target is the kept units' output under other columns: a refit recovers it on either half
+    signal = kz @ torch.randn(k, 3, generator=g, dtype=torch.float64)
+    rho, lent = crossfit_ridge(kz, signal, w, {}, n // 2, (0.1, 1.0, 10.0))
+    assert rho == 0.1 and lent == []
+    # noise the kept units cannot explain: 24 columns fitted on 32 tokens with a weak ridge only make the other
+    # half worse
+    noise = torch.randn(n, 3, generator=g, dtype=torch.float64)
+    rho, lent = crossfit_ridge(kz, noise, w, {}, n // 2, (0.01, 0.1))
+    assert rho is None and lent == []
+    # a borrower whose output is the target pays off held out, with or without the refit
+    rho, lent = crossfit_ridge(kz, noise, w, {7: noise.clone()}, n // 2, (0.01, 0.1))
+    assert lent == [7]

@@ -46,7 +46,7 @@ from ...units import weights_fingerprint
 from ..base import CalibConfig, register_method
 from ..calibration import calibration_ids, layer_gram, walk
 from ..lstsq import candidate_subsets, half
-from ..refit import RHO
+from ..refit import RHO, RIDGES, ridges_note
 from .bases import fit_bases, layer_groups, own_rows
 from .fixed import fixed_choice, pruning_costs
 from .heldout import heldout_choice
@@ -63,12 +63,14 @@ class BasisShareConfig(CalibConfig):
     group: int = GROUP  # consecutive layers that share one basis
     prune: float = PRUNE  # share of the parameter budget spent on pruning whole units (the rest: bases)
     rho: float = RHO  # ridge of the o refit, as in fitprune
+    crossfit: bool = False  # the refit's ridge cross-fitted per layer (no refit where none pays off), as in fitprune
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check(self, "group", is_integer(self.group) and self.group >= 1, "an integer >= 1")
         check(self, "prune", is_number(self.prune) and 0 <= self.prune <= 1, "a number in [0, 1]")
         check(self, "rho", is_number(self.rho) and self.rho >= 0, "a number >= 0")
+        check(self, "crossfit", isinstance(self.crossfit, bool), "true or false")
 
 
 @register_method("basisshare", BasisShareConfig, "prune the cheapest units, put the q/k/v of each group of layers "
@@ -141,7 +143,8 @@ def _plan(model, cfg: BasisShareConfig, tokenizer, progress: bool, name: str, he
     in_basis = {layer: basis for g, basis in bases for layer in g}
     t1 = time.perf_counter()
 
-    fitted = sequential_refit(model, ids, layout, ins, pruned, rows, coefs, in_basis, cfg.rho, device, progress)
+    fitted, ridges = sequential_refit(model, ids, layout, ins, pruned, rows, coefs, in_basis, cfg.rho, device,
+                                      progress, RIDGES if cfg.crossfit else None)
     fitted.update(basis_tensors(model, layout, ins, bases, coefs))
     h = layout.hidden_size
     by_bases = sum(h * m - r * (h + m) for m, r in ((sum(len(rows[(la, p.path)]) for la in g for p in ins), r)
@@ -152,7 +155,7 @@ def _plan(model, cfg: BasisShareConfig, tokenizer, progress: bool, name: str, he
              "select": "heldout" if heldout else "fixed", "rank": max((r for _, r in chosen), default=0),
              "ranks": [r for _, r in chosen], "groups": len(bases), "units_pruned": len(pruned),
              "params_budget": budget, "params_by_bases": by_bases,
-             "choice_seconds": round(t_choice, 1),
+             "choice_seconds": round(t_choice, 1), "ridges": ridges_note(ridges),
              "select_seconds": round(t1 - t0, 1), "refit_seconds": round(time.perf_counter() - t1, 1)}
     return new_plan(model, name, cfg.ratio, unit_kind=cfg.unit, pruned=sorted(pruned), notes=notes, fitted=fitted,
                     base_sha1=base, bases=[{"layers": g, "rank": r} for g, r in chosen])

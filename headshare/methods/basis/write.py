@@ -8,7 +8,7 @@ import torch
 from ...arch import blocks
 from ...units import basis_key, coef_key, fitted_key, get_slices, set_slices
 from ..calibration import model_dtype, walk
-from ..refit import refit_hook
+from ..refit import edited_z, fit_layer
 from .bases import orient
 
 
@@ -25,15 +25,17 @@ def write_dense(block, ins, rows, coefs, basis, layer) -> None:
 
 @torch.no_grad()
 def sequential_refit(model, ids, layout, ins, pruned: set, rows: dict, coefs: dict, in_basis: dict, rho: float,
-                     device, progress: bool) -> dict[str, torch.Tensor]:
+                     device, progress: bool, ridges: tuple[float, ...] | None) -> tuple[dict[str, torch.Tensor], dict]:
     """The sequential pass on the model as the plan will make it (dense coef x basis standing in for the bases,
     pruned units zero), each layer edited while it runs and restored after, the edited model's stream beside the
-    original: the o columns of the units that stay in touched layers, refitted (`refit_hook`), by `fitted_key`."""
+    original: the o columns of the units that stay in touched layers, refitted (`refit.fit_layer`, its ridge
+    cross-fitted from `ridges`), by `fitted_key`, and {layer: the ridge used, None where no refit paid off}."""
     bl, U = blocks(model), layout.units_per_layer
     own = {layer: [u for u in range(U) if (layer, u) not in pruned] for layer in range(layout.num_layers)}
     touched = {layer for layer, _ in pruned} | set(in_basis)
     opath = layout.o_projection().path
     fitted: dict[str, torch.Tensor] = {}
+    used: dict[int, float | None] = {}
     stored = model_dtype(model)  # blocks may compute in float32 during their turn (calibration.compute_dtype)
     h = None
     for layer, d in walk(model, ids, device, progress, desc="refit"):
@@ -45,7 +47,6 @@ def sequential_refit(model, ids, layout, ins, pruned: set, rows: dict, coefs: di
             h = d.run_block(block, h)
             continue
         saved = {u: get_slices(block, layout, u) for u in range(U)}
-        handles = []
         try:
             for u in range(U):
                 if (layer, u) in pruned:
@@ -53,17 +54,15 @@ def sequential_refit(model, ids, layout, ins, pruned: set, rows: dict, coefs: di
             if layer in in_basis:
                 write_dense(block, ins, rows, coefs, in_basis[layer].to(d.x.device), layer)
             gone = [u for u in range(U) if (layer, u) in pruned]
-            handles.append(block.get_submodule(opath).register_forward_pre_hook(
-                refit_hook(block, layout, layer, d, gone, {}, None, rho, {}, True)))
+            z = edited_z(block, layout, d, h)
+            used[layer] = fit_layer(block, layout, layer, d, z, ids.shape[0], gone, {}, None, rho, {}, True, ridges)
             h = d.run_block(block, h)
             for u in own[layer]:
                 fitted[fitted_key(layer, opath, u)] = get_slices(block, layout, u)[opath][0].to("cpu", stored).contiguous()
         finally:
-            for hd in handles:
-                hd.remove()
             for u, slices in saved.items():
                 set_slices(block, layout, u, slices)
-    return fitted
+    return fitted, used
 
 
 def basis_tensors(model, layout, ins, bases: list, coefs: dict) -> dict[str, torch.Tensor]:
