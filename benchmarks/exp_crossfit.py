@@ -40,11 +40,11 @@ def main() -> None:
     rows: list[dict] = []
     for ratio in (float(r) for r in args.ratios.split(",")):
         for crossfit in (True, False):
+            if not crossfit and all(v == 1.0 for v in rows[-1]["ridges"].values()):
+                continue
             t0 = time.time()
             cfg = make_config("fitprune", ratio, calib=args.calib, calib_tokens=args.calib_tokens, crossfit=crossfit)
             plan = headshare.make_plan(model, cfg, tokenizer=tok)
-            if not crossfit and all(v == 1.0 for v in rows[-1]["ridges"].values()):
-                continue
             shared = headshare.share(copy.deepcopy(model), plan)
             ppl = {k: round(perplexity(shared, tok, body, max_tokens=args.max_tokens, progress=False)["perplexity"], 3)
                    for k, body in texts.items()}

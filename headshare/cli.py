@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -246,8 +247,6 @@ def _summary_table(s: dict) -> str:
 
 def _candidate_cell(c: dict) -> str:
     """An autoshare candidate's held-out losses (and perplexities) for the summary table."""
-    import math
-
     cell = f"loss {c['val_loss']:.4f} (perplexity {math.exp(c['val_loss']):.2f})"
     if "calib_loss" in c:
         cell += f"; on the calibration text's kind {c['calib_loss']:.4f} ({math.exp(c['calib_loss']):.2f})"

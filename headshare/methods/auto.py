@@ -133,7 +133,7 @@ def autoshare(model, cfg: AutoShareConfig, tokenizer=None, progress: bool = Fals
         seconds = time.perf_counter() - t0
         loss = held_out_loss(model, val, plan, device)  # the shared model, emulated one block at a time
         scores.append({"candidate": f"{method}@{unit}", "ratio": sub.ratio, "val_loss": round(loss, 6),
-                       **({"calib_loss": round(held_out_loss(model, same, plan, device), 6)} if cfg.val else {}),
+                       **({"calib_loss": round(held_out_loss(model, same, plan, device), 6)} if same is not None else {}),
                        "plan_seconds": round(seconds, 1)})
         if best is None or loss < best[0]:
             best = (loss, plan, scores[-1]["candidate"])

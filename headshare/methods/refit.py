@@ -22,7 +22,7 @@ RIDGES = (0.1, 1.0, 10.0, 100.0, 1000.0)
 @torch.no_grad()
 def refit(model: nn.Module, ids: torch.Tensor, removed: set, borrow: dict, rho: float = RHO,
           progress: bool = False, heldout: bool = True, device=None, unit: str = "kv",
-          ridges: tuple[float, ...] | None = RIDGES) -> tuple[dict, dict[str, torch.Tensor], dict]:
+          ridges: tuple[float, ...] | None = None) -> tuple[dict, dict[str, torch.Tensor], dict]:
     """The sequential refit: in every layer with removed units, the o columns of the units that stay are
     refitted so that the layer's attention output matches the original model's, and borrowed units get a
     fitted scale. Layers run in order on the model as the plan will make it (a second stream beside the
@@ -74,8 +74,7 @@ def refit(model: nn.Module, ids: torch.Tensor, removed: set, borrow: dict, rho: 
                 if (layer, u) in borrow:
                     set_slices(block, layout, u, source(*borrow[(layer, u)]))
             z = edited_z(block, layout, d, h)
-            used[layer] = fit_layer(block, layout, layer, d, z, ids.shape[0], gone, borrow, source, rho, scales,
-                                    heldout, ridges)
+            used[layer] = fit_layer(block, layout, layer, d, z, gone, borrow, source, rho, scales, heldout, ridges)
             h = d.run_block(block, h)
             for u in range(U):
                 if u not in gone:
@@ -99,12 +98,12 @@ def edited_z(block, layout, data, h: torch.Tensor) -> torch.Tensor:
     return torch.cat(got)
 
 
-def fit_layer(block, layout, layer, data, z, rows, gone, borrow, source, rho, scales, heldout=True,
-              ridges: tuple[float, ...] | None = RIDGES) -> float | None:
+def fit_layer(block, layout, layer, data, z, gone, borrow, source, rho, scales, heldout=True,
+              ridges: tuple[float, ...] | None = None) -> float | None:
     """Fit one layer's o columns on the heads' outputs `z` (N, in) of the edited stream and write them into
     `block`: the kept units' columns refitted toward the layer's original attention output, borrowed units
     scaled, the other removed units zeroed. `source(layer, unit)` gives a root's slices as `share` will read
-    them; `rows` is the number of calibration sequences (the two cross-fitting folds are their halves).
+    them. The two cross-fitting folds are the halves of the calibration sequences.
 
     With `ridges`, the ridge is chosen per layer from them by cross-fitting (fit on one half of the sequences,
     measured on the other, both ways round), and not refitting at all is one of the choices: the refit is
@@ -125,7 +124,7 @@ def fit_layer(block, layout, layer, data, z, rows, gone, borrow, source, rho, sc
     lent = [u for u in gone if (layer, u) in borrow]
     roots = {u: _columns(source(*borrow[(layer, u)])[opath][0], layout).to(z.device) for u in lent}
     ys = {u: zs[u] @ roots[u].T for u in lent}
-    split = half(z.shape[0], rows)
+    split = half(z.shape[0], data.h.shape[0])
     if heldout and ridges:
         rho, lent = crossfit_ridge(kz, v, w, ys, split, ridges)
     elif heldout:

@@ -55,7 +55,7 @@ def sequential_refit(model, ids, layout, ins, pruned: set, rows: dict, coefs: di
                 write_dense(block, ins, rows, coefs, in_basis[layer].to(d.x.device), layer)
             gone = [u for u in range(U) if (layer, u) in pruned]
             z = edited_z(block, layout, d, h)
-            used[layer] = fit_layer(block, layout, layer, d, z, ids.shape[0], gone, {}, None, rho, {}, True, ridges)
+            used[layer] = fit_layer(block, layout, layer, d, z, gone, {}, None, rho, {}, True, ridges)
             h = d.run_block(block, h)
             for u in own[layer]:
                 fitted[fitted_key(layer, opath, u)] = get_slices(block, layout, u)[opath][0].to("cpu", stored).contiguous()
