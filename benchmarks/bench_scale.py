@@ -25,6 +25,14 @@ weights grows by at most one block's weights (0.4 GB in bf16) from 2 to 8 layers
     python benchmarks/bench_scale.py --layers 2 --methods autoshare --timeout 1500 \
         --json benchmarks/results/scale_cpu.json          # appends to the rows already there
 
+Real-model part (--models ALIAS,...): the built-in checkpoints (fetched and cached by `headshare fetch`), per
+--dtypes and --methods one timed `share` process as above (weights = the fp32 checkpoint's bytes, halved for
+bf16), then `headshare eval` of its output and of the original on --eval-tokens of the built-in evaluation
+text for the dtypes in --eval-dtypes. A rerun adds only the rows that are missing.
+
+    python benchmarks/bench_scale.py --models qwen2.5-coder-1.5b --methods prune,fitprune \
+        --json benchmarks/results/scale_models.json
+
 GPU part (--gpu; refused without a CUDA device). The full 32-layer shape (--gpu-layers) is built from its
 config straight on the GPU in bf16 (or on the CPU for --offload mode), nothing is saved, and each of
 autoshare and directshare at --ratio runs in a fresh process twice: the whole model on the GPU, and left in
@@ -180,18 +188,23 @@ def method_args(spec: str) -> list[str]:
     return args
 
 
-def measure(ckpt: Path, layers: int, method: str, ratio: float, cache: Path, timeout: float) -> dict:
-    out = cache / "out" / f"L{layers}-{method}"
+def measure(ckpt: Path | str, layers: int, method: str, ratio: float, cache: Path, timeout: float,
+            dtype: str = "bfloat16", wbytes: int | None = None, tag: str | None = None,
+            keep: bool = False) -> dict:
+    """One fresh `headshare share` process: wall time, peak RSS, the bars it reached and the output's info.
+    `keep`: leave the output checkpoint (row["out"]) for an evaluation; otherwise it is deleted."""
+    tag = tag or f"L{layers}-{method}"
+    out = cache / "out" / tag
     logs = cache / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    log_path = logs / f"L{layers}-{method}.log"
+    log_path = logs / f"{tag}.log"
     exe = shutil.which("headshare") or str(Path(sys.executable).with_name("headshare"))
-    cmd = [exe, "share", str(ckpt), *method_args(method), "--ratio", str(ratio), "--dtype", "bfloat16",
+    cmd = [exe, "share", str(ckpt), *method_args(method), "--ratio", str(ratio), "--dtype", dtype,
            "--device", "cpu", "--out", str(out), "--force", "--json"]
-    wbytes = weight_bytes(ckpt)
+    wbytes = weight_bytes(Path(ckpt)) if wbytes is None else wbytes
     print(f"[{datetime.now(timezone.utc):%H:%M:%S}] {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
-    with open(log_path, "w") as log, open(logs / f"L{layers}-{method}.out", "w") as stdout:
+    with open(log_path, "w") as log, open(logs / f"{tag}.out", "w") as stdout:
         proc = subprocess.Popen(cmd, stdout=stdout, stderr=log, start_new_session=True)
         deadline = t0 + timeout
         killed = False
@@ -208,12 +221,13 @@ def measure(ckpt: Path, layers: int, method: str, ratio: float, cache: Path, tim
     rss = usage.ru_maxrss * 1024  # kB on Linux
     text = log_path.read_text(errors="replace")
     row = {
-        "layers": layers, "method": method, "ratio": ratio,
+        "layers": layers, "method": method, "ratio": ratio, "dtype": dtype,
         "command": "headshare " + " ".join(cmd[1:]),
         "status": "timeout (killed)" if killed else ("ok" if proc.returncode == 0 else f"rc {proc.returncode}"),
         "wall_s": round(wall, 1), "wall_s_per_layer": round(wall / layers, 1),
         "peak_rss_gb": round(rss / GB, 3), "weight_gb": round(wbytes / GB, 3),
         "peak_rss_minus_weights_gb": round((rss - wbytes) / GB, 3),
+        "loadavg_after": [round(x, 2) for x in os.getloadavg()],
         "bars": bar_states(text), "log": str(log_path),
     }
     if proc.returncode == 0:
@@ -223,10 +237,27 @@ def measure(ckpt: Path, layers: int, method: str, ratio: float, cache: Path, tim
                 row["info"] = json.loads(info.stdout)
             except json.JSONDecodeError:
                 row["info"] = info.stdout[-4000:]
-        shutil.rmtree(out, ignore_errors=True)  # GBs of output: keep the numbers, not the checkpoint
+        if keep:
+            row["out"] = str(out)
+        else:
+            shutil.rmtree(out, ignore_errors=True)  # GBs of output: keep the numbers, not the checkpoint
     else:
         row["stderr_tail"] = text[-2000:]
     return row
+
+
+def perplexity_of(model: str, dtype: str, max_tokens: int, timeout: float) -> dict:
+    """`headshare eval MODEL --max-tokens N --dtype D --device cpu --json` in a fresh process: the built-in
+    evaluation text's perplexity and the seconds it took."""
+    exe = shutil.which("headshare") or str(Path(sys.executable).with_name("headshare"))
+    t0 = time.perf_counter()
+    res = subprocess.run([exe, "eval", model, "--max-tokens", str(max_tokens), "--dtype", dtype, "--device", "cpu",
+                          "--json"], capture_output=True, text=True, timeout=timeout)
+    if res.returncode:
+        return {"eval_status": f"rc {res.returncode}", "eval_stderr_tail": res.stderr[-1500:]}
+    out = json.loads(res.stdout)
+    return {"perplexity": round(out["perplexity"], 4), "eval_tokens": out.get("tokens"),
+            "eval_s": round(time.perf_counter() - t0, 1)}
 
 
 def machine() -> dict:
@@ -269,6 +300,51 @@ def run_cpu(args) -> None:
             save(path, doc)
             print(json.dumps({k: row[k] for k in ("layers", "method", "status", "wall_s", "wall_s_per_layer",
                                                    "peak_rss_gb", "peak_rss_minus_weights_gb")}), flush=True)
+
+
+def run_models(args) -> None:
+    """Real built-in models: per model, dtype and method one timed `share` process, then the perplexity of
+    its output (and of the original) on --eval-tokens of the built-in evaluation text where the dtype is in
+    --eval-dtypes (a bf16 model on a CPU evaluates slowly: no fast bf16 kernels here)."""
+    from headshare.fetch import fetch
+
+    cache = Path(args.cache)
+    path = Path(args.json)
+    doc = json.loads(path.read_text()) if path.exists() and not args.fresh else {}
+    doc.setdefault("runs", [])
+    doc.setdefault("machines", []).append({**machine(), "date": datetime.now(timezone.utc).isoformat()})
+    save(path, doc)
+    for alias in args.models:
+        ckpt = Path(fetch(alias))
+        config = json.loads((ckpt / "config.json").read_text())
+        layers = config.get("num_hidden_layers") or config["text_config"]["num_hidden_layers"]
+        fp32 = weight_bytes(ckpt)  # the cached checkpoint is float32
+        for dtype in args.dtypes:
+            wbytes = fp32 // 2 if dtype in ("bfloat16", "float16") else fp32
+            evaluate = dtype in args.eval_dtypes
+            if evaluate and not any(r.get("model") == alias and r["method"] == "original" and r["dtype"] == dtype
+                                    for r in doc["runs"]):
+                row = {"model": alias, "method": "original", "dtype": dtype, "ratio": 0.0,
+                       **perplexity_of(alias, dtype, args.eval_tokens, args.timeout)}
+                doc["runs"].append(row)
+                save(path, doc)
+                print(json.dumps(row), flush=True)
+            for method in args.methods:
+                if any(r.get("model") == alias and r["method"] == method and r["dtype"] == dtype
+                       and r.get("status") == "ok" for r in doc["runs"]):
+                    continue  # measured already (a rerun appends only what is missing)
+                row = measure(ckpt, layers, method, args.ratio, cache, args.timeout, dtype=dtype, wbytes=wbytes,
+                              tag=f"{alias}-{dtype}-{method}", keep=evaluate)
+                row["model"] = alias
+                if evaluate and row.get("out"):
+                    row.update(perplexity_of(row.pop("out"), dtype, args.eval_tokens, args.timeout))
+                    shutil.rmtree(cache / "out" / f"{alias}-{dtype}-{method}", ignore_errors=True)
+                row["date"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+                doc["runs"].append(row)
+                save(path, doc)
+                print(json.dumps({k: row.get(k) for k in ("model", "dtype", "method", "status", "wall_s",
+                                                           "peak_rss_gb", "peak_rss_minus_weights_gb",
+                                                           "perplexity")}), flush=True)
 
 
 # -- the GPU part ------------------------------------------------------------------------------------------
@@ -356,6 +432,11 @@ def main() -> None:
     ap.add_argument("--fresh", action="store_true", help="start --json afresh instead of appending")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds before a run is killed")
     ap.add_argument("--tok-vocab", type=int, default=8192, help="entries of the trained tokenizer (<= 32000)")
+    ap.add_argument("--models", default="", help="comma list of built-in model aliases: the real-model part "
+                    "(time, memory and perplexity per dtype and method) instead of the 7B shape")
+    ap.add_argument("--dtypes", default="float32,bfloat16", help="comma list (real-model part)")
+    ap.add_argument("--eval-dtypes", default="float32", help="dtypes whose outputs are evaluated (real-model part)")
+    ap.add_argument("--eval-tokens", type=int, default=8192)
     ap.add_argument("--gpu", action="store_true", help="the GPU part instead of the CPU part")
     ap.add_argument("--gpu-layers", type=int, default=32)
     ap.add_argument("--gpu-modes", default="gpu,offload", help="comma list of gpu (whole model) and offload")
@@ -364,10 +445,14 @@ def main() -> None:
     args.layers = [int(x) for x in args.layers.split(",") if x]
     args.methods = [m for m in args.methods.split(",") if m]
     args.gpu_modes = [m for m in args.gpu_modes.split(",") if m]
+    args.models, args.dtypes, args.eval_dtypes = ([x for x in v.split(",") if x]
+                                                  for v in (args.models, args.dtypes, args.eval_dtypes))
     if args.gpu_child:
         print(json.dumps(gpu_child(args)), flush=True)
     elif args.gpu:
         run_gpu(args)
+    elif args.models:
+        run_models(args)
     else:
         run_cpu(args)
 

@@ -261,6 +261,7 @@ def info(path: str | Path) -> dict:
     return {
         "method": plan.method,
         "chosen": plan.notes.get("chosen"),  # autoshare: the candidate it kept
+        "why": plan.notes.get("why"),  # autoshare: why, in one sentence (unit kind and margins)
         "candidates": plan.notes.get("candidates", []),  # autoshare: every candidate's held-out losses
         "val_text": plan.notes.get("val_text"),  # autoshare: the text it chose on
         "ratio": plan.ratio,

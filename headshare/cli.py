@@ -236,6 +236,8 @@ def _summary_table(s: dict) -> str:
     ]
     if s.get("candidates"):
         rows.append(("candidates", f"chosen on the loss on {s.get('val_text')}"))
+        if s.get("why"):
+            rows.append(("  why", s["why"]))
         rows += [("  " + c["candidate"], _candidate_cell(c)) for c in s["candidates"]]
     if "perplexity_shared" in s:
         rows.append(("perplexity", f"{s['perplexity_original']:.3f} -> {s['perplexity_shared']:.3f} "

@@ -14,6 +14,7 @@ import headshare
 from headshare.cli import main
 from headshare.evaluate import perplexity
 from headshare.fetch import load_model
+from headshare.methods.auto import UNIT_WORDS
 
 # the paper's method, named: share and plan default to autoshare, slower than these tests need
 PAPER = ("--method", "directshare")
@@ -263,6 +264,10 @@ def test_cli_share_and_info_name_the_candidate_kept(tmp_path, calib_file, capsys
     assert min(s["candidates"], key=lambda c: c["val_loss"])["candidate"] == s["chosen"]
     for c in s["candidates"]:
         assert f"  {c['candidate']}" in printed and f"loss {c['val_loss']:.4f}" in printed
+    # and in one sentence: the unit kind kept and the margin over the other kind
+    assert s["why"].startswith(f"{UNIT_WORDS[s['unit_kind']]}: {s['chosen']} has the least held-out loss")
+    assert "below the best on" in s["why"]
+    assert any(line.startswith("  why ") and line.endswith(s["why"]) for line in printed.splitlines())
 
 
 # -- eval: perplexity, KL against a reference, lm-eval tasks, on plain and shared checkpoints -------------

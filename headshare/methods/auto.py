@@ -141,7 +141,32 @@ def autoshare(model, cfg: AutoShareConfig, tokenizer=None, progress: bool = Fals
         raise HeadshareError("no autoshare candidate can remove this budget on this model: "
                          + "; ".join(f"{s['candidate']}: {s['reason']}" for s in skipped) + "; lower the ratio")
     _, plan, chosen = best
-    plan.notes = {**plan.notes, "chosen": chosen, "candidates": scores, "val_tokens": int(val.numel()),
+    plan.notes = {**plan.notes, "chosen": chosen, "why": why_chosen(scores, chosen), "candidates": scores,
+                  "val_tokens": int(val.numel()),
                   "val_text": cfg.val or f"{cfg.calib} (after calib_tokens)",
                   "candidate_config": plan.config, **({"skipped": skipped} if skipped else {})}
     return plan
+
+
+UNIT_WORDS = {"kv": "key/value units", "query": "query heads"}
+
+
+def why_chosen(scores: list[dict], chosen: str) -> str:
+    """One sentence on why `chosen` was kept among the scored candidates: which kind of unit, by how much its
+    held-out perplexity beats the best candidate on the other kind, and the runner-up of its own kind."""
+    loss = {s["candidate"]: s["val_loss"] for s in scores}
+    unit = chosen.partition("@")[2]
+    other = [c for c in loss if c.partition("@")[2] != unit]
+    same = [c for c in loss if c.partition("@")[2] == unit and c != chosen]
+    words = {u: UNIT_WORDS.get(u, u) for u in UNIT_KINDS}
+    other_kind = next((u for u in UNIT_KINDS if u != unit), unit)
+    text = f"{words[unit]}: {chosen} has the least held-out loss ({loss[chosen]:.4f})"
+    for label, pool in ((f"the best on {words[other_kind]}", other), (f"the next on {words[unit]}", same)):
+        if pool:
+            rival = min(pool, key=loss.get)
+            gap = 100 * (math.exp(loss[rival] - loss[chosen]) - 1)
+            text += f"; perplexity {gap:.1f} % below {label}, {rival} ({loss[rival]:.4f})"
+    if not other:
+        text += f"; no candidate on {words[other_kind]} ran"
+    return text
+

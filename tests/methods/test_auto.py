@@ -12,7 +12,7 @@ import headshare
 from headshare.arch import layout_of
 from headshare.errors import HeadshareError
 from headshare.methods import AutoShareConfig, make_config
-from headshare.methods.auto import candidate_ratio, held_out_loss, validation_ids
+from headshare.methods.auto import candidate_ratio, held_out_loss, validation_ids, why_chosen
 from headshare.plan import SharePlan, units_for_ratio
 from headshare.sharing import unique_parameters
 
@@ -34,6 +34,7 @@ def test_keeps_the_candidate_with_the_least_held_out_loss(tiny_tokenizer, calib_
     assert [s["candidate"] for s in scores] == CANDIDATES.split(",")
     best = min(scores, key=lambda s: s["val_loss"])
     assert plan.notes["chosen"] == best["candidate"] and plan.method == "autoshare"
+    assert plan.notes["why"] == why_chosen(scores, best["candidate"])
     method, unit = best["candidate"].split("@")
     assert plan.unit_kind == unit
     # the winner is exactly that candidate's plan, and its score is what its shared model gets
@@ -49,6 +50,18 @@ def test_keeps_the_candidate_with_the_least_held_out_loss(tiny_tokenizer, calib_
 
     ids = tokenize(tiny_tokenizer, load_text(calib_file, split="calib"), bos=False)
     assert torch.equal(val.flatten(), ids[96:96 + val.numel()])
+
+
+def test_why_names_the_unit_kind_and_the_margins():
+    scores = [{"candidate": "choiceshare@query", "val_loss": 2.8}, {"candidate": "basisshare@kv", "val_loss": 2.9},
+              {"candidate": "prune@kv", "val_loss": 3.0}, {"candidate": "prune@query", "val_loss": 2.85}]
+    why = why_chosen(scores, "choiceshare@query")
+    assert why.startswith("query heads: choiceshare@query has the least held-out loss (2.8000)")
+    # exp(0.1) - 1 = 10.5 % below the best key/value candidate; exp(0.05) - 1 = 5.1 % below the next query one
+    assert "10.5 % below the best on key/value units, basisshare@kv (2.9000)" in why
+    assert "5.1 % below the next on query heads, prune@query (2.8500)" in why
+    alone = why_chosen(scores[1:3], "basisshare@kv")
+    assert alone.startswith("key/value units: basisshare@kv") and alone.endswith("no candidate on query heads ran")
 
 
 def test_every_candidate_removes_at_least_the_budget(tiny_tokenizer, calib_file, tiny_model):

@@ -118,13 +118,30 @@ def test_full_rank_basis_changes_nothing(tiny_tokenizer):
     torch.manual_seed(0)
     x = torch.randn(200, 16, dtype=torch.float64)
     w = torch.randn(24, 16, dtype=torch.float64)
-    basis, coef = whitened_basis(x.T @ x, w, 16)
-    torch.testing.assert_close(coef @ basis, w)
+    basis, coef_map = whitened_basis(x.T @ x, [w], 16)
+    torch.testing.assert_close(w @ coef_map @ basis, w)
     # a lower rank is the best one in the whitened norm: better on x than the plain SVD of w
-    b8, c8 = whitened_basis(x.T @ x, w, 8)
+    b8, m8 = whitened_basis(x.T @ x, [w], 8)
     u, s, vh = torch.linalg.svd(w)
     plain = (u[:, :8] * s[:8]) @ vh[:8]
-    assert (x @ (w - c8 @ b8).T).norm() <= (x @ (w - plain).T).norm()
+    assert (x @ (w - w @ m8 @ b8).T).norm() <= (x @ (w - plain).T).norm()
+
+
+def test_basis_from_pieces_is_the_basis_of_the_stacked_rows():
+    """Rows given piece by piece (never stacked: more rows than the hidden size go through their summed Gram)
+    give the basis and coefficients that the SVD of all rows at once gives."""
+    torch.manual_seed(1)
+    x = torch.randn(300, 16, dtype=torch.float64)
+    pieces = [torch.randn(n, 16, dtype=torch.float64) for n in (6, 9, 12)]  # 27 rows > 16: the Gram route
+    basis, coef_map = whitened_basis(x.T @ x, iter(pieces), 5)
+    w = torch.cat(pieces)
+    g = x.T @ x + 1e-6 * (x.T @ x).diagonal().mean() * torch.eye(16, dtype=torch.float64)
+    s = torch.linalg.cholesky(g)
+    u = torch.linalg.svd(s.T @ w.T, full_matrices=False)[0][:, :5]
+    want = torch.linalg.solve_triangular(s.T, u, upper=True).T
+    # the same rank-5 map of every row (a basis is defined up to the signs of its vectors)
+    torch.testing.assert_close(w @ coef_map @ basis, (s.T @ w.T).T @ u @ want)
+    assert (x @ (w - w @ coef_map @ basis).T).norm() < (x @ w.T).norm()
 
 
 def test_rank_for_budget_is_the_largest_that_meets_it():

@@ -4,6 +4,7 @@ group's calibration inputs, and the row and rank bookkeeping both choices share.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 from tqdm.auto import tqdm
@@ -25,23 +26,29 @@ def rank_for_budget(dense: list[tuple[int, int]], budget: int) -> int:
 
 
 @torch.no_grad()
-def whitened_basis(g: torch.Tensor, w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(basis (rank, hidden), coefficients (rows, rank)) minimising ||x w^T - x basis^T coef^T|| for inputs x
-    whose Gram x^T x is `g` (float64).
+def whitened_basis(g: torch.Tensor, ws: Iterable[torch.Tensor], rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(basis (rank, hidden), coefficient map (hidden, rank)) minimising ||x w^T - x basis^T coef^T|| for the
+    rows w of all of `ws` together ((rows, hidden) float64 pieces, read once, one at a time), inputs x whose
+    Gram x^T x is `g` (float64), and coef = w @ map: each piece's coefficients come from its own rows.
 
     With x^T x = S S^T, the error is ||S^T (w^T - basis^T coef^T)||: the leading left singular vectors U of
-    A = S^T w^T, mapped back, and coef = A^T U. With more rows than the hidden size (every group but a tiny
-    one) U comes from the eigenvectors of A A^T (hidden x hidden): on a 7B group of 20,000 rows 38 s against
-    the SVD's 224 s, the same subspace."""
+    A = S^T w^T, mapped back, and coef = A^T U = w S U. With more rows than the hidden size (every group but a
+    tiny one) U comes from the eigenvectors of A A^T = S^T (sum of w'w over the pieces) S, so the group's rows
+    are never stacked: a 7B group of four layers would stack 40,000 rows (1.3 GB in float64) where the sum is
+    one hidden x hidden matrix."""
     g = g + 1e-6 * g.diagonal().mean() * torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
     s = torch.linalg.cholesky(g)
-    a = s.T @ w.T  # (hidden, rows)
-    if a.shape[1] > a.shape[0]:
-        u = torch.linalg.eigh(a @ a.T)[1].flip(1)[:, :rank]  # eigenvalues ascend: the last are the leading
+    h = g.shape[0]
+    ww, few, n = 0.0, [], 0  # few: the pieces while they add up to at most h rows (then the SVD of A is cheaper)
+    for w in ws:
+        ww, n = ww + w.T @ w, n + len(w)
+        few = [*few, w] if n <= h else []
+    if n > h:
+        u = torch.linalg.eigh(s.T @ ww @ s)[1].flip(1)[:, :rank]  # eigenvalues ascend: the last are the leading
     else:
-        u = torch.linalg.svd(a, full_matrices=False)[0][:, :rank]
+        u = torch.linalg.svd(s.T @ torch.cat(few).T, full_matrices=False)[0][:, :rank]
     basis = torch.linalg.solve_triangular(s.T, u, upper=True).T  # (rank, hidden)
-    return basis, a.T @ u
+    return basis, s @ u
 
 
 def layer_groups(num_layers: int, size: int) -> list[list[int]]:
@@ -76,11 +83,10 @@ def fit_bases(model, layout, ins, chosen, grams, group_of, rows, progress: bool)
     for g, r in tqdm(chosen, desc="bases", disable=not progress, unit="group"):
         keys = [(layer, p.path) for layer in g for p in ins]
         gram = grams[group_of[g[0]]][0] + grams[group_of[g[0]]][1]
-        w = torch.cat([layer_weight(bl, k, ins).to(gram.device)[rows[k].to(gram.device)] for k in keys])  # (rows, hidden)
-        basis, c = whitened_basis(gram, w, r)
+        dev = gram.device
+        kept = lambda k, dev=dev: layer_weight(bl, k, ins).to(dev)[rows[k].to(dev)]  # noqa: E731
+        basis, coef_map = whitened_basis(gram, (kept(k) for k in keys), r)
         bases.append((g, basis))
-        start = 0
         for k in keys:
-            coefs[k] = c[start:start + len(rows[k])]
-            start += len(rows[k])
+            coefs[k] = kept(k) @ coef_map
     return bases, coefs

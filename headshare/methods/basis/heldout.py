@@ -85,18 +85,17 @@ def choice_costs(model, walk_again, layout, grams, groups, ins, subsets, rho: fl
     cols = [op.unit_index(u) for u in range(U)]
     group_of = {layer: i for i, g in enumerate(groups) for layer in g}
     costs = {}
-    factors, ranks, full = None, None, None
+    factors, ranks = None, None
     for layer, d in walk_again():
         n = d.z.shape[0]
         folds = (slice(0, split), slice(split, n))
         g = groups[group_of[layer]]
         dev = d.z.device
-        if layer == g[0]:  # the group's fold bases, from the weights of all its layers
-            full = {la: {p.path: layer_weight(bl, (la, p.path), ins).to(dev) for p in ins} for la in g}
-            w = torch.cat([full[la][p.path] for la in g for p in ins])
-            ranks = rank_grid(layout.hidden_size, w.shape[0])
-            factors = [whitened_basis(grams[group_of[layer]][f].to(dev), w, max(ranks)) for f in (0, 1)]
-            del w
+        if layer == g[0]:  # the group's fold bases, from the weights of all its layers (read one at a time)
+            ranks = rank_grid(layout.hidden_size, group_rows(layout, ins, g))
+            factors = [whitened_basis(grams[group_of[layer]][f].to(dev),
+                                      (layer_weight(bl, (la, p.path), ins).to(dev) for la in g for p in ins),
+                                      max(ranks)) for f in (0, 1)]
         block = bl[layer]
         wo = orient(block.get_submodule(op.path).weight, op.conv1d).double()  # (D, in)
         a = d.z.double() @ wo.T  # the attention output without the o bias: what the refit must match
@@ -104,17 +103,15 @@ def choice_costs(model, walk_again, layout, grams, groups, ins, subsets, rho: fl
         costs[(layer, None)] = subset_errors((dense[0], dense[1]), (dense[1], dense[0]), wo, cols,
                                               subsets[layer], rho, n)
         saved = {p.path: block.get_submodule(p.path).weight.data.clone() for p in ins}
-        first = sum(len(full[la][p.path]) for la in g if la < layer for p in ins)  # the layer's rows in w
+        own = {p.path: layer_weight(bl, (layer, p.path), ins).to(dev) for p in ins}
+        coefs = [{path: w @ coef_map for path, w in own.items()} for _, coef_map in factors]
         try:
             for r in ranks:
                 fits, evals = [], []
-                for f, (basis, coef) in enumerate(factors):
-                    start = first
+                for f, (basis, _) in enumerate(factors):
                     for p in ins:
-                        rows = len(full[layer][p.path])
-                        dense_w = coef[start:start + rows, :r] @ basis[:r]
+                        dense_w = coefs[f][p.path][:, :r] @ basis[:r]
                         block.get_submodule(p.path).weight.data.copy_(orient(dense_w, p.conv1d))
-                        start += rows
                     z = d.attention_z(block, layout)
                     fits.append(fold_stats(z, a, d.w, folds[f]))
                     evals.append(fold_stats(z, a, d.w, folds[1 - f]))
@@ -123,7 +120,7 @@ def choice_costs(model, walk_again, layout, grams, groups, ins, subsets, rho: fl
             for p in ins:
                 block.get_submodule(p.path).weight.data.copy_(saved[p.path])
         if layer == g[-1]:
-            factors, full = None, None
+            factors = None
     return costs
 
 
