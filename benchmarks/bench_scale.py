@@ -27,11 +27,11 @@ weights grows by at most one block's weights (0.4 GB in bf16) from 2 to 8 layers
 
 Real-model part (--models ALIAS,...): the built-in checkpoints (fetched and cached by `headshare fetch`), per
 --dtypes and --methods one timed `share` process as above (weights = the fp32 checkpoint's bytes, halved for
-bf16), then `headshare eval` of its output and of the original on --eval-tokens of the built-in evaluation
-text for the dtypes in --eval-dtypes. A rerun adds only the rows that are missing.
+bf16), then `headshare eval` of its output and of the original on --eval-tokens of each of --eval-texts (default
+the built-in evaluation text) for the dtypes in --eval-dtypes. A rerun adds only the rows that are missing.
 
-    python benchmarks/bench_scale.py --models qwen2.5-coder-1.5b --methods prune,fitprune \
-        --json benchmarks/results/scale_models.json
+    python benchmarks/bench_scale.py --models qwen2.5-coder-1.5b --methods prune,fitprune --dtypes float32 \
+        --eval-texts builtin,news,code --json benchmarks/results/scale_models.json
 
 GPU part (--gpu; refused without a CUDA device). The full 32-layer shape (--gpu-layers) is built from its
 config straight on the GPU in bf16 (or on the CPU for --offload mode), nothing is saved, and each of
@@ -246,18 +246,23 @@ def measure(ckpt: Path | str, layers: int, method: str, ratio: float, cache: Pat
     return row
 
 
-def perplexity_of(model: str, dtype: str, max_tokens: int, timeout: float) -> dict:
-    """`headshare eval MODEL --max-tokens N --dtype D --device cpu --json` in a fresh process: the built-in
-    evaluation text's perplexity and the seconds it took."""
+def perplexity_of(model: str, dtype: str, max_tokens: int, timeout: float, texts=("builtin",)) -> dict:
+    """`headshare eval MODEL --text T --max-tokens N --dtype D --device cpu --json` in a fresh process per
+    text: perplexity on the first text ("perplexity"), on the others "perplexity_T", and the seconds taken."""
     exe = shutil.which("headshare") or str(Path(sys.executable).with_name("headshare"))
-    t0 = time.perf_counter()
-    res = subprocess.run([exe, "eval", model, "--max-tokens", str(max_tokens), "--dtype", dtype, "--device", "cpu",
-                          "--json"], capture_output=True, text=True, timeout=timeout)
-    if res.returncode:
-        return {"eval_status": f"rc {res.returncode}", "eval_stderr_tail": res.stderr[-1500:]}
-    out = json.loads(res.stdout)
-    return {"perplexity": round(out["perplexity"], 4), "eval_tokens": out.get("tokens"),
-            "eval_s": round(time.perf_counter() - t0, 1)}
+    row: dict = {}
+    for i, text in enumerate(texts):
+        t0 = time.perf_counter()
+        res = subprocess.run([exe, "eval", model, "--text", text, "--max-tokens", str(max_tokens), "--dtype", dtype,
+                              "--device", "cpu", "--json"], capture_output=True, text=True, timeout=timeout)
+        key = "" if i == 0 else f"_{text}"
+        if res.returncode:
+            row.update({f"eval_status{key}": f"rc {res.returncode}", f"eval_stderr_tail{key}": res.stderr[-1500:]})
+            continue
+        out = json.loads(res.stdout)
+        row.update({f"perplexity{key}": round(out["perplexity"], 4), f"eval_tokens{key}": out.get("tokens"),
+                    f"eval_s{key}": round(time.perf_counter() - t0, 1)})
+    return row
 
 
 def machine() -> dict:
@@ -325,7 +330,7 @@ def run_models(args) -> None:
             if evaluate and not any(r.get("model") == alias and r["method"] == "original" and r["dtype"] == dtype
                                     for r in doc["runs"]):
                 row = {"model": alias, "method": "original", "dtype": dtype, "ratio": 0.0,
-                       **perplexity_of(alias, dtype, args.eval_tokens, args.timeout)}
+                       **perplexity_of(alias, dtype, args.eval_tokens, args.timeout, args.eval_texts)}
                 doc["runs"].append(row)
                 save(path, doc)
                 print(json.dumps(row), flush=True)
@@ -337,7 +342,7 @@ def run_models(args) -> None:
                               tag=f"{alias}-{dtype}-{method}", keep=evaluate)
                 row["model"] = alias
                 if evaluate and row.get("out"):
-                    row.update(perplexity_of(row.pop("out"), dtype, args.eval_tokens, args.timeout))
+                    row.update(perplexity_of(row.pop("out"), dtype, args.eval_tokens, args.timeout, args.eval_texts))
                     shutil.rmtree(cache / "out" / f"{alias}-{dtype}-{method}", ignore_errors=True)
                 row["date"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
                 doc["runs"].append(row)
@@ -437,6 +442,7 @@ def main() -> None:
     ap.add_argument("--dtypes", default="float32,bfloat16", help="comma list (real-model part)")
     ap.add_argument("--eval-dtypes", default="float32", help="dtypes whose outputs are evaluated (real-model part)")
     ap.add_argument("--eval-tokens", type=int, default=8192)
+    ap.add_argument("--eval-texts", default="builtin", help="comma list of evaluation texts (real-model part)")
     ap.add_argument("--gpu", action="store_true", help="the GPU part instead of the CPU part")
     ap.add_argument("--gpu-layers", type=int, default=32)
     ap.add_argument("--gpu-modes", default="gpu,offload", help="comma list of gpu (whole model) and offload")
@@ -445,8 +451,8 @@ def main() -> None:
     args.layers = [int(x) for x in args.layers.split(",") if x]
     args.methods = [m for m in args.methods.split(",") if m]
     args.gpu_modes = [m for m in args.gpu_modes.split(",") if m]
-    args.models, args.dtypes, args.eval_dtypes = ([x for x in v.split(",") if x]
-                                                  for v in (args.models, args.dtypes, args.eval_dtypes))
+    args.models, args.dtypes, args.eval_dtypes, args.eval_texts = (
+        [x for x in v.split(",") if x] for v in (args.models, args.dtypes, args.eval_dtypes, args.eval_texts))
     if args.gpu_child:
         print(json.dumps(gpu_child(args)), flush=True)
     elif args.gpu:

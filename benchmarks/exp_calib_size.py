@@ -1,15 +1,18 @@
 """Does calibrating on more tokens, or on more than one kind of text, make the refits hold off the calibration
 text? Each method at one ratio on SmolLM2, calibrated on each (source, tokens), perplexity on three texts
-(the built-in docstrings, English news, Python code; first --max-tokens of each eval half).
+(the built-in docstrings, English news, Python code; first --max-tokens of each eval half). --ratio counts
+key/value units; a METHOD@query runs at the query-head ratio that removes as many parameters, as autoshare's
+candidates do.
 
     python benchmarks/exp_calib_size.py benchmarks/results/calib_size_smollm2.json \
-        --methods fitprune,choiceshare@query --calib pydoc:calib --tokens 4096,16384,65536
+        --methods fitprune,choiceshare@query --calib pydoc --tokens 4096,16384,65536
     python benchmarks/exp_calib_size.py benchmarks/results/calib_size_smollm2.json --resume \
         --methods fitprune,choiceshare@query --calib builtin:calib+news:calib --tokens 16384,65536
 
-`pydoc:calib` is the docstrings of the installed scientific packages (millions of tokens, the same kind of
-text as the built-in corpus, whose calibration half has about 41k SmolLM2 tokens), so the size can grow past
-what the built-in corpus holds. Rows are appended to the JSON as they finish; --resume skips the rows there.
+`--calib pydoc` takes the calibration half of the docstrings of the installed scientific packages (about 4
+million SmolLM2 tokens, the same kind of text as the built-in corpus, whose calibration half has about 41k),
+so the size can grow past what the built-in corpus holds; which packages are installed decides its text.
+Rows are appended to the JSON as they finish; --resume skips the rows there.
 """
 
 from __future__ import annotations
@@ -23,10 +26,14 @@ from pathlib import Path
 import torch
 
 import headshare
+from headshare.arch import layout_of
 from headshare.data import load_text
 from headshare.evaluate import perplexity
 from headshare.fetch import load_model
 from headshare.methods import make_config
+from headshare.methods.auto import candidate_ratio
+from headshare.plan import units_for_ratio
+from headshare.sharing import unique_parameters
 
 TEXTS = ("builtin", "news", "code")
 
@@ -36,7 +43,7 @@ def main() -> None:
     ap.add_argument("json")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--methods", default="fitprune,choiceshare@query", help="METHOD or METHOD@UNIT, comma list")
-    ap.add_argument("--calib", default="pydoc:calib")
+    ap.add_argument("--calib", default="pydoc")
     ap.add_argument("--tokens", default="4096,16384,65536", help="calibration tokens, comma list")
     ap.add_argument("--ratio", type=float, default=0.3)
     ap.add_argument("--max-tokens", type=int, default=8192)
@@ -54,6 +61,9 @@ def main() -> None:
         return {k: round(perplexity(m, tok, body, max_tokens=args.max_tokens, progress=False)["perplexity"], 3)
                 for k, body in texts.items()}
 
+    # --ratio counts key/value units; a METHOD@query gets the query-head ratio that removes as much (as in autoshare)
+    kv = layout_of(model.config, "kv")
+    budget = units_for_ratio(args.ratio, kv) * kv.unit_params()
     if ("original", "", 0, 0.0) not in done:
         rows.append({"method": "original", "calib": "", "calib_tokens": 0, "ratio": 0.0, "ppl": score(model)})
         print(rows[-1], flush=True)
@@ -63,12 +73,15 @@ def main() -> None:
                 continue
             name, _, unit = method.partition("@")
             kw = {"unit": unit} if unit else {}
+            ratio = candidate_ratio(model, budget, unit) if unit and unit != "kv" else args.ratio
             t0 = time.time()
-            cfg = make_config(name, args.ratio, calib=args.calib, calib_tokens=n, **kw)
+            cfg = make_config(name, ratio, calib=args.calib, calib_tokens=n, **kw)
             plan = headshare.make_plan(model, cfg, tokenizer=tok)
             plan_s = time.time() - t0
             shared = headshare.share(copy.deepcopy(model), plan)
             rows.append({"method": method, "calib": args.calib, "calib_tokens": n, "ratio": args.ratio,
+                         "method_ratio": ratio,
+                         "params_removed": unique_parameters(model)[0] - unique_parameters(shared)[0],
                          "ppl": score(shared), "plan_s": round(plan_s), "units_pruned": len(plan.pruned),
                          "units_shared": len(plan.assignments)})
             print(rows[-1], flush=True)
