@@ -177,6 +177,11 @@ def bar_states(log: str) -> list[dict]:
 
 # -- one CPU measurement -----------------------------------------------------------------------------------
 
+def headshare_exe() -> str:
+    """The `headshare` command of this environment (on PATH, or beside this Python)."""
+    return shutil.which("headshare") or str(Path(sys.executable).with_name("headshare"))
+
+
 def method_args(spec: str) -> list[str]:
     """METHOD[@UNIT][+KEY=VALUE...] as command-line arguments: "autoshare+candidates=basisshare@kv" runs
     autoshare with that one candidate, "fitprune@query" fitprune on query-head units."""
@@ -198,7 +203,7 @@ def measure(ckpt: Path | str, layers: int, method: str, ratio: float, cache: Pat
     logs = cache / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     log_path = logs / f"{tag}.log"
-    exe = shutil.which("headshare") or str(Path(sys.executable).with_name("headshare"))
+    exe = headshare_exe()
     cmd = [exe, "share", str(ckpt), *method_args(method), "--ratio", str(ratio), "--dtype", dtype,
            "--device", "cpu", "--out", str(out), "--force", "--json"]
     wbytes = weight_bytes(Path(ckpt)) if wbytes is None else wbytes
@@ -249,7 +254,7 @@ def measure(ckpt: Path | str, layers: int, method: str, ratio: float, cache: Pat
 def perplexity_of(model: str, dtype: str, max_tokens: int, timeout: float, texts=("builtin",)) -> dict:
     """`headshare eval MODEL --text T --max-tokens N --dtype D --device cpu --json` in a fresh process per
     text: perplexity on the first text ("perplexity"), on the others "perplexity_T", and the seconds taken."""
-    exe = shutil.which("headshare") or str(Path(sys.executable).with_name("headshare"))
+    exe = headshare_exe()
     row: dict = {}
     for i, text in enumerate(texts):
         t0 = time.perf_counter()
@@ -342,8 +347,9 @@ def run_models(args) -> None:
                               tag=f"{alias}-{dtype}-{method}", keep=evaluate)
                 row["model"] = alias
                 if evaluate and row.get("out"):
-                    row.update(perplexity_of(row.pop("out"), dtype, args.eval_tokens, args.timeout, args.eval_texts))
-                    shutil.rmtree(cache / "out" / f"{alias}-{dtype}-{method}", ignore_errors=True)
+                    out = row.pop("out")
+                    row.update(perplexity_of(out, dtype, args.eval_tokens, args.timeout, args.eval_texts))
+                    shutil.rmtree(out, ignore_errors=True)
                 row["date"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
                 doc["runs"].append(row)
                 save(path, doc)

@@ -148,7 +148,7 @@ def autoshare(model, cfg: AutoShareConfig, tokenizer=None, progress: bool = Fals
     return plan
 
 
-UNIT_WORDS = {"kv": "key/value units", "query": "query heads"}
+UNIT_WORDS = {"kv": "key/value units", "query": "query heads"}  # one per arch.UNIT_KINDS
 
 
 def why_chosen(scores: list[dict], chosen: str) -> str:
@@ -158,15 +158,14 @@ def why_chosen(scores: list[dict], chosen: str) -> str:
     unit = chosen.partition("@")[2]
     other = [c for c in loss if c.partition("@")[2] != unit]
     same = [c for c in loss if c.partition("@")[2] == unit and c != chosen]
-    words = {u: UNIT_WORDS.get(u, u) for u in UNIT_KINDS}
-    other_kind = next((u for u in UNIT_KINDS if u != unit), unit)
-    text = f"{words[unit]}: {chosen} has the least held-out loss ({loss[chosen]:.4f})"
-    for label, pool in ((f"the best on {words[other_kind]}", other), (f"the next on {words[unit]}", same)):
+    other_kind = next(u for u in UNIT_KINDS if u != unit)
+    text = f"{UNIT_WORDS[unit]}: {chosen} has the least held-out loss ({loss[chosen]:.4f})"
+    for label, pool in ((f"the best on {UNIT_WORDS[other_kind]}", other), (f"the next on {UNIT_WORDS[unit]}", same)):
         if pool:
             rival = min(pool, key=loss.get)
             gap = 100 * (math.exp(loss[rival] - loss[chosen]) - 1)
             text += f"; perplexity {gap:.1f} % below {label}, {rival} ({loss[rival]:.4f})"
     if not other:
-        text += f"; no candidate on {words[other_kind]} ran"
+        text += f"; no candidate on {UNIT_WORDS[other_kind]} ran"
     return text
 
