@@ -340,28 +340,47 @@ def prune_errors(grams: tuple, wo: torch.Tensor, cols: list[torch.Tensor], subse
     return out
 
 
-def nested_prune_errors(grams: tuple, ww: torch.Tensor, widths: list[int], order: list[int], rho: float) -> list:
-    """`prune_errors(..., fixed_ridge=True)` x n for the nested subsets order[:1], order[:2], ..., of units whose
-    columns are consecutive blocks of `widths` (`grams`: the two folds' Grams, `ww` = wo'wo, in those blocks).
+def nested_prune_errors(grams: tuple, ww: torch.Tensor, widths: list[int], order: list[int], rho: float,
+                        base: tuple | None = None, directions: tuple = ((0, 1), (1, 0))) -> list:
+    """`prune_errors(..., fixed_ridge=True)` x n for the nested subsets order[:0], order[:1], ..., order[:n] (the
+    k-th entry: the first k units of `order` pruned), units whose columns are consecutive blocks of `widths`
+    (`grams`: the two folds' Grams, `ww` = wo'wo, in those blocks).
 
     The same bookkeeping as `greedy_order`, per fitting fold a: H = (Ga_KK + lam)^-1 downdated as units
     leave, Y = H Ga_KR (the kept columns' change per removed column), F = Y WW_RR and V = Gb_KK Y, each
     updated by products d wide, so that the fold-b error <WW_RR, Gb_RR> - 2 <F, Gb_KR> + <F, V> costs no
     factorisation per subset: on a layer 32 x 128 wide, K x d x (K + R) per step where each subset's own
-    solve was K^2 x R."""
+    solve was K^2 x R.
+
+    `base` = ((X_0, e_0), (X_1, e_1)) when the columns are not the ones the target was made from: the target
+    is z0 wo' and the columns z = z0 - E (choiceshare's basis-projected weights), so E's columns, with the
+    same wo, are removed from the start: X_f = z_f' W E_f and e_f = sum w |E_f wo'|^2 on fold f.
+    `directions`: the (fitting fold, measuring fold) pairs summed; one alone when each direction has columns
+    of its own."""
     off = _offsets(widths)
-    errs = [0.0] * len(order)
-    for ga, gb in (grams, grams[::-1]):
+    width = ww.shape[0]
+    errs = [0.0] * (len(order) + 1)
+    for ia, ib in directions:
+        ga, gb = grams[ia], grams[ib]
         lam = rho * float(ga.diagonal().mean().clamp_min(1e-30))
         kept = list(range(len(widths)))
-        h = torch.cholesky_inverse(torch.linalg.cholesky(ga + lam * torch.eye(ga.shape[0], dtype=ga.dtype)))
+        h = torch.cholesky_inverse(torch.linalg.cholesky(ga + lam * torch.eye(width, dtype=ga.dtype)))
         gbk = gb.clone()  # Gb over the kept columns (in `kept` order)
-        zero = ga.new_zeros(ga.shape[0], 0)
-        y, f, v, gkr = zero, zero, zero, zero  # Y, F, V and Gb_KR: rows the kept columns, columns R's
-        wr = ga.new_zeros(ga.shape[0], 0)  # WW_.R, rows in block order
-        ri = torch.zeros(0, dtype=torch.long)
-        rr = 0.0  # <WW_RR, Gb_RR>
-        for step, u in enumerate(order):
+        if base is None:
+            gall = gb  # Gb between every column and every column that can be removed
+            zero = ga.new_zeros(width, 0)
+            y, f, v, gkr, wr = zero, zero, zero, zero, zero  # Y, F, V, Gb_KR, WW_.R (rows in block order)
+            ri = torch.zeros(0, dtype=torch.long)
+            rr = 0.0  # <WW_RR, Gb_RR>
+        else:
+            (xa, _), (xb, eb) = base[ia], base[ib]
+            gall = torch.cat([gb, xb], 1)
+            y = h @ xa
+            f, v, gkr, wr = y @ ww, gb @ y, xb.clone(), ww.clone()
+            ri = torch.arange(width, 2 * width)
+            rr = float(eb)
+        errs[0] += rr - 2 * float((f * gkr).sum()) + float((f * v).sum())
+        for step, u in enumerate(order, 1):
             koff = _offsets([widths[k] for k in kept])
             i = kept.index(u)
             sl, su = slice(koff[i], koff[i + 1]), slice(off[u], off[u + 1])
@@ -369,7 +388,7 @@ def nested_prune_errors(grams: tuple, ww: torch.Tensor, widths: list[int], order
             a = h[:, sl] @ torch.linalg.inv(h[sl, sl])  # H_Ku H_uu^-1 (the identity at u's own rows)
             gba = gbk @ a
             wur, wuu = wr[su], ww[su, su]
-            gbu = gb[su]
+            gbu = gall[su]
             rr += 2 * float((wur * gbu[:, ri]).sum()) + float((wuu * gbu[:, su]).sum())
             # Y and V with u's rows zeroed (the downdated H vanishes there), then u's own column block
             yt = y - a @ y[sl]
@@ -390,7 +409,7 @@ def nested_prune_errors(grams: tuple, ww: torch.Tensor, widths: list[int], order
     return errs
 
 
-def _chain(subsets: list) -> list[int] | None:
+def chain_order(subsets: list) -> list[int] | None:
     """The removal order whose prefixes include every subset, if the subsets are nested; None otherwise."""
     order: list[int] = []
     for s in sorted(subsets, key=len):
@@ -415,10 +434,10 @@ def heldout_prune_costs(gram: LayerGram, subsets, data: LayerData, layout: Layou
     cols = [torch.arange(s, e) for s, e in itertools.pairwise(_offsets([gram.z[k].shape[1] for k in keys]))]
     n = data.w.shape[0]
     grams = fold_grams(z, data.w, half(n, rows))
-    order = _chain(subsets) if U > EXHAUSTIVE else None
+    order = chain_order(subsets) if U > EXHAUSTIVE else None
     if order is None:
         return prune_errors(grams, wo, cols, subsets, rho, n)
     # the greedy's nested subsets (many units a layer): one downdated factorisation per fold, at the
     # ridge fixed for the layer as the greedy order has it
     errs = nested_prune_errors(grams, wo.T @ wo, [len(c) for c in cols], order, rho)
-    return {s: max(errs[len(s) - 1], 0.0) / n for s in subsets}
+    return {s: max(errs[len(s)], 0.0) / n for s in subsets}

@@ -309,6 +309,33 @@ def test_heldout_choice_finds_a_planted_shared_basis_and_shares_it_at_no_cost(ti
     assert len(fixed.pruned) == round(2 / 3 * units_for_ratio(0.5, layout))
 
 
+def test_choice_costs_of_many_query_heads_are_the_per_subset_solves(tiny_llama, tiny_tokenizer, calib_file,
+                                                                      monkeypatch):
+    """8 query heads a layer (more than `EXHAUSTIVE`): the greedy's nested subsets take the downdated errors
+    (one factorisation per rank and fold, the ridge fixed per layer): every (layer, rank, subset) cost is the
+    per-subset solve's at that ridge."""
+    import functools
+
+    import headshare.methods.basis.heldout as heldout
+
+    model = tiny_llama(seed=3, hidden_size=64, num_attention_heads=8, num_key_value_heads=2, num_hidden_layers=3)
+    seen = []
+    real = heldout.choice_costs
+    monkeypatch.setattr(heldout, "choice_costs", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    cfg = dict(unit="query", config=ChoiceShareConfig, group=3)
+    _plan(model, tiny_tokenizer, calib_file, **cfg)
+    monkeypatch.setattr(heldout, "EXHAUSTIVE", 100)  # every layer solves each subset on its own
+    monkeypatch.setattr(heldout, "subset_errors", functools.partial(heldout.subset_errors, fixed_ridge=True))
+    _plan(model, tiny_tokenizer, calib_file, **cfg)
+    nested, each = seen
+    assert list(nested) == list(each) and len({r for _, r in nested}) > 2
+    for key, costs in each.items():
+        assert len(costs) == 9 and list(nested[key]) == list(costs)  # none, then the greedy's 8 nested subsets
+        scale = max(costs.values())
+        for s, c in costs.items():
+            assert nested[key][s] == pytest.approx(c, rel=1e-4, abs=1e-6 * scale), (key, sorted(s))
+
+
 def test_allocate_spends_the_budget_where_the_error_is_least():
     """Two one-layer groups on hidden size 10, one unit of 50 parameters and 10 rows each: a rank-2 basis saves
     10 x 8 - 20 = 60 parameters. Layer 0 is cheap to put on a basis and dear to prune, layer 1 the reverse.

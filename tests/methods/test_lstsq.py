@@ -293,8 +293,46 @@ def test_nested_prune_errors_are_the_per_subset_solves_at_the_fixed_ridge(rho):
     want = prune_errors(grams, wo, cols, chain, rho, n, fixed_ridge=True)
     got = nested_prune_errors(grams, wo.T @ wo, widths, order, rho)
     scale = want[chain[-1]] * n
-    for s, e in zip(chain, got, strict=True):
+    assert got[0] == pytest.approx(0.0, abs=1e-10 * scale)  # nothing pruned: nothing to refit
+    for s, e in zip(chain, got[1:], strict=True):
         assert e == pytest.approx(want[s] * n, rel=1e-8, abs=1e-10 * scale)
+
+
+@pytest.mark.parametrize("rho", [1e-2, 1.0, 1e3])
+def test_nested_errors_with_a_base_are_the_token_refits(rho):
+    """Columns z that are not the ones the target z0 wo' was made from (a basis-projected layer): each prefix
+    of the chain pruned, the other columns refitted by ridge toward wo on one fold's tokens at the whole
+    fold Gram's ridge, the error measured on the other fold's tokens, against the downdated errors."""
+    g = torch.Generator().manual_seed(11)
+    widths = [3, 4, 3, 5, 2, 4, 3]
+    total, n, hidden, split = sum(widths), 260, 10, 120
+    mix = torch.randn(total, total, generator=g, dtype=torch.float64)
+    z0 = torch.randn(n, total, generator=g, dtype=torch.float64) @ mix
+    z = z0 + 0.3 * torch.randn(n, total, generator=g, dtype=torch.float64) @ mix  # the projected columns
+    w = torch.rand(n, 1, generator=g, dtype=torch.float64) + 0.1
+    wo = torch.randn(hidden, total, generator=g, dtype=torch.float64)
+    starts = [0, *itertools.accumulate(widths)]
+    order = [4, 1, 6, 0, 3, 5, 2]
+    folds = (slice(0, split), slice(split, n))
+    e = z0 - z
+    grams = tuple(z[f].T @ (z[f] * w[f]) for f in folds)
+    base = tuple((z[f].T @ (e[f] * w[f]), float(((e[f] @ wo.T) ** 2 * w[f]).sum())) for f in folds)
+    got = nested_prune_errors(grams, wo.T @ wo, widths, order, rho, base=base)
+    assert len(got) == len(order) + 1
+    for k in range(len(order) + 1):
+        kept = torch.cat([torch.arange(starts[u], starts[u + 1]) for u in range(len(widths))
+                          if u not in order[:k]] or [torch.zeros(0, dtype=torch.long)])
+        want = 0.0
+        for fa, fb in (folds, folds[::-1]):
+            target_a, target_b = z0[fa] @ wo.T, z0[fb] @ wo.T
+            za, zb = z[fa][:, kept], z[fb][:, kept]
+            lam = rho * float((z[fa].T @ (z[fa] * w[fa])).diagonal().mean())
+            m = wo[:, kept].T
+            # min over x of |target_a - za x|_w^2 + lam |x - m|^2
+            x = torch.linalg.solve(za.T @ (za * w[fa]) + lam * torch.eye(len(kept), dtype=z.dtype),
+                                   za.T @ (target_a * w[fa]) + lam * m)
+            want += float(((target_b - zb @ x) ** 2 * w[fb]).sum())
+        assert got[k] == pytest.approx(want, rel=1e-8)
 
 
 def test_heldout_prune_costs_take_the_nested_path_for_the_greedys_subsets():

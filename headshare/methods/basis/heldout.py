@@ -9,6 +9,7 @@ import torch
 
 from ...arch import blocks
 from ...errors import HeadshareError
+from ..lstsq import EXHAUSTIVE, chain_order, nested_prune_errors
 from .bases import group_rows, layer_groups, layer_weight, orient, whitened_basis
 
 RANKS = 12  # rank candidates per group: RANKS steps up to the rank at which the factors stop being smaller
@@ -48,10 +49,12 @@ def fold_stats(z: torch.Tensor, a: torch.Tensor, w: torch.Tensor, part: slice) -
 
 
 def subset_errors(fits: tuple, evals: tuple, wo: torch.Tensor, cols: list[torch.Tensor], subsets: list,
-                   rho: float, n: int) -> dict:
+                   rho: float, n: int, fixed_ridge: bool = False) -> dict:
     """{subset: error per token} when `subset` is pruned and the other units' o columns (`wo`, (D, in)) are
     refitted on one fold and the error measured on the other, both ways round (`fits[i]`, `evals[i]`: fold
-    statistics of direction i). The ridge is on the change of the columns, as in `heldout_share_costs`."""
+    statistics of direction i). The ridge is on the change of the columns, as in `heldout_share_costs`; its
+    strength rho x the mean diagonal of the kept columns' fold Gram (`fixed_ridge`: of all the columns', what
+    `nested_prune_errors` computes)."""
     out = {}
     for s in subsets:
         keep = [cols[u] for u in range(len(cols)) if u not in s]
@@ -63,12 +66,27 @@ def subset_errors(fits: tuple, evals: tuple, wo: torch.Tensor, cols: list[torch.
             k = torch.cat(keep)
             m = wo[:, k].T  # (kept features, D): the columns as they are
             gk = ga[k][:, k]
-            lam = rho * gk.diagonal().mean().clamp_min(1e-30)
+            lam = rho * (ga if fixed_ridge else gk).diagonal().mean().clamp_min(1e-30)
             chol = torch.linalg.cholesky(gk + lam * torch.eye(len(k), dtype=gk.dtype))
             x = m + torch.cholesky_solve(ca[k] - gk @ m, chol)
             err += aab - 2 * float((x * cb[k]).sum()) + float((x * (gb[k][:, k] @ x)).sum())
         out[s] = max(err, 0.0) / n
     return out
+
+
+def nested_stats(z: torch.Tensor, z0: torch.Tensor | None, w: torch.Tensor, wo: torch.Tensor, folds) -> tuple:
+    """The folds' statistics `nested_prune_errors` takes for columns z (their o weight `wo`, (D, in)) and the
+    target z0 wo' (None: z itself): (Z'WZ per fold, (Z'WE, sum w |E wo'|^2) per fold with E = z0 - z, or None).
+    Grams in float32, kept in float64, as `fold_stats`."""
+    grams, base = [], []
+    for part in folds:
+        zf, wf = z[part].float(), w[part].float()
+        zw = zf * wf
+        grams.append((zf.T @ zw).double())
+        if z0 is not None:
+            e = z0[part].float() - zf
+            base.append(((zw.T @ e).double(), float(((e @ wo.float().T).double() ** 2 * w[part]).sum())))
+    return tuple(grams), (tuple(base) if z0 is not None else None)
 
 
 @torch.no_grad()
@@ -78,11 +96,18 @@ def choice_costs(model, walk_again, layout, grams, groups, ins, subsets, rho: fl
     dense) and the o columns that stay are refitted. The basis is fitted on one fold of the tokens (all rows of
     the group, whatever is pruned later; `grams[group][fold]` are the fold's input Grams), the o refit on the
     same fold, the error measured on the other. One walk of the calibration pipeline (`walk_again()`); a
-    group's fold bases exist only while its layers are walked."""
+    group's fold bases exist only while its layers are walked.
+
+    Beyond `EXHAUSTIVE` units a layer (query heads) the subsets are the greedy's nested ones and take
+    `nested_prune_errors`, one downdated factorisation per rank and fold at the ridge fixed per layer and
+    fold, with the projection's error E = z0 - z as columns removed from the start; otherwise each subset is
+    solved on its own (`subset_errors`, each kept set's own ridge)."""
     bl = blocks(model)
     op = layout.o_projection()
     U = layout.units_per_layer
     cols = [op.unit_index(u) for u in range(U)]
+    perm = torch.cat(cols)
+    widths = [len(c) for c in cols]
     group_of = {layer: i for i, g in enumerate(groups) for layer in g}
     costs = {}
     factors, ranks = None, None
@@ -98,24 +123,41 @@ def choice_costs(model, walk_again, layout, grams, groups, ins, subsets, rho: fl
                                       max(ranks)) for f in (0, 1)]
         block = bl[layer]
         wo = orient(block.get_submodule(op.path).weight, op.conv1d).double()  # (D, in)
-        a = d.z.double() @ wo.T  # the attention output without the o bias: what the refit must match
-        dense = [fold_stats(d.z, a, d.w, f) for f in folds]
-        costs[(layer, None)] = subset_errors((dense[0], dense[1]), (dense[1], dense[0]), wo, cols,
-                                              subsets[layer], rho, n)
+        order = chain_order(subsets[layer]) if U > EXHAUSTIVE and len(perm) == wo.shape[1] else None
+        if order is None:
+            a = d.z.double() @ wo.T  # the attention output without the o bias: what the refit must match
+            dense = [fold_stats(d.z, a, d.w, f) for f in folds]
+            costs[(layer, None)] = subset_errors((dense[0], dense[1]), (dense[1], dense[0]), wo, cols,
+                                                  subsets[layer], rho, n)
+        else:
+            wop = wo[:, perm]
+            ww = wop.T @ wop
+            fg, _ = nested_stats(d.z[:, perm], None, d.w, wop, folds)
+            errs = nested_prune_errors(fg, ww, widths, order, rho)
+            costs[(layer, None)] = {s: max(errs[len(s)], 0.0) / n for s in subsets[layer]}
         saved = {p.path: block.get_submodule(p.path).weight.data.clone() for p in ins}
         own = {p.path: layer_weight(bl, (layer, p.path), ins).to(dev) for p in ins}
         coefs = [{path: w @ coef_map for path, w in own.items()} for _, coef_map in factors]
         try:
             for r in ranks:
-                fits, evals = [], []
+                fits, evals, errs = [], [], [0.0] * (len(order or []) + 1)
                 for f, (basis, _) in enumerate(factors):
                     for p in ins:
                         dense_w = coefs[f][p.path][:, :r] @ basis[:r]
                         block.get_submodule(p.path).weight.data.copy_(orient(dense_w, p.conv1d))
                     z = d.attention_z(block, layout)
-                    fits.append(fold_stats(z, a, d.w, folds[f]))
-                    evals.append(fold_stats(z, a, d.w, folds[1 - f]))
-                costs[(layer, r)] = subset_errors(tuple(fits), tuple(evals), wo, cols, subsets[layer], rho, n)
+                    if order is None:
+                        fits.append(fold_stats(z, a, d.w, folds[f]))
+                        evals.append(fold_stats(z, a, d.w, folds[1 - f]))
+                        continue
+                    # direction f fits on fold f with fold f's basis, so it has columns of its own
+                    fg, base = nested_stats(z[:, perm], d.z[:, perm], d.w, wop, folds)
+                    one = nested_prune_errors(fg, ww, widths, order, rho, base=base, directions=((f, 1 - f),))
+                    errs = [x + y for x, y in zip(errs, one, strict=True)]
+                if order is None:
+                    costs[(layer, r)] = subset_errors(tuple(fits), tuple(evals), wo, cols, subsets[layer], rho, n)
+                else:
+                    costs[(layer, r)] = {s: max(errs[len(s)], 0.0) / n for s in subsets[layer]}
         finally:
             for p in ins:
                 block.get_submodule(p.path).weight.data.copy_(saved[p.path])
