@@ -1,0 +1,73 @@
+"""Time choiceshare's held-out choice costs for one layer and one rank: the per-subset solves
+(`basis.heldout.subset_errors`, one Cholesky of the kept columns and hidden-wide solves per subset and fold)
+against the downdated chain (`lstsq.nested_prune_errors` with the projection's error as removed columns),
+on random statistics of a layer's shape. choiceshare weighs (ranks + 1) x this per layer.
+
+    python benchmarks/bench_choice_costs.py --heads 12 --head-dim 128 --hidden 1536            # Qwen2.5-1.5B
+    python benchmarks/bench_choice_costs.py --heads 32 --head-dim 128 --hidden 4096 --no-old   # Llama-2-7B
+
+Both paths see the same statistics; the script prints their largest difference (at the fixed ridge) as a check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from headshare.methods.basis.heldout import fold_stats, nested_stats, subset_errors
+from headshare.methods.lstsq import nested_prune_errors
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--heads", type=int, default=12)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--hidden", type=int, default=1536)
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-old", action="store_true", help="skip the per-subset solves (hours on a 7B layer)")
+    ap.add_argument("--json", help="append the result here")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    g = torch.Generator().manual_seed(0)
+    width, n, U = args.heads * args.head_dim, args.tokens, args.heads
+    mix = torch.randn(width, width, generator=g) / width ** 0.5
+    z0 = torch.randn(n, width, generator=g) @ mix
+    z = z0 + 0.2 * torch.randn(n, width, generator=g) @ mix  # a projected layer's o inputs
+    w = torch.ones(n, 1)
+    wo = (torch.randn(args.hidden, width, generator=g) / width ** 0.5).double()
+    cols = [torch.arange(u * args.head_dim, (u + 1) * args.head_dim) for u in range(U)]
+    order = list(range(U))
+    subsets = [frozenset(order[:k]) for k in range(U + 1)]
+    folds = (slice(0, n // 2), slice(n // 2, n))
+    row = {"heads": U, "head_dim": args.head_dim, "hidden": args.hidden, "tokens": n, "threads": args.threads}
+
+    t = time.perf_counter()
+    errs = [0.0] * (U + 1)
+    for f in (0, 1):  # each direction has columns of its own in choiceshare; here both see z
+        grams, base = nested_stats(z, z0, w, wo, folds)
+        one = nested_prune_errors(grams, wo.T @ wo, [args.head_dim] * U, order, 1.0, base=base,
+                                  directions=((f, 1 - f),))
+        errs = [a + b for a, b in zip(errs, one, strict=True)]
+    row["nested_s"] = time.perf_counter() - t
+    print(f"downdated chain: {row['nested_s']:.1f} s for {U + 1} subsets x 2 folds", flush=True)
+    if not args.no_old:
+        t = time.perf_counter()
+        a = z0.double() @ wo.T
+        st = [fold_stats(z, a, w, f) for f in folds]
+        old = subset_errors((st[0], st[1]), (st[1], st[0]), wo, cols, subsets, 1.0, n, fixed_ridge=True)
+        row["per_subset_s"] = time.perf_counter() - t
+        scale = max(old.values())
+        row["max_diff_of_scale"] = max(abs(errs[len(s)] / n - old[s]) for s in subsets) / scale
+        print(f"per-subset solves: {row['per_subset_s']:.1f} s; ratio {row['per_subset_s'] / row['nested_s']:.1f}x; "
+              f"largest difference {row['max_diff_of_scale']:.1e} of the largest cost", flush=True)
+    if args.json:
+        with open(args.json, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
