@@ -15,7 +15,8 @@ Each measurement is one fresh process running the real command line,
 timed by the wall clock, with its peak RSS from os.wait4 (ru_maxrss of that process alone). Weight bytes
 are the sizes of the checkpoint's safetensors files; each row records layers, method, wall s, wall s per
 layer, peak RSS, peak RSS minus weight bytes, the tqdm bars' final states read from its stderr (kept as a
-log in --cache/logs) and `headshare info OUT --json`. Rows are written to --json as they finish, so a
+log in --cache/logs), its memory by phase (resident anonymous and file-backed bytes sampled from /proc every
+half second, the largest of each while each bar was the last one written) and `headshare info OUT --json`. Rows are written to --json as they finish, so a
 stopped run keeps what it has; a run past --timeout is killed and recorded with the bars it had reached.
 
 Targets: autoshare plans in at most 3 minutes per layer on 2 CPU cores; peak RSS minus the
@@ -177,6 +178,45 @@ def bar_states(log: str) -> list[dict]:
 
 # -- one CPU measurement -----------------------------------------------------------------------------------
 
+def rss_parts(pid: int) -> tuple[int, int] | None:
+    """(anonymous, file-backed) resident bytes of process `pid` now, from /proc (None once it is gone): the
+    file-backed part is mostly the memory-mapped safetensors weights, the anonymous part the working memory."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            kb = {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in f) if k in ("RssAnon", "RssFile")}
+        return kb["RssAnon"] * 1024, kb["RssFile"] * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def current_bar(log_path: Path) -> str | None:
+    """The description of the tqdm bar last written to the log (the phase the process is in)."""
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(max(0, f.seek(0, 2) - 400))
+            tail = f.read().decode(errors="replace")
+    except OSError:
+        return None
+    for seg in reversed(re.split(r"[\r\n]+", tail)):
+        m = BAR.match(seg.strip())
+        if m:
+            return m["desc"].strip()
+    return None
+
+
+def memory_by_phase(trace: list[tuple[float, str | None, int, int]]) -> list[dict]:
+    """Per phase (a bar's description, in order of first appearance): the largest anonymous and file-backed
+    resident memory sampled during it, in GB."""
+    phases: dict[str, dict] = {}
+    for t, bar, anon, file in trace:
+        ph = phases.setdefault(bar or "-", {"phase": bar or "-", "from_s": round(t, 1), "anon_gb": 0.0,
+                                            "file_gb": 0.0, "total_gb": 0.0})
+        ph["anon_gb"] = max(ph["anon_gb"], round(anon / GB, 3))
+        ph["file_gb"] = max(ph["file_gb"], round(file / GB, 3))
+        ph["total_gb"] = max(ph["total_gb"], round((anon + file) / GB, 3))
+    return list(phases.values())
+
+
 def headshare_exe() -> str:
     """The `headshare` command of this environment (on PATH, or beside this Python)."""
     return shutil.which("headshare") or str(Path(sys.executable).with_name("headshare"))
@@ -213,10 +253,14 @@ def measure(ckpt: Path | str, layers: int, method: str, ratio: float, cache: Pat
         proc = subprocess.Popen(cmd, stdout=stdout, stderr=log, start_new_session=True)
         deadline = t0 + timeout
         killed = False
+        trace = []  # (seconds, bar, anonymous bytes, file-backed bytes) every half second
         while True:
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 break
+            parts = rss_parts(proc.pid)
+            if parts:
+                trace.append((time.perf_counter() - t0, current_bar(log_path), *parts))
             if time.perf_counter() > deadline and not killed:
                 os.killpg(proc.pid, signal.SIGKILL)
                 killed = True
@@ -233,7 +277,7 @@ def measure(ckpt: Path | str, layers: int, method: str, ratio: float, cache: Pat
         "peak_rss_gb": round(rss / GB, 3), "weight_gb": round(wbytes / GB, 3),
         "peak_rss_minus_weights_gb": round((rss - wbytes) / GB, 3),
         "loadavg_after": [round(x, 2) for x in os.getloadavg()],
-        "bars": bar_states(text), "log": str(log_path),
+        "bars": bar_states(text), "memory_by_phase": memory_by_phase(trace), "log": str(log_path),
     }
     if proc.returncode == 0:
         info = subprocess.run([exe, "info", str(out), "--json"], capture_output=True, text=True)

@@ -4,7 +4,7 @@ group's calibration inputs, and the row and rank bookkeeping both choices share.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 from tqdm.auto import tqdm
@@ -74,12 +74,32 @@ def group_rows(layout, ins, g: list[int], pruned=frozenset()) -> int:
     return sum(len(own_rows(layout, p, layer, pruned)) for layer in g for p in ins)
 
 
-def fit_bases(model, layout, ins, chosen, grams, group_of, rows, progress: bool) -> tuple[list, dict]:
-    """([(group layers, basis (rank, hidden))], {(layer, path): coefficients (kept rows, rank)}): each chosen
-    group's whitened basis of its rank, fitted on the rows that stay (`rows`) with the group's input Grams
+class Coefs(Mapping):
+    """{(layer, path): coefficients (kept rows, rank), float64} of the fitted bases, each computed when asked
+    for from the layer's weights and its group's coefficient map (hidden, rank). Kept as maps, not products: a
+    7B layer's coefficients are about 10,000 x 3,100 float64 (250 MB), so holding them all grew the working
+    memory by that much for every layer; a map is one per group of layers."""
+
+    def __init__(self, bl, ins, rows: dict, maps: dict):
+        self._bl, self._ins, self._rows, self._maps = bl, ins, rows, maps  # maps: {(layer, path): coef map}
+
+    def __getitem__(self, key: tuple[int, str]) -> torch.Tensor:
+        m = self._maps[key]
+        return layer_weight(self._bl, key, self._ins).to(m.device)[self._rows[key].to(m.device)] @ m
+
+    def __iter__(self):
+        return iter(self._maps)
+
+    def __len__(self) -> int:
+        return len(self._maps)
+
+
+def fit_bases(model, layout, ins, chosen, grams, group_of, rows, progress: bool) -> tuple[list, Coefs]:
+    """([(group layers, basis (rank, hidden))], coefficients by (layer, path) (`Coefs`)): each chosen group's
+    whitened basis of its rank, fitted on the rows that stay (`rows`) with the group's input Grams
     (`grams[group][fold]`, both folds summed)."""
     bl = blocks(model)
-    bases, coefs = [], {}
+    bases, maps = [], {}
     for g, r in tqdm(chosen, desc="bases", disable=not progress, unit="group"):
         keys = [(layer, p.path) for layer in g for p in ins]
         gram = grams[group_of[g[0]]][0] + grams[group_of[g[0]]][1]
@@ -87,6 +107,5 @@ def fit_bases(model, layout, ins, chosen, grams, group_of, rows, progress: bool)
         kept = lambda k, dev=dev: layer_weight(bl, k, ins).to(dev)[rows[k].to(dev)]  # noqa: E731
         basis, coef_map = whitened_basis(gram, (kept(k) for k in keys), r)
         bases.append((g, basis))
-        for k in keys:
-            coefs[k] = kept(k) @ coef_map
-    return bases, coefs
+        maps.update({k: coef_map for k in keys})
+    return bases, Coefs(bl, ins, rows, maps)
