@@ -63,6 +63,11 @@ def layer_weight(bl, key: tuple[int, str], ins) -> torch.Tensor:
     return orient(bl[layer].get_submodule(path).weight, conv1d).double()
 
 
+def kept_rows(bl, ins, rows: dict, key: tuple[int, str], device) -> torch.Tensor:
+    """(kept rows, hidden) float64 on `device`: the rows of a layer's projection that stay (`rows[key]`)."""
+    return layer_weight(bl, key, ins).to(device)[rows[key].to(device)]
+
+
 def own_rows(layout, p, layer: int, pruned) -> torch.Tensor:
     """The rows of projection `p` in `layer` that stay when `pruned` goes."""
     return own_index(p, [u for u in range(layout.units_per_layer) if (layer, u) not in pruned])
@@ -85,7 +90,7 @@ class Coefs(Mapping):
 
     def __getitem__(self, key: tuple[int, str]) -> torch.Tensor:
         m = self._maps[key]
-        return layer_weight(self._bl, key, self._ins).to(m.device)[self._rows[key].to(m.device)] @ m
+        return kept_rows(self._bl, self._ins, self._rows, key, m.device) @ m
 
     def __iter__(self):
         return iter(self._maps)
@@ -103,9 +108,7 @@ def fit_bases(model, layout, ins, chosen, grams, group_of, rows, progress: bool)
     for g, r in tqdm(chosen, desc="bases", disable=not progress, unit="group"):
         keys = [(layer, p.path) for layer in g for p in ins]
         gram = grams[group_of[g[0]]][0] + grams[group_of[g[0]]][1]
-        dev = gram.device
-        kept = lambda k, dev=dev: layer_weight(bl, k, ins).to(dev)[rows[k].to(dev)]  # noqa: E731
-        basis, coef_map = whitened_basis(gram, (kept(k) for k in keys), r)
+        basis, coef_map = whitened_basis(gram, (kept_rows(bl, ins, rows, k, gram.device) for k in keys), r)
         bases.append((g, basis))
         maps.update({k: coef_map for k in keys})
     return bases, Coefs(bl, ins, rows, maps)
