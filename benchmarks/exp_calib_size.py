@@ -27,15 +27,12 @@ import torch
 
 import headshare
 from headshare.arch import layout_of
-from headshare.data import load_text
-from headshare.evaluate import perplexity
+from headshare.evaluate import perplexities
 from headshare.fetch import load_model
 from headshare.methods import make_config
 from headshare.methods.auto import candidate_ratio
 from headshare.plan import units_for_ratio
 from headshare.sharing import unique_parameters
-
-TEXTS = ("builtin", "news", "code")
 
 
 def main() -> None:
@@ -55,11 +52,9 @@ def main() -> None:
     rows: list[dict] = json.loads(out.read_text()) if args.resume and out.exists() else []
     done = {(r["method"], r["calib"], r["calib_tokens"], r["ratio"]) for r in rows}
     model, tok = load_model(args.model)
-    texts = {k: load_text(k, "eval") for k in TEXTS}
 
     def score(m) -> dict:
-        return {k: round(perplexity(m, tok, body, max_tokens=args.max_tokens, progress=False)["perplexity"], 3)
-                for k, body in texts.items()}
+        return perplexities(m, tok, max_tokens=args.max_tokens, digits=3)
 
     # --ratio counts key/value units; a METHOD@query gets the query-head ratio that removes as much (as in autoshare)
     kv = layout_of(model.config, "kv")

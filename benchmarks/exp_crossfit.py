@@ -18,8 +18,7 @@ import time
 import torch
 
 import headshare
-from headshare.data import load_text
-from headshare.evaluate import perplexity
+from headshare.evaluate import perplexities
 from headshare.fetch import load_model
 from headshare.methods import make_config
 
@@ -36,7 +35,6 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model, tok = load_model(args.model)
-    texts = {k: load_text(k, "eval") for k in ("builtin", "news", "code")}
     rows: list[dict] = []
     for ratio in (float(r) for r in args.ratios.split(",")):
         for crossfit in (True, False):
@@ -46,8 +44,7 @@ def main() -> None:
             cfg = make_config("fitprune", ratio, calib=args.calib, calib_tokens=args.calib_tokens, crossfit=crossfit)
             plan = headshare.make_plan(model, cfg, tokenizer=tok)
             shared = headshare.share(copy.deepcopy(model), plan)
-            ppl = {k: round(perplexity(shared, tok, body, max_tokens=args.max_tokens, progress=False)["perplexity"], 3)
-                   for k, body in texts.items()}
+            ppl = perplexities(shared, tok, max_tokens=args.max_tokens, digits=3)
             rows.append({"calib": args.calib, "calib_tokens": args.calib_tokens, "ratio": ratio, "crossfit": crossfit,
                          "ridges": plan.notes["ridges"], "ppl": ppl, "s": round(time.time() - t0)})
             print(rows[-1], flush=True)

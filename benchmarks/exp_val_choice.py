@@ -26,8 +26,7 @@ from pathlib import Path
 import torch
 
 from headshare.arch import layout_of
-from headshare.data import load_text
-from headshare.evaluate import perplexity
+from headshare.evaluate import IN_AND_OUT, perplexities
 from headshare.fetch import load_model
 from headshare.methods import METHODS, make_config, make_plan
 from headshare.methods.auto import AutoShareConfig, candidate_ratio, parse_candidates, validation_ids
@@ -37,7 +36,6 @@ from headshare.sharing import share
 
 CANDIDATES = "choiceshare@query,basisshare@kv,prune@kv,prune@query,fitprune@kv,fitprune@query"
 VALS = ("", "code", "news", "code+news")  # "" = the calibration text after calib_tokens (autoshare's default)
-TEXTS = ("builtin", "news", "code")
 
 
 def main() -> None:
@@ -65,7 +63,6 @@ def main() -> None:
     layout = layout_of(model.config, "kv")
     vals = {v: validation_ids(tok, AutoShareConfig(ratio=0.3, calib=args.calib, calib_tokens=args.calib_tokens,
                                                    val=v)) for v in VALS}
-    texts = {t: load_text(t, "eval") for t in TEXTS}
     for ratio in (float(r) for r in args.ratios.split(",")):
         budget = units_for_ratio(ratio, layout) * layout.unit_params()
         for method, unit in parse_candidates(args.candidates):
@@ -85,8 +82,7 @@ def main() -> None:
                 plan.save(path)
             losses = {v or "calib-after": round(held_out_loss(model, ids, plan), 6) for v, ids in vals.items()}
             shared = share(copy.deepcopy(model), plan)
-            ppl = {t: perplexity(shared, tok, body, max_tokens=args.max_tokens, progress=False)["perplexity"]
-                   for t, body in texts.items()}
+            ppl = perplexities(shared, tok, max_tokens=args.max_tokens)
             del shared
             rows.append({"model": args.model, "ratio": ratio, "candidate": name, "plan_ratio": plan.ratio,
                          "val_loss": losses, "perplexity": ppl, "plan_s": seconds,
@@ -100,16 +96,16 @@ def main() -> None:
 
 def table(rows: list[dict]) -> str:
     """Per ratio: each validation text's pick and the pick's perplexity on every evaluation text."""
-    lines = ["| ratio | chosen on | pick | " + " | ".join(TEXTS) + " |", "|---" * (3 + len(TEXTS)) + "|"]
+    lines = ["| ratio | chosen on | pick | " + " | ".join(IN_AND_OUT) + " |", "|---" * (3 + len(IN_AND_OUT)) + "|"]
     for ratio in sorted({r["ratio"] for r in rows}):
         group = [r for r in rows if r["ratio"] == ratio]
-        for v in [*(v or "calib-after" for v in VALS), *(f"oracle:{t}" for t in TEXTS)]:
+        for v in [*(v or "calib-after" for v in VALS), *(f"oracle:{t}" for t in IN_AND_OUT)]:
             if v.startswith("oracle:"):
                 pick = min(group, key=lambda r: r["perplexity"][v[7:]])
             else:
                 pick = min(group, key=lambda r: r["val_loss"][v])
             lines.append(f"| {ratio} | {v} | {pick['candidate']} | "
-                         + " | ".join(f"{pick['perplexity'][t]:.2f}" for t in TEXTS) + " |")
+                         + " | ".join(f"{pick['perplexity'][t]:.2f}" for t in IN_AND_OUT) + " |")
     return "\n".join(lines)
 
 

@@ -22,11 +22,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from headshare.data import tokenize
+from headshare.data import load_text, tokenize
 from headshare.devices import execution_device
 
 from .errors import HeadshareError
 
+IN_AND_OUT = ("builtin", "news", "code")  # the calibration text's kind (docstrings) and two kinds off it
 CHUNK = 256  # positions per float64 log-softmax in compare(): bounds memory at CHUNK x vocab x 8 bytes
 
 
@@ -118,6 +119,17 @@ def perplexity(
     nll = total / count
     return {"perplexity": math.exp(nll), "nll": nll, "tokens": count, "windows": len(wins),
             "seconds": time.perf_counter() - t0}
+
+
+def perplexities(model, tokenizer, texts=IN_AND_OUT, max_tokens: int | None = None, digits: int | None = None
+                  ) -> dict[str, float]:
+    """{source: perplexity on its eval half} for each of `texts` (sources `load_text` reads), no progress bars:
+    the in- and out-of-domain scores that every experiment reports side by side, `digits` rounded if given."""
+    out = {}
+    for name in texts:
+        ppl = perplexity(model, tokenizer, load_text(name, "eval"), max_tokens=max_tokens, progress=False)["perplexity"]
+        out[name] = ppl if digits is None else round(ppl, digits)
+    return out
 
 
 @torch.inference_mode()

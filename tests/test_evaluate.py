@@ -7,8 +7,8 @@ import pytest
 import torch
 from conftest import QUESTIONS, write_task
 
-from headshare.data import tokenize
-from headshare.evaluate import compare, evaluate, lm_eval_tasks, perplexity, windows
+from headshare.data import load_text, tokenize
+from headshare.evaluate import compare, evaluate, lm_eval_tasks, perplexities, perplexity, windows
 
 
 def random_text(tokenizer, n_words: int, seed: int = 0) -> str:
@@ -73,6 +73,17 @@ def test_perplexity_matches_hand_computation(tiny_llama, tiny_tokenizer, window,
     # batching equal-length windows changes nothing
     batched = perplexity(model, tiny_tokenizer, text, window=window, stride=stride, batch_size=3, progress=False)
     assert batched["tokens"] == count and batched["perplexity"] == pytest.approx(got["perplexity"], rel=1e-5)
+
+
+def test_perplexities_score_each_eval_half(tiny_llama, tiny_tokenizer):
+    model = tiny_llama()
+    got = perplexities(model, tiny_tokenizer, texts=("builtin", "code"), max_tokens=96)
+    assert list(got) == ["builtin", "code"]
+    for name in got:
+        one = perplexity(model, tiny_tokenizer, load_text(name, "eval"), max_tokens=96, progress=False)
+        assert got[name] == one["perplexity"]
+    rounded = perplexities(model, tiny_tokenizer, texts=("builtin",), max_tokens=96, digits=2)
+    assert rounded["builtin"] == round(got["builtin"], 2)
 
 
 def test_max_tokens_truncates(tiny_llama, tiny_tokenizer):
