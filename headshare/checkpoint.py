@@ -20,7 +20,7 @@ from .config import is_integer
 from .errors import HeadshareError
 from .files import atomic_dir, read_safetensors, safetensors_shapes
 from .plan import CHECKPOINT_KEYS, SharePlan
-from .structure import apply_structure
+from .structure import STORAGE, SharedProjection, apply_structure, transposed_in_storage
 from .units import is_unit_key, parse_fitted_key
 
 MODELING_FILE = "headshare_modeling.py"
@@ -139,11 +139,14 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None, device: str |
         model = base(config)
     plan = stored_plan(path, record, config)
     apply_structure(model, plan, layout_of(config, plan.unit_kind), copy_weights=False)
-    check_weight_shapes(path, model, missing=False)  # (tied tensors are tied after loading; checked below)
+    older = _older_storage(model, record)
+    check_weight_shapes(path, model, missing=False, older=older)  # (tied tensors are tied after loading; below)
     model.__class__ = shared_model_class(base)
     state = {}
     for f in _state_dict_files(path):
         state.update(read_safetensors(f))
+    for key in older & set(state):  # a checkpoint from before input-major o weights: same numbers, transposed
+        state[key] = state[key].T.contiguous()
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     del state
     model.tie_weights()  # tied embeddings are stored once, under the input embedding's key
@@ -191,17 +194,28 @@ def stored_plan(path: Path, record: dict, config) -> SharePlan:
     return plan
 
 
-def check_weight_shapes(path: Path, model: nn.Module, missing: bool = True) -> None:
+def _older_storage(model: nn.Module, record: dict) -> set[str]:
+    """State-dict keys whose tensors a checkpoint of an older `structure.STORAGE` stores transposed from what
+    `model`'s structure holds (version 1: the o projection as the original weight, (out, in))."""
+    if record.get("storage", 1) >= STORAGE:
+        return set()
+    return {f"{name}.weight" for name, m in model.named_modules()
+            if isinstance(m, SharedProjection) and m.weight is not None and transposed_in_storage(m.proj)}
+
+
+def check_weight_shapes(path: Path, model: nn.Module, missing: bool = True, older: set[str] = frozenset()) -> None:
     """Refuse a checkpoint whose stored tensors are not the ones the stored plan's structure gives `model` (an
     edited plan, or weights of another plan): a tensor of another shape, one the structure lacks, and with
-    `missing` one it needs (tied tensors are stored once). Reads the safetensors headers alone."""
+    `missing` one it needs (tied tensors are stored once). Reads the safetensors headers alone. `older`: keys
+    stored transposed (`_older_storage`)."""
     params = model.state_dict(keep_vars=True)
     by_id: dict[int, list[str]] = {}
     for k, v in params.items():
         by_id.setdefault(id(v), []).append(k)
     have = {}
     for f in _state_dict_files(path):
-        have.update({k: (tuple(shape), f.name) for k, (shape, _) in safetensors_shapes(f).items()})
+        have.update({k: (tuple(shape)[::-1] if k in older else tuple(shape), f.name)
+                     for k, (shape, _) in safetensors_shapes(f).items()})
     problem = None
     for key, (shape, file) in have.items():
         if key not in params:
@@ -246,7 +260,8 @@ def info(path: str | Path) -> dict:
     record = read_record(path)
     config = AutoConfig.from_pretrained(path)
     plan = stored_plan(path, record, config)
-    check_weight_shapes(path, _meta_structure(path, record, config, plan))
+    meta = _meta_structure(path, record, config, plan)
+    check_weight_shapes(path, meta, older=_older_storage(meta, record))
     params = 0
     nbytes = 0
     for f in _state_dict_files(path):

@@ -57,7 +57,7 @@ class Assignment:
 # the keys of a plan document (`SharePlan.to_dict`), and those a shared checkpoint adds beside them
 PLAN_KEYS = frozenset({"layout", "method", "ratio", "assignments", "pruned", "metric", "unit", "config", "notes",
                        "fitted", "base_sha1", "bases", "version"})
-CHECKPOINT_KEYS = ("base_class", "params_original", "bytes_original", "params_shared", "bytes_shared")
+CHECKPOINT_KEYS = ("base_class", "params_original", "bytes_original", "params_shared", "bytes_shared", "storage")
 # a layout's keys: the integers that must be positive, and the ones plans before version 4 may lack
 _LAYOUT_COUNTS = ("num_layers", "num_heads", "num_kv_heads", "head_dim", "hidden_size", "units_per_layer")
 _LAYOUT_OPTIONAL = ("num_heads", "num_kv_heads", "unit_kind")

@@ -13,7 +13,14 @@ from .arch import layout_of
 from .checkpoint import MODELING_FILE, shared_model_class
 from .errors import HeadshareError
 from .plan import SharePlan
-from .structure import BASIS_NAME, SharedBasis, SharedProjection, apply_structure, check_basis_tensors
+from .structure import (
+    BASIS_NAME,
+    STORAGE,
+    SharedBasis,
+    SharedProjection,
+    apply_structure,
+    check_basis_tensors,
+)
 from .units import is_unit_key, refuse_shared, weights_fingerprint, write_fitted
 
 # the structure's classes are part of what sharing gives a user
@@ -56,7 +63,7 @@ def share(model: nn.Module, plan: SharePlan) -> nn.Module:
         model.config.quantization_config = None
     record = plan.to_dict()  # the fitted tensors are in the weights now; the record names them
     record.update(base_class=base.__name__, params_original=params0, bytes_original=bytes0,
-                  params_shared=params1, bytes_shared=bytes1)
+                  params_shared=params1, bytes_shared=bytes1, storage=STORAGE)
     model.config.headshare = record
     model.config.auto_map = {"AutoModelForCausalLM" if _is_causal_lm(base) else "AutoModel":
                              f"{MODELING_FILE[:-3]}.{model.__class__.__name__}"}

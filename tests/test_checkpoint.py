@@ -61,6 +61,31 @@ def test_save_load_and_trust_remote_code_are_bit_identical(tmp_path, tiny_model)
     assert s["params_original"] - s["params_shared"] == 6 * (2 * 8 * 32 + 8)  # q rows and bias, o columns
 
 
+@pytest.mark.parametrize("arch", ["llama-gqa", "gpt2"])
+def test_a_checkpoint_with_o_weights_stored_as_before_loads_the_same(arch, tmp_path, tiny_model):
+    # storage 1 (before input-major o weights): the o projection as (out, own inputs); a Conv1D's was
+    # input-major already, so only nn.Linear o weights differ and are transposed back on load
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_model(arch)
+    headshare.share(model, headshare.make_plan(model, 0.5))
+    expected = outputs(model, IDS)
+    out = tmp_path / "shared"
+    model.save_pretrained(out)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["headshare"]["storage"] == 2
+    del cfg["headshare"]["storage"]
+    (out / "config.json").write_text(json.dumps(cfg))
+    o_path = layout_of(model.config).o_projection().path
+    for f in out.glob("*.safetensors"):
+        state = load_file(f)
+        changed = {k: v.T.contiguous() for k, v in state.items() if k.endswith(f"{o_path}.weight") and arch != "gpt2"}
+        assert bool(changed) == (arch != "gpt2")
+        save_file({**state, **changed}, f, metadata={"format": "pt"})
+    assert torch.equal(outputs(headshare.load(out), IDS), expected)
+    assert headshare.info(out)["params_shared"] == headshare.unique_parameters(model)[0]
+
+
 def test_checkpoint_bytes_drop_by_shared_weights(tmp_path, tiny_model):
     model = tiny_model("llama-gqa")
     plain = tmp_path / "plain"

@@ -357,8 +357,8 @@ def test_share_then_tune_keeps_ties(tmp_path, tiny_tokenizer, blocks16, tiny):
             assert unit not in mod.own and ru in root.own and id(root.weight) in params
             for p, (_, off, width) in enumerate(proj.parts):
                 a, b = root.own_range(ru, p)
-                w_root = root.weight.narrow(proj.weight_dim(), a, b - a)
-                moved |= not torch.equal(w_root, ref_root.weight.narrow(proj.weight_dim(), a, b - a))
+                w_root = root.weight.narrow(root.dim, a, b - a)  # o: input-major, (width, out)
+                moved |= not torch.equal(w_root, ref_root.weight.narrow(root.dim, a, b - a))
                 cols = slice(off + unit * width, off + (unit + 1) * width)
                 with torch.no_grad():  # what the borrowing unit computes is the root's trained slice
                     if proj.role == "out":
@@ -366,7 +366,7 @@ def test_share_then_tune_keeps_ties(tmp_path, tiny_tokenizer, blocks16, tiny):
                     else:  # input only in this unit's features: the output is its contribution alone
                         xin = torch.zeros(5, mod.in_features)
                         xin[:, cols] = x[:, :width]
-                        got, want = mod(xin), F.linear(x[:, :width], w_root)
+                        got, want = mod(xin), x[:, :width] @ w_root
                 assert torch.allclose(got, want, rtol=0, atol=1e-6), (layer, unit, proj.path)
     assert moved, "training did not change the root weights, so the test shows nothing"
     out = tmp_path / "out"
@@ -394,7 +394,7 @@ def test_share_then_tune_starts_from_the_plans_fitted_weights(tiny_tokenizer, bl
         def on_train_begin(self, args, state, control, model=None, **kw):
             mod = blocks(model)[1].get_submodule(o.path)
             a, b = mod.own_range(1, 0)
-            self.cols = mod.weight.detach()[:, a:b].clone()
+            self.cols = mod.weight.detach()[a:b].T.clone()  # o weights are stored input-major
 
     probe = AtStart()
     posttrain(model, tiny_tokenizer, plan, blocks16, cfg(steps=1, mode="share-then-tune"), callbacks=[probe])

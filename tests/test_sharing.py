@@ -141,6 +141,20 @@ def test_shared_weights_stay_tied_through_training(monkeypatch, tiny_model):
     assert [(w.data_ptr(), tuple(w.shape)) for w in views] == [(start, (width, q0.weight.shape[1]))]
 
 
+def test_o_weights_are_stored_input_major(monkeypatch, tiny_model):
+    # a unit's o columns are contiguous rows of the stored weight, so a decoding step reads a borrowed run in
+    # one sweep instead of a strided column slice (structure.STORAGE 2)
+    monkeypatch.setattr(structure, "GATHER_MIN_TOKENS", 10**9)
+    model = tiny_model("llama-gqa")
+    o_before = [blocks(model)[i].self_attn.o_proj.weight.detach().clone() for i in (0, 2)]
+    headshare.share(model, new_plan(model, "manual", 0.0, assignments=[Assignment(2, 0, 0, 0)]))
+    o0, o2 = blocks(model)[0].self_attn.o_proj, blocks(model)[2].self_attn.o_proj
+    width = o2.weight.shape[0]
+    assert o0.weight.shape == (2 * width, o0.out_features) and o0.weight.is_contiguous()
+    assert torch.equal(o0.weight, o_before[0].T)  # every unit its own: the original weight, transposed
+    assert torch.equal(o2.weight, o_before[1][:, width:].T)  # layer 2 keeps unit 1's columns alone
+
+
 def test_sharing_twice_is_refused(tiny_model):
     model = tiny_model("llama-gqa")
     headshare.share(model, headshare.make_plan(model, 0.3))
