@@ -30,9 +30,13 @@ from .errors import HeadshareError
 from .plan import SharePlan
 from .units import basis_key, coef_key, own_index
 
-# from this many tokens in a call, a shared projection gathers its weight and runs one product; below it
-# (decoding), a product per run reads the weights once without the copy
+# from this many tokens in a call, a shared projection whose runs are narrow gathers its weight and runs one
+# product; below it (decoding), a product per run reads the weights once without the copy
 GATHER_MIN_TOKENS = 16
+# ... and only where its runs average fewer weight elements than this: a wider run is an efficient product on
+# its own (7B shape, 512 tokens, 32 runs of 128 x 4096: a product per run 117-151 ms, the gathered weight's
+# copy and product 159-198 ms, the dense layer 107-136 ms); SmolLM2's runs (192 x 576) are far below it
+GATHER_MAX_RUN = 1 << 18
 
 # how shared checkpoints store the o projection: 1 (before) as the original weight, 2 input-major; the
 # checkpoint records it and `headshare.checkpoint` transposes a version-1 checkpoint's o weights on load
@@ -104,6 +108,7 @@ class SharedProjection(nn.Module):
                     runs.append((owner, start, stop, scale))
         # a plain list attribute keeps other layers' modules out of this module's children and state dict
         self.__dict__["_segments"] = runs
+        self._run_size = self.out_features * self.in_features / len(runs)  # mean weight elements a run
 
     def _w(self, owner: SharedProjection, start: int, stop: int) -> torch.Tensor:
         return owner.weight.narrow(self.dim, start, stop - start)
@@ -137,9 +142,10 @@ class SharedProjection(nn.Module):
         if self._basis is not None:
             x = self._basis(x)
         segs = self._segments
-        if len(segs) > 1 and x.numel() >= GATHER_MIN_TOKENS * x.shape[-1] and any(o is not None for o, *_ in segs):
-            # many tokens: one matrix product over a gathered weight beats a product per run (and, for
-            # o, partial sums over strided input slices); the copy is freed right after
+        if (len(segs) > 1 and x.numel() >= GATHER_MIN_TOKENS * x.shape[-1] and self._run_size < GATHER_MAX_RUN
+                and any(o is not None for o, *_ in segs)):
+            # many tokens, narrow runs: one matrix product over a gathered weight beats a product per run
+            # (and, for o, partial sums); the copy is freed right after
             w, b = self._gathered()
             return self._project(x, w, b)
         if self.proj.role == "out":
@@ -151,20 +157,21 @@ class SharedProjection(nn.Module):
                     bias = owner.bias[a:b] if owner.bias is not None else None
                     outs.append(self._project(x, self._w(owner, a, b), bias))
             return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
-        # role "in": the output is a sum over the input feature runs of each unit
+        # role "in": the output is a sum over the input feature runs of each unit, accumulated in place
+        # (the weight is input-major, so each run is contiguous rows)
+        x2 = x.reshape(-1, x.shape[-1])
         y = None
         pos = 0
         for owner, a, b, scale in segs:
             n = b - a
             if owner is not None:
-                xs = x if n == x.shape[-1] else x[..., pos:pos + n]
-                part = self._project(xs, self._w(owner, a, b), None)
-                if scale != 1.0:
-                    part = part * scale
-                y = part if y is None else y + part
+                xs, w = x2[:, pos:pos + n], self._w(owner, a, b)
+                if y is None:
+                    y = xs @ w if scale == 1.0 else (xs @ w) * scale
+                else:
+                    y.addmm_(xs, w, alpha=scale)
             pos += n
-        if y is None:
-            y = x.new_zeros(*x.shape[:-1], self.out_features)
+        y = x.new_zeros(*x.shape[:-1], self.out_features) if y is None else y.reshape(*x.shape[:-1], -1)
         return y + self.bias if self.bias is not None else y
 
     def extra_repr(self) -> str:

@@ -27,6 +27,7 @@ ARCHS = sorted(TINY)
 def product(request, monkeypatch):
     """Both forward strategies of a shared projection: one product over a gathered weight, or one per run."""
     monkeypatch.setattr(structure, "GATHER_MIN_TOKENS", 0 if request.param == "gathered" else 10**9)
+    monkeypatch.setattr(structure, "GATHER_MAX_RUN", 10**18)  # any run is narrow enough to gather
     return request.param
 
 
@@ -139,6 +140,16 @@ def test_shared_weights_stay_tied_through_training(monkeypatch, tiny_model):
     start = q0.weight.data_ptr() + a * row_bytes
     views = [w for w in seen.weights if w.untyped_storage().data_ptr() == q0.weight.untyped_storage().data_ptr()]
     assert [(w.data_ptr(), tuple(w.shape)) for w in views] == [(start, (width, q0.weight.shape[1]))]
+
+
+def test_wide_runs_are_not_gathered_however_many_tokens(monkeypatch, tiny_model):
+    # runs averaging GATHER_MAX_RUN weight elements or more are products on their own, prefill included
+    model = tiny_model("llama-gqa")
+    headshare.share(model, new_plan(model, "manual", 0.0, assignments=[Assignment(2, 0, 0, 1)]))
+    gathered = outputs(model, IDS)
+    monkeypatch.setattr(structure, "GATHER_MAX_RUN", 0)
+    monkeypatch.setattr(SharedProjection, "_gathered", lambda self: pytest.fail("gathered a wide-run weight"))
+    assert torch.allclose(outputs(model, IDS), gathered, rtol=0, atol=1e-5)
 
 
 def test_o_weights_are_stored_input_major(monkeypatch, tiny_model):
