@@ -119,8 +119,8 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None, device: str |
     >>> model = headshare.load("out")   # doctest: +SKIP
     """
     import transformers
+    from accelerate import init_empty_weights
     from transformers import AutoConfig
-    from transformers.initialization import no_init_weights
 
     path = Path(path)
     record = read_record(path)
@@ -133,9 +133,12 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None, device: str |
     dtype = dtype or getattr(config, "dtype", None) or torch.float32
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    # no_init_weights leaves parameters as untouched torch.empty pages, and assign=True below swaps in
-    # the loaded tensors instead of copying: the full-size model is never resident, only the checkpoint
-    with no_init_weights():
+    # parameters on the meta device (buffers such as RoPE's made as usual), and assign=True below swaps in
+    # the loaded tensors instead of copying: the full-size model is never allocated, only the checkpoint read.
+    # (Empty CPU parameters, as before, were freed at the swap, and freeing them raised glibc's mmap
+    # threshold to the size of an MLP weight: the activations of the first prefill then stayed on the heap,
+    # and the shared SmolLM2 peaked 5 MB above the original instead of 30 MB below it.)
+    with init_empty_weights(include_buffers=False):
         model = base(config)
     plan = stored_plan(path, record, config)
     apply_structure(model, plan, layout_of(config, plan.unit_kind), copy_weights=False)
@@ -178,7 +181,8 @@ def _tied_keys(model: nn.Module) -> set[str]:
     """State-dict keys whose tensor is the same as another key's (tied embeddings)."""
     by_ptr: dict[int, list[str]] = {}
     for k, v in model.state_dict(keep_vars=True).items():
-        by_ptr.setdefault(v.data_ptr(), []).append(k)
+        if not v.is_meta:  # a tensor never loaded is missing, not tied (every meta tensor has data_ptr 0)
+            by_ptr.setdefault(v.data_ptr(), []).append(k)
     return {k for keys in by_ptr.values() if len(keys) > 1 for k in keys}
 
 
