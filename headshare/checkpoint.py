@@ -20,7 +20,7 @@ from .config import is_integer
 from .errors import HeadshareError
 from .files import atomic_dir, read_safetensors, safetensors_shapes
 from .plan import CHECKPOINT_KEYS, SharePlan
-from .structure import STORAGE, SharedProjection, apply_structure, transposed_in_storage
+from .structure import STORAGE, SharedProjection, apply_structure
 from .units import is_unit_key, parse_fitted_key
 
 MODELING_FILE = "headshare_modeling.py"
@@ -200,11 +200,11 @@ def stored_plan(path: Path, record: dict, config) -> SharePlan:
 
 def _older_storage(model: nn.Module, record: dict) -> set[str]:
     """State-dict keys whose tensors a checkpoint of an older `structure.STORAGE` stores transposed from what
-    `model`'s structure holds (version 1: the o projection as the original weight, (out, in))."""
+    `model`'s structure holds (version 1: every o projection as the original weight, (out, in))."""
     if record.get("storage", 1) >= STORAGE:
         return set()
     return {f"{name}.weight" for name, m in model.named_modules()
-            if isinstance(m, SharedProjection) and m.weight is not None and transposed_in_storage(m.proj)}
+            if isinstance(m, SharedProjection) and m.weight is not None and m.input_major}
 
 
 def check_weight_shapes(path: Path, model: nn.Module, missing: bool = True, older: set[str] = frozenset()) -> None:

@@ -3,10 +3,12 @@
 `apply_structure` replaces every attention projection named by the architecture mapping with a
 `SharedProjection`. Each one stores only the slices of the units its layer still owns, under the same
 state-dict key (`...q_proj.weight`, now with fewer rows). q/k/v keep the original weight's orientation;
-the o projection's weight is stored input-major, (own input features, out) as GPT-2's Conv1D stores it
-(`STORAGE` 2), so that each unit's slice is contiguous rows: a column slice of an (out, in) weight is a
-strided read, and on a Llama-2-7B layer whose o projection has 28 runs a decoding step took 11.1 ms
-instead of 3.0 ms (the dense layer's) that way. A borrowed unit holds a reference to the projection that owns its root unit and slices
+an o projection that the plan touches (it lends, borrows or loses units) is stored input-major, (own input
+features, out) as GPT-2's Conv1D stores it (`STORAGE` 2), so that each unit's slice is contiguous rows: a
+column slice of an (out, in) weight is a strided read, and on a Llama-2-7B layer whose o projection has 28
+runs a decoding step took 11.1 ms instead of 3.0 ms (the dense layer's) that way. An untouched one keeps the
+original orientation and computes exactly as before (at ratio 0 the logits are bit-identical; transposed,
+products of fewer than 16 tokens round differently). A borrowed unit holds a reference to the projection that owns its root unit and slices
 that weight at run time: the slice is a view, so nothing is copied and one tensor serves both
 layers, in memory, in gradients and on disk.
 
@@ -66,12 +68,13 @@ class SharedProjection(nn.Module):
     headshare_shared = True  # units.SHARED_MARKER: how the rest of the package tells a shared model
 
     def __init__(self, proj: ProjSpec, units: int, own: list[int], weight: torch.Tensor | None,
-                 bias: torch.Tensor | None, out_features: int, in_features: int):
+                 bias: torch.Tensor | None, out_features: int, in_features: int, input_major: bool = False):
         super().__init__()
         self.proj, self.units, self.own = proj, units, list(own)
         self.out_features, self.in_features = out_features, in_features
-        self.dim = stored_dim(proj)  # the dimension of `weight` that unit slices cut
-        self.xw = proj.conv1d or proj.role == "in"  # `weight` stored (in, out): y = x @ w
+        self.input_major = input_major and transposed(proj)  # stored transposed from the original weight
+        self.dim = 0 if self.input_major else proj.weight_dim()  # the dimension of `weight` that unit slices cut
+        self.xw = proj.conv1d or self.input_major  # `weight` stored (in, out): y = x @ w
         self.weight = nn.Parameter(weight) if weight is not None else None
         self.bias = nn.Parameter(bias) if bias is not None else None
         # (module, start, stop, scale) runs in feature order; module None means zeros (a pruned unit)
@@ -158,14 +161,17 @@ class SharedProjection(nn.Module):
                     outs.append(self._project(x, self._w(owner, a, b), bias))
             return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
         # role "in": the output is a sum over the input feature runs of each unit, accumulated in place
-        # (the weight is input-major, so each run is contiguous rows)
+        if len(segs) == 1 and segs[0][0] is not None and segs[0][3] == 1.0:  # one run of its own: as the original
+            y = self._project(x, self._w(*segs[0][:3]), None)
+            return y + self.bias if self.bias is not None else y
         x2 = x.reshape(-1, x.shape[-1])
         y = None
         pos = 0
         for owner, a, b, scale in segs:
             n = b - a
             if owner is not None:
-                xs, w = x2[:, pos:pos + n], self._w(owner, a, b)
+                w = self._w(owner, a, b)
+                xs, w = x2[:, pos:pos + n], (w if self.xw else w.T)
                 if y is None:
                     y = xs @ w if scale == 1.0 else (xs @ w) * scale
                 else:
@@ -180,39 +186,35 @@ class SharedProjection(nn.Module):
                 f"runs={len(self._segments)}{rank}")
 
 
-def stored_dim(proj: ProjSpec) -> int:
-    """The dimension of a SharedProjection's stored weight that unit slices cut: the original weight's
-    (`ProjSpec.weight_dim`), except the o side, stored input-major whatever the original orientation."""
-    return 0 if proj.role == "in" else proj.weight_dim()
-
-
-def transposed_in_storage(proj: ProjSpec) -> bool:
-    """Whether a SharedProjection stores this projection's weight transposed from the original module's."""
+def transposed(proj: ProjSpec) -> bool:
+    """Whether storing this projection input-major transposes it (an o projection held as nn.Linear)."""
     return proj.role == "in" and not proj.conv1d
 
 
-def _project_weight(proj: ProjSpec, module: nn.Module, own: list[int]) -> tuple[torch.Tensor | None, ...]:
+def _project_weight(proj: ProjSpec, module: nn.Module, own: list[int],
+                    input_major: bool = False) -> tuple[torch.Tensor | None, ...]:
     """The own-unit slices of a projection's weight (and bias), in SharedProjection's storage layout."""
     if not own:
         return None, (module.bias.detach().clone() if proj.role == "in" and module.bias is not None else None)
     idx = own_index(proj, own)
     weight = module.weight.detach().index_select(proj.weight_dim(), idx.to(module.weight.device))
-    weight = (weight.T if transposed_in_storage(proj) else weight).contiguous()
+    weight = (weight.T if input_major and transposed(proj) else weight).contiguous()
     bias = None
     if module.bias is not None:
         bias = module.bias.detach().clone() if proj.role == "in" else module.bias.detach()[idx].contiguous()
     return weight, bias
 
 
-def _empty_weight(proj: ProjSpec, module: nn.Module, own: list[int],
-                  rank: int | None = None) -> tuple[torch.Tensor | None, ...]:
+def _empty_weight(proj: ProjSpec, module: nn.Module, own: list[int], rank: int | None = None,
+                  input_major: bool = False) -> tuple[torch.Tensor | None, ...]:
     """Uninitialised tensors of the shapes `_project_weight` would give (inputs cut to `rank` in a basis
     layer), for a model about to be loaded."""
     w, b = module.weight, module.bias
     weight = None
     if own:
-        shape = list(w.shape)[::-1] if transposed_in_storage(proj) else list(w.shape)
-        shape[stored_dim(proj)] = proj.unit_width * len(own)
+        flip = input_major and transposed(proj)
+        shape = list(w.shape)[::-1] if flip else list(w.shape)
+        shape[0 if flip else proj.weight_dim()] = proj.unit_width * len(own)
         if rank is not None:
             shape[1 - proj.weight_dim()] = rank
         weight = torch.empty(shape, dtype=w.dtype, device=w.device)
@@ -275,11 +277,13 @@ def apply_structure(model: nn.Module, plan: SharePlan, layout: Layout, copy_weig
     U = layout.units_per_layer
     bases = _make_bases(model, plan, layout, copy_weights)
     kv_bases = {layer for b in plan.bases if b.get("kv") for layer in b["layers"]}
+    lenders = {rl for rl, _ in roots.values()}
     new: dict[tuple[int, str], SharedProjection] = {}
     whole: dict[tuple[int, str], SharedProjection] = {}
     for layer, block in enumerate(blocks(model)):
         gone = {u for u in range(U) if (layer, u) in roots or (layer, u) in pruned}
         own = [u for u in range(U) if u not in gone]
+        touched = bool(gone) or layer in lenders  # its o projection is stored input-major (module docstring)
         cut = [(proj, U, own, new) for proj in layout.projections()]
         if layer in kv_bases:  # k/v outside the units, on the basis: one unit that the layer always owns
             cut += [(proj, 1, [0], whole) for proj in layout.layer_projections()]
@@ -287,12 +291,14 @@ def apply_structure(model: nn.Module, plan: SharePlan, layout: Layout, copy_weig
             old = block.get_submodule(proj.path)
             based = layer in bases and proj.role == "out"
             rank = bases[layer].weight.shape[0] if based else None
-            weight, bias = _project_weight(proj, old, owned) if copy_weights else _empty_weight(proj, old, owned, rank)
+            major = touched and into is new
+            weight, bias = (_project_weight(proj, old, owned, major) if copy_weights
+                            else _empty_weight(proj, old, owned, rank, major))
             if based and copy_weights and owned:
                 weight = plan.fitted[coef_key(layer, proj.path)].detach().to(
                     device=old.weight.device, dtype=old.weight.dtype).clone()
             out_f, in_f = _features(proj, old)
-            into[(layer, proj.path)] = SharedProjection(proj, units, owned, weight, bias, out_f, in_f)
+            into[(layer, proj.path)] = SharedProjection(proj, units, owned, weight, bias, out_f, in_f, major)
             if based:
                 into[(layer, proj.path)].use_basis(bases[layer])
     for mod in whole.values():

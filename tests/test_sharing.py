@@ -157,13 +157,16 @@ def test_o_weights_are_stored_input_major(monkeypatch, tiny_model):
     # one sweep instead of a strided column slice (structure.STORAGE 2)
     monkeypatch.setattr(structure, "GATHER_MIN_TOKENS", 10**9)
     model = tiny_model("llama-gqa")
-    o_before = [blocks(model)[i].self_attn.o_proj.weight.detach().clone() for i in (0, 2)]
+    o_before = [blocks(model)[i].self_attn.o_proj.weight.detach().clone() for i in (0, 1, 2)]
     headshare.share(model, new_plan(model, "manual", 0.0, assignments=[Assignment(2, 0, 0, 0)]))
-    o0, o2 = blocks(model)[0].self_attn.o_proj, blocks(model)[2].self_attn.o_proj
+    o0, o1, o2 = (blocks(model)[i].self_attn.o_proj for i in (0, 1, 2))
     width = o2.weight.shape[0]
+    assert o0.input_major and o2.input_major and not o1.input_major
     assert o0.weight.shape == (2 * width, o0.out_features) and o0.weight.is_contiguous()
-    assert torch.equal(o0.weight, o_before[0].T)  # every unit its own: the original weight, transposed
-    assert torch.equal(o2.weight, o_before[1][:, width:].T)  # layer 2 keeps unit 1's columns alone
+    assert torch.equal(o0.weight, o_before[0].T)  # the lender owns every unit: the original weight, transposed
+    assert torch.equal(o2.weight, o_before[2][:, width:].T)  # the borrower keeps unit 1's columns alone
+    # a layer the plan does not touch keeps the original orientation, so it computes exactly as before
+    assert torch.equal(o1.weight, o_before[1])
 
 
 def test_sharing_twice_is_refused(tiny_model):
