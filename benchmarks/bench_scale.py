@@ -17,7 +17,8 @@ are the sizes of the checkpoint's safetensors files; each row records layers, me
 layer, peak RSS, peak RSS minus weight bytes, the tqdm bars' final states read from its stderr (kept as a
 log in --cache/logs), its memory by phase (resident anonymous and file-backed bytes sampled from /proc every
 half second, the largest of each while each bar was the last one written) and `headshare info OUT --json`.
-Rows are written to --json as they finish, so a stopped run keeps what it has; a run past --timeout is killed and recorded with the bars it had reached.
+Rows are written to --json as they finish, so a stopped run keeps what it has; a run past --timeout is
+killed and recorded with the bars it had reached.
 
 Targets: autoshare plans in at most 3 minutes per layer on 2 CPU cores; peak RSS minus the
 weights grows by at most one block's weights (0.4 GB in bf16) from 2 to 8 layers.

@@ -8,9 +8,9 @@ features, out) as GPT-2's Conv1D stores it (`STORAGE` 2), so that each unit's sl
 column slice of an (out, in) weight is a strided read, and on a Llama-2-7B layer whose o projection has 28
 runs a decoding step took 11.1 ms instead of 3.0 ms (the dense layer's) that way. An untouched one keeps the
 original orientation and computes exactly as before (at ratio 0 the logits are bit-identical; transposed,
-products of fewer than 16 tokens round differently). A borrowed unit holds a reference to the projection that owns its root unit and slices
-that weight at run time: the slice is a view, so nothing is copied and one tensor serves both
-layers, in memory, in gradients and on disk.
+products of fewer than 16 tokens round differently). A borrowed unit holds a reference to the projection
+that owns its root unit and slices that weight at run time: the slice is a view, so nothing is copied and
+one tensor serves both layers, in memory, in gradients and on disk.
 
 In a layer of a basis group (`SharePlan.bases`) the input-side projections store (rows, rank)
 coefficients instead of (rows, hidden) weights, and first project their input onto the group's
@@ -72,7 +72,7 @@ class SharedProjection(nn.Module):
         super().__init__()
         self.proj, self.units, self.own = proj, units, list(own)
         self.out_features, self.in_features = out_features, in_features
-        self.input_major = input_major and transposed(proj)  # stored transposed from the original weight
+        self.input_major = input_major  # an o projection stored transposed from the original (out, in) weight
         self.dim = 0 if self.input_major else proj.weight_dim()  # the dimension of `weight` that unit slices cut
         self.xw = proj.conv1d or self.input_major  # `weight` stored (in, out): y = x @ w
         self.weight = nn.Parameter(weight) if weight is not None else None
@@ -187,18 +187,20 @@ class SharedProjection(nn.Module):
 
 
 def transposed(proj: ProjSpec) -> bool:
-    """Whether storing this projection input-major transposes it (an o projection held as nn.Linear)."""
+    """Whether storing this projection input-major transposes it (an o projection held as nn.Linear; a
+    Conv1D's is input-major already)."""
     return proj.role == "in" and not proj.conv1d
 
 
 def _project_weight(proj: ProjSpec, module: nn.Module, own: list[int],
                     input_major: bool = False) -> tuple[torch.Tensor | None, ...]:
-    """The own-unit slices of a projection's weight (and bias), in SharedProjection's storage layout."""
+    """The own-unit slices of a projection's weight (and bias), in SharedProjection's storage layout
+    (`input_major`: an nn.Linear o weight transposed to (own inputs, out))."""
     if not own:
         return None, (module.bias.detach().clone() if proj.role == "in" and module.bias is not None else None)
     idx = own_index(proj, own)
     weight = module.weight.detach().index_select(proj.weight_dim(), idx.to(module.weight.device))
-    weight = (weight.T if input_major and transposed(proj) else weight).contiguous()
+    weight = (weight.T if input_major else weight).contiguous()
     bias = None
     if module.bias is not None:
         bias = module.bias.detach().clone() if proj.role == "in" else module.bias.detach()[idx].contiguous()
@@ -212,9 +214,8 @@ def _empty_weight(proj: ProjSpec, module: nn.Module, own: list[int], rank: int |
     w, b = module.weight, module.bias
     weight = None
     if own:
-        flip = input_major and transposed(proj)
-        shape = list(w.shape)[::-1] if flip else list(w.shape)
-        shape[0 if flip else proj.weight_dim()] = proj.unit_width * len(own)
+        shape = list(w.shape)[::-1] if input_major else list(w.shape)
+        shape[0 if input_major else proj.weight_dim()] = proj.unit_width * len(own)
         if rank is not None:
             shape[1 - proj.weight_dim()] = rank
         weight = torch.empty(shape, dtype=w.dtype, device=w.device)
@@ -291,7 +292,7 @@ def apply_structure(model: nn.Module, plan: SharePlan, layout: Layout, copy_weig
             old = block.get_submodule(proj.path)
             based = layer in bases and proj.role == "out"
             rank = bases[layer].weight.shape[0] if based else None
-            major = touched and into is new
+            major = touched and into is new and transposed(proj)
             weight, bias = (_project_weight(proj, old, owned, major) if copy_weights
                             else _empty_weight(proj, old, owned, rank, major))
             if based and copy_weights and owned:
