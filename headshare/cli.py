@@ -304,8 +304,8 @@ def _load_for_training(args, path: str, place):
     return path, model, tok
 
 
-TRAIN_OPTIONS = ("mode", "lam", "constraint", "parts", "pull_until", "lr", "steps", "block_size", "batch_size",
-                 "warmup_steps", "save_steps", "seed")
+TRAIN_OPTIONS = ("mode", "lam", "constraint", "parts", "pull_until", "distill", "lr", "steps", "block_size",
+                 "batch_size", "warmup_steps", "save_steps", "seed")
 
 
 def _posttrain_config(args, place):
@@ -633,6 +633,10 @@ def _add_posttrain(sub) -> None:
     p.add_argument("--parts", action=_TrainOption, choices=["qkv", "qkvo"],
                    help="what the constraint pulls together: the paper's W_q, W_k, W_v (qkv) or the o "
                         "columns too (qkvo; all that sharing ties) (default %(config_default)s)")
+    p.add_argument("--distill", type=float, action=_TrainOption,
+                   help="weight in [0, 1] of distillation from the model as it came (KL of the next-token "
+                        "distributions, per token; the LM loss gets the rest; keeps a frozen copy in memory; "
+                        "beyond the paper) (default %(config_default)s)")
     for flag, tp, what in (("--lr", float, "peak learning rate, cosine decay"), ("--steps", int, "optimizer steps"),
                            ("--block-size", int, "tokens per training block"),
                            ("--batch-size", int, "blocks per step and process"),

@@ -48,6 +48,7 @@ work directory beside it (`OUT.work` by default).
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import tempfile
@@ -85,6 +86,7 @@ class PostTrainConfig(Config):
     constraint: str = "fro"
     parts: str = "qkv"  # "qkvo": the o columns in L_w too (beyond the paper)
     pull_until: float = 1.0  # prox: the fraction of the steps by which the pull has closed the pairs
+    distill: float = 0.0  # weight of KL(original || model) per token; the LM loss gets 1 - distill (beyond the paper)
     lr: float = 5e-5
     steps: int = 200
     block_size: int = 512
@@ -113,6 +115,7 @@ class PostTrainConfig(Config):
         check(self, "parts", self.parts in PARTS, f"one of {', '.join(PARTS)}")
         check(self, "lam", is_number(self.lam) and 0 <= self.lam <= 1, "a number in [0, 1]")
         check(self, "pull_until", is_number(self.pull_until) and 0 < self.pull_until <= 1, "a number in (0, 1]")
+        check(self, "distill", is_number(self.distill) and 0 <= self.distill <= 1, "a number in [0, 1]")
         check(self, "lr", is_number(self.lr) and self.lr > 0, "a positive number")
         check(self, "weight_decay", is_number(self.weight_decay) and self.weight_decay >= 0, "a number >= 0")
         check(self, "adam_betas", isinstance(self.adam_betas, tuple) and len(self.adam_betas) == 2
@@ -264,20 +267,23 @@ class BlockDataset(torch.utils.data.Dataset):
 
 
 class PostShareTrainer(Trainer):
-    """Trainer whose loss is (1 - lam) * LM loss + lam * L_w; logs `lm_loss` and `constraint_loss`.
+    """Trainer whose loss is (1 - lam) * L + lam * L_w with L = (1 - distill) * LM loss + distill * KL;
+    logs `lm_loss`, `constraint_loss` and, with a teacher, `kl`.
 
-    `pairs` empty (share-then-tune) means the LM loss alone. The constraint is measured (without
-    gradient) even at lam 0, so tune-only logs how far the pairs drift without it.
+    `pairs` empty (share-then-tune) means L alone. The constraint is measured (without gradient) even at
+    lam 0, so tune-only logs how far the pairs drift without it. `teacher` (a frozen copy of the model
+    before any sharing) gives KL(teacher || model) of the next-token distributions, a mean per token.
     """
 
     def __init__(self, *args, pairs=(), lam: float = 0.5, constraint: str = "fro", parts: str = "qkv",
-                 unit: str = "kv", **kwargs):
+                 unit: str = "kv", teacher: nn.Module | None = None, distill: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
         self.pairs, self.lam, self.constraint, self.parts = list(pairs), lam, constraint, parts
         self.unit = unit  # the kind of the units the pairs name
+        self.teacher, self.distill = teacher, distill
         # our loss is a per-batch mean, so the Trainer must divide it by the accumulation steps itself
         self.loss_is_scaled_for_ga = False
-        self._sums = torch.zeros(2, dtype=torch.float64)
+        self._sums = torch.zeros(3, dtype=torch.float64)
         self._count = 0
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -285,13 +291,18 @@ class PostShareTrainer(Trainer):
         outputs = model(**inputs)
         lm = outputs.loss
         loss = lm
-        cw = None
+        cw = kl = None
+        if self.teacher is not None:
+            with torch.no_grad():
+                ref = self.teacher(input_ids=inputs["input_ids"]).logits
+            kl = distill_loss(outputs.logits, ref)
+            loss = (1 - self.distill) * lm + self.distill * kl
         if self.pairs:
             # the live parameters, not DDP's wrapper: autograd sums both terms before DDP's reducer hook
             raw = self.accelerator.unwrap_model(model)
             if self.lam > 0:
                 cw = constraint_loss(raw, self.pairs, self.constraint, self.parts, self.unit)
-                loss = (1 - self.lam) * lm + self.lam * cw
+                loss = (1 - self.lam) * loss + self.lam * cw
             else:
                 with torch.no_grad():
                     kind = self.constraint if self.constraint in DISTANCES else "fro"
@@ -299,6 +310,7 @@ class PostShareTrainer(Trainer):
         if model.training:
             self._sums[0] += lm.detach().double().cpu()
             self._sums[1] += (cw.detach().double().cpu() if cw is not None else 0.0)
+            self._sums[2] += (kl.detach().double().cpu() if kl is not None else 0.0)
             self._count += 1
         return (loss, outputs) if return_outputs else loss
 
@@ -309,9 +321,18 @@ class PostShareTrainer(Trainer):
             logs["lm_loss"] = round(float(mean[0]), 6)
             if self.pairs:
                 logs["constraint_loss"] = round(float(mean[1]), 6)
+            if self.teacher is not None:
+                logs["kl"] = round(float(mean[2]), 6)
             self._sums.zero_()
             self._count = 0
         super().log(logs, start_time)
+
+
+def distill_loss(logits: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Mean per position of KL(ref || model) between the next-token distributions, in float32."""
+    logp = torch.log_softmax(logits.float(), -1)
+    logq = torch.log_softmax(ref.float(), -1)
+    return (logq.exp() * (logq - logp)).sum(-1).mean()
 
 
 def training_blocks(tokenizer, data, block_size: int) -> torch.Tensor:
@@ -442,6 +463,10 @@ def _run(model, tokenizer, plan, blocks_: torch.Tensor, cfg: PostTrainConfig, ou
     pairs = constraint_pairs(plan) if plan is not None else []
     with torch.no_grad():
         before = pair_distances(model, pairs, parts=cfg.parts, unit=layout.unit_kind).tolist() if pairs else []
+    teacher = None
+    if cfg.distill > 0:
+        # the model as it came, frozen: what the shared model is trained to predict like (one more copy in memory)
+        teacher = copy.deepcopy(model).eval().requires_grad_(False)
     if cfg.mode == "share-then-tune":
         share(model, plan)
 
@@ -451,7 +476,7 @@ def _run(model, tokenizer, plan, blocks_: torch.Tensor, cfg: PostTrainConfig, ou
     trainer = PostShareTrainer(
         model=model, args=args, train_dataset=BlockDataset(blocks_), callbacks=callbacks,
         pairs=pairs if cfg.mode != "share-then-tune" else (), lam=cfg.effective_lambda, constraint=cfg.constraint,
-        parts=cfg.parts, unit=layout.unit_kind,
+        parts=cfg.parts, unit=layout.unit_kind, teacher=teacher, distill=cfg.distill,
     )
     t0 = time.time()
     trainer.train(resume_from_checkpoint=str(found[-1]) if cfg.resume else None)

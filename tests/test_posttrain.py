@@ -27,6 +27,7 @@ from headshare.posttrain import (
     ProximalPull,
     constraint_loss,
     constraint_pairs,
+    distill_loss,
     pair_distances,
     posttrain,
 )
@@ -69,7 +70,7 @@ def logits(model, ids):
     ("mode", "sharethentune"), ("constraint", "l1"), ("lam", 1.5), ("lam", -0.1), ("lam", float("nan")),
     ("lr", 0.0), ("lr", -1e-4), ("steps", 0), ("block_size", 1), ("batch_size", 0), ("save_steps", 0),
     ("seed", -1), ("steps", 2.5), ("weight_decay", -0.1), ("adam_betas", (0.9, 1.0)), ("parts", "qk"),
-    ("pull_until", 0.0), ("pull_until", 1.5),
+    ("pull_until", 0.0), ("pull_until", 1.5), ("distill", -0.5), ("distill", 1.5),
 ])
 def test_bad_config_values_name_the_value(field, value):
     with pytest.raises(ValueError) as e:
@@ -399,6 +400,36 @@ def test_share_then_tune_starts_from_the_plans_fitted_weights(tiny_tokenizer, bl
     probe = AtStart()
     posttrain(model, tiny_tokenizer, plan, blocks16, cfg(steps=1, mode="share-then-tune"), callbacks=[probe])
     assert torch.equal(probe.cols, fitted[f"1.{o.path}.unit1"])
+
+
+def test_distill_loss_is_zero_against_itself_and_the_kl_otherwise():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2, 3, 7, generator=g), torch.randn(2, 3, 7, generator=g)
+    assert distill_loss(a, a) == 0
+    p, q = torch.softmax(b.double(), -1), torch.softmax(a.double(), -1)  # KL(ref=b || model=a), mean per position
+    want = (p * (p.log() - q.log())).sum(-1).mean()
+    assert float(distill_loss(a, b)) == pytest.approx(float(want), rel=1e-5)
+
+
+def test_distillation_trains_towards_the_original_and_logs_the_kl(tmp_path, tiny_tokenizer, blocks16, tiny):
+    """share-then-tune with distill=1: the loss is the KL to the model as it came (logged as `kl`, the LM loss
+    only measured), the teacher stays the unshared original, and training lowers that KL."""
+    model = tiny()
+    plan = headshare.make_plan(model, RATIO)
+    ids = blocks16[:4]
+    original = logits(tiny(), ids)
+    shared = headshare.share(tiny(), plan)
+    before = float(distill_loss(logits(shared, ids), original))
+    assert before > 1e-4, "sharing changed nothing, so there is nothing to distil"
+    trained = posttrain(model, tiny_tokenizer, plan, blocks16,
+                        cfg(tmp_path, mode="share-then-tune", distill=1.0, steps=16, lr=2e-3))
+    history = json.loads((tmp_path / "out" / "trainer_state.json").read_text())["log_history"]
+    rows = [r for r in history if "kl" in r]
+    assert rows and all(r["loss"] == pytest.approx(r["kl"], abs=1e-6) for r in rows)  # kl is logged to 6 places
+    assert all(r["lm_loss"] != pytest.approx(r["kl"], rel=1e-2) for r in rows)
+    after = float(distill_loss(logits(trained, ids), original))
+    assert after < 0.7 * before
+    assert unique_parameters(trained) == unique_parameters(shared)  # still the shared model
 
 
 # -- tune-only ------------------------------------------------------------------------------------------------
