@@ -27,6 +27,10 @@ and sharing keeps the plan's scales. A plan's fitted weights (`fitshare` refits 
 by postshare: it trains the original weights and lets the LM loss learn its own compensation;
 share-then-tune applies them when it shares, before training.
 
+`distill` (beyond the paper) replaces part of the LM loss by distillation from the model as it came:
+(1 - distill) x LM loss + distill x KL(original || model) of the next-token distributions, per token, with a
+frozen copy of the model made before any sharing as the teacher.
+
 Training is a `transformers.Trainer` subclass, so `accelerate launch` runs the same code on one
 process or many (DDP; DeepSpeed ZeRO-1/2 keep whole parameters on every rank and work too; FSDP or
 ZeRO-3 shard parameters and would need them gathered for the constraint, which is not done here).

@@ -509,13 +509,19 @@ def test_cli_posttrain_end_to_end(tmp_path, train_dir, capsys):
     out = tmp_path / "cli-out"
     argv = ["posttrain", str(train_dir), "--ratio", str(RATIO), "--data", str(tmp_path / "train.txt"),
             "--steps", "3", "--block-size", "16", "--batch-size", "2", "--lr", "1e-2", "--save-steps", "2",
-            "--lambda", "0.5", "--constraint", "fro", "--seed", "1", "--out", str(out)]
+            "--lambda", "0.5", "--constraint", "fro", "--seed", "1", "--distill", "0.5", "--out", str(out)]
     assert main(argv) == 0
     printed = capsys.readouterr()
     assert "units shared" in printed.out and "mean pair distance" in printed.err
     model = headshare.load(out)
     record = json.loads((out / "posttrain.json").read_text())
     assert record["config"]["seed"] == 1 and record["config"]["lam"] == 0.5 and record["steps"] == 3
+    assert record["config"]["distill"] == 0.5
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    rows = [r for r in history if "lm_loss" in r]
+    # (1 - lambda) x ((1 - distill) x LM + distill x KL) + lambda x L_w, each logged to 6 places
+    assert rows and all(r["loss"] == pytest.approx(0.5 * (0.5 * r["lm_loss"] + 0.5 * r["kl"])
+                                                   + 0.5 * r["constraint_loss"], abs=1e-5) for r in rows)
     assert len(record["pairs"]) == len(model.config.headshare["assignments"]) > 0
     assert main(argv) == 2  # the output exists now
     assert "not empty" in capsys.readouterr().err
@@ -547,6 +553,7 @@ def test_cli_prox_postshare_of_a_fitted_plan(tmp_path, train_dir, capsys):
     ("--lr", "0", "lr must be a positive number, got 0.0"),
     ("--steps", "0", "steps must be an integer >= 1, got 0"),
     ("--pull-until", "0", "pull_until must be a number in (0, 1], got 0.0"),
+    ("--distill", "1.5", "distill must be a number in [0, 1], got 1.5"),
 ])
 def test_cli_bad_values_exit_2(tmp_path, train_dir, capsys, flag, value, message):
     argv = ["posttrain", str(train_dir), "--ratio", "0.3", "--out", str(tmp_path / "o"), flag, value]
