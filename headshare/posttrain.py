@@ -297,8 +297,11 @@ class PostShareTrainer(Trainer):
         loss = lm
         cw = kl = None
         if self.teacher is not None:
+            ids = inputs["input_ids"]
+            if next(self.teacher.parameters()).device != ids.device:  # the Trainer moved the model, not the teacher
+                self.teacher.to(ids.device)
             with torch.no_grad():
-                ref = self.teacher(input_ids=inputs["input_ids"]).logits
+                ref = self.teacher(input_ids=ids).logits
             kl = distill_loss(outputs.logits, ref)
             loss = (1 - self.distill) * lm + self.distill * kl
         if self.pairs:
