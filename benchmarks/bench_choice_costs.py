@@ -5,6 +5,7 @@ on random statistics of a layer's shape. choiceshare weighs (ranks + 1) x this p
 
     python benchmarks/bench_choice_costs.py --heads 12 --head-dim 128 --hidden 1536            # Qwen2.5-1.5B
     python benchmarks/bench_choice_costs.py --heads 32 --head-dim 128 --hidden 4096 --no-old   # Llama-2-7B
+    python benchmarks/bench_choice_costs.py --heads 32 --head-dim 128 --hidden 4096 --no-old --float32
 
 Both paths see the same statistics; the script prints their largest difference (at the fixed ridge) as a check.
 """
@@ -12,6 +13,7 @@ Both paths see the same statistics; the script prints their largest difference (
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 
@@ -29,6 +31,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-old", action="store_true", help="skip the per-subset solves (hours on a 7B layer)")
+    ap.add_argument("--float32", action="store_true", help="also time the chain computing in float32")
     ap.add_argument("--json", help="append the result here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -45,15 +48,33 @@ def main() -> None:
     folds = (slice(0, n // 2), slice(n // 2, n))
     row = {"heads": U, "head_dim": args.head_dim, "hidden": args.hidden, "tokens": n, "threads": args.threads}
 
+    def chain(dtype: torch.dtype) -> list[float]:
+        errs = [0.0] * (U + 1)
+        for f in (0, 1):  # each direction has columns of its own in choiceshare; here both see z
+            grams, base = nested_stats(z, z0, w, wo, folds)
+            one = nested_prune_errors(grams, wo.T @ wo, [args.head_dim] * U, order, 1.0, base=base,
+                                      directions=((f, 1 - f),), dtype=dtype)
+            errs = [a + b for a, b in zip(errs, one, strict=True)]
+        return errs
+
     t = time.perf_counter()
-    errs = [0.0] * (U + 1)
-    for f in (0, 1):  # each direction has columns of its own in choiceshare; here both see z
-        grams, base = nested_stats(z, z0, w, wo, folds)
-        one = nested_prune_errors(grams, wo.T @ wo, [args.head_dim] * U, order, 1.0, base=base,
-                                  directions=((f, 1 - f),))
-        errs = [a + b for a, b in zip(errs, one, strict=True)]
+    errs = chain(torch.float64)
     row["nested_s"] = time.perf_counter() - t
     print(f"downdated chain: {row['nested_s']:.1f} s for {U + 1} subsets x 2 folds", flush=True)
+    if args.float32:
+        t = time.perf_counter()
+        e32 = chain(torch.float32)
+        row["nested_float32_s"] = time.perf_counter() - t
+        row["float32_max_diff_of_scale"] = max(abs(a - b) for a, b in zip(e32, errs, strict=True)) / max(errs)
+        # what a choice reads: the steps between consecutive subsets, and whether their order holds
+        steps64 = [b - a for a, b in itertools.pairwise(errs)]
+        steps32 = [b - a for a, b in itertools.pairwise(e32)]
+        row["float32_max_step_diff_of_smallest_step"] = (max(abs(a - b) for a, b in zip(steps32, steps64, strict=True))
+                                                       / min(abs(x) for x in steps64))
+        print(f"float32 chain: {row['nested_float32_s']:.1f} s ({row['nested_s'] / row['nested_float32_s']:.2f}x); "
+              f"largest difference {row['float32_max_diff_of_scale']:.1e} of the largest cost, "
+              f"{row['float32_max_step_diff_of_smallest_step']:.1e} of the smallest step between subsets",
+              flush=True)
     if not args.no_old:
         t = time.perf_counter()
         a = z0.double() @ wo.T

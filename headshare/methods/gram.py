@@ -47,7 +47,7 @@ class LayerGram:
         if kept:
             gk = torch.cat([torch.cat([self.g(a, b) for b in kept], 1) for a in kept], 0)
             lam = rho * gk.diagonal().mean().clamp_min(1e-30)
-            self.chol = torch.linalg.cholesky(gk + lam * torch.eye(gk.shape[0], dtype=gk.dtype))
+            self.chol = torch.linalg.cholesky(gk + lam * torch.eye(gk.shape[0], dtype=gk.dtype, device=gk.device))
 
     def _xk(self, a) -> torch.Tensor:
         if a not in self._x:

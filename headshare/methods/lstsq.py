@@ -95,7 +95,7 @@ def greedy_order(g: torch.Tensor, ww: torch.Tensor, widths: list[int], lam: floa
     off = _offsets(widths)
     dtype = g.dtype
     kept, removed = list(range(units)), []
-    h = torch.cholesky_inverse(torch.linalg.cholesky(g + lam * torch.eye(g.shape[0], dtype=dtype)))
+    h = torch.cholesky_inverse(torch.linalg.cholesky(g + lam * torch.eye(g.shape[0], dtype=dtype, device=g.device)))
     p = g.new_zeros(g.shape[0], 0)  # H G_KR: rows the kept units' blocks in `kept` order, columns R's
     f = g.new_zeros(g.shape[0], 0)  # P W_RR
     wr = g.new_zeros(g.shape[0], 0)  # W_.R: rows in the layer's order
@@ -108,7 +108,7 @@ def greedy_order(g: torch.Tensor, ww: torch.Tensor, widths: list[int], lam: floa
         for i, u in enumerate(kept):
             sl, su = slice(koff[i], koff[i + 1]), slice(off[u], off[u + 1])
             huu, wuu = h[sl, sl], ww[su, su]
-            qu = torch.eye(widths[u], dtype=dtype) - lam * huu
+            qu = torch.eye(widths[u], dtype=dtype, device=huu.device) - lam * huu
             s = qu @ wuu @ qu.T
             cost = base + lam * float((wuu * qu).sum())
             if removed:
@@ -332,7 +332,7 @@ def prune_errors(grams: tuple, wo: torch.Tensor, cols: list[torch.Tensor], subse
                 continue
             gk = ga[k][:, k]
             lam = rho * (ga if fixed_ridge else gk).diagonal().mean().clamp_min(1e-30)
-            chol = torch.linalg.cholesky(gk + lam * torch.eye(len(k), dtype=gk.dtype))
+            chol = torch.linalg.cholesky(gk + lam * torch.eye(len(k), dtype=gk.dtype, device=gk.device))
             y = torch.cholesky_solve(ga[k][:, r], chol)  # (K, R): the kept columns' change per removed column
             yw = y @ wrr
             err += float((yw * (gb[k][:, k] @ y - 2 * gbr[:, k].T)).sum())
@@ -341,7 +341,8 @@ def prune_errors(grams: tuple, wo: torch.Tensor, cols: list[torch.Tensor], subse
 
 
 def nested_prune_errors(grams: tuple, ww: torch.Tensor, widths: list[int], order: list[int], rho: float,
-                        base: tuple | None = None, directions: tuple = ((0, 1), (1, 0))) -> list:
+                        base: tuple | None = None, directions: tuple = ((0, 1), (1, 0)),
+                        dtype: torch.dtype = torch.float64) -> list:
     """`prune_errors(..., fixed_ridge=True)` x n for the nested subsets order[:0], order[:1], ..., order[:n] (the
     k-th entry: the first k units of `order` pruned), units whose columns are consecutive blocks of `widths`
     (`grams`: the two folds' Grams, `ww` = wo'wo, in those blocks).
@@ -356,15 +357,21 @@ def nested_prune_errors(grams: tuple, ww: torch.Tensor, widths: list[int], order
     is z0 wo' and the columns z = z0 - E (choiceshare's basis-projected weights), so E's columns, with the
     same wo, are removed from the start: X_f = z_f' W E_f and e_f = sum w |E_f wo'|^2 on fold f.
     `directions`: the (fitting fold, measuring fold) pairs summed; one alone when each direction has columns
-    of its own."""
+    of its own. `dtype`: what the products compute in (float32: about twice as fast on a CPU; the inner
+    products that make each error are summed in float64 either way)."""
     off = _offsets(widths)
     width = ww.shape[0]
     errs = [0.0] * (len(order) + 1)
+    ww = ww.to(dtype)
+
+    def dot(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a * b).sum(dtype=torch.float64))
+
     for ia, ib in directions:
-        ga, gb = grams[ia], grams[ib]
-        lam = rho * float(ga.diagonal().mean().clamp_min(1e-30))
+        ga, gb = grams[ia].to(dtype), grams[ib].to(dtype)
+        lam = rho * float(grams[ia].diagonal().mean().clamp_min(1e-30))
         kept = list(range(len(widths)))
-        h = torch.cholesky_inverse(torch.linalg.cholesky(ga + lam * torch.eye(width, dtype=ga.dtype)))
+        h = torch.cholesky_inverse(torch.linalg.cholesky(ga + lam * torch.eye(width, dtype=dtype, device=ga.device)))
         gbk = gb.clone()  # Gb over the kept columns (in `kept` order)
         if base is None:
             gall = gb  # Gb between every column and every column that can be removed
@@ -374,12 +381,13 @@ def nested_prune_errors(grams: tuple, ww: torch.Tensor, widths: list[int], order
             rr = 0.0  # <WW_RR, Gb_RR>
         else:
             (xa, _), (xb, eb) = base[ia], base[ib]
+            xa, xb = xa.to(dtype), xb.to(dtype)
             gall = torch.cat([gb, xb], 1)
             y = h @ xa
             f, v, gkr, wr = y @ ww, gb @ y, xb.clone(), ww.clone()
             ri = torch.arange(width, 2 * width)
             rr = float(eb)
-        errs[0] += rr - 2 * float((f * gkr).sum()) + float((f * v).sum())
+        errs[0] += rr - 2 * dot(f, gkr) + dot(f, v)
         for step, u in enumerate(order, 1):
             koff = _offsets([widths[k] for k in kept])
             i = kept.index(u)
@@ -389,7 +397,7 @@ def nested_prune_errors(grams: tuple, ww: torch.Tensor, widths: list[int], order
             gba = gbk @ a
             wur, wuu = wr[su], ww[su, su]
             gbu = gall[su]
-            rr += 2 * float((wur * gbu[:, ri]).sum()) + float((wuu * gbu[:, su]).sum())
+            rr += 2 * dot(wur, gbu[:, ri]) + dot(wuu, gbu[:, su])
             # Y and V with u's rows zeroed (the downdated H vanishes there), then u's own column block
             yt = y - a @ y[sl]
             vt = v - gba @ y[sl]
@@ -405,7 +413,7 @@ def nested_prune_errors(grams: tuple, ww: torch.Tensor, widths: list[int], order
             wr = torch.cat([wr, ww[:, su]], 1)
             ri = torch.cat([ri, torch.arange(off[u], off[u + 1])])
             kept.pop(i)
-            errs[step] += rr - 2 * float((f * gkr).sum()) + float((f * v).sum())
+            errs[step] += rr - 2 * dot(f, gkr) + dot(f, v)
     return errs
 
 

@@ -333,6 +333,13 @@ def test_nested_errors_with_a_base_are_the_token_refits(rho):
                                    za.T @ (target_a * w[fa]) + lam * m)
             want += float(((target_b - zb @ x) ** 2 * w[fb]).sum())
         assert got[k] == pytest.approx(want, rel=1e-8)
+    # choiceshare computes the chain in float32 (`CHAIN_DTYPE`): the same errors to float32's precision, and the
+    # steps between consecutive subsets, which the choice reads, in the same order
+    low = nested_prune_errors(grams, wo.T @ wo, widths, order, rho, base=base, dtype=torch.float32)
+    assert low == pytest.approx(got, rel=1e-4) and low != got  # close, and computed another way
+    steps = [b - a for a, b in itertools.pairwise(got)]
+    assert sorted(range(len(steps)), key=steps.__getitem__) == sorted(
+        range(len(steps)), key=[b - a for a, b in itertools.pairwise(low)].__getitem__)
 
 
 def test_heldout_prune_costs_take_the_nested_path_for_the_greedys_subsets():
