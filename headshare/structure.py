@@ -73,7 +73,7 @@ class SharedProjection(nn.Module):
         self.proj, self.units, self.own = proj, units, list(own)
         self.out_features, self.in_features = out_features, in_features
         self.input_major = input_major  # an o projection stored transposed from the original (out, in) weight
-        self.dim = 0 if self.input_major else proj.weight_dim()  # the dimension of `weight` that unit slices cut
+        self.dim = stored_dim(proj, input_major)  # the dimension of `weight` that unit slices cut
         self.xw = proj.conv1d or self.input_major  # `weight` stored (in, out): y = x @ w
         self.weight = nn.Parameter(weight) if weight is not None else None
         self.bias = nn.Parameter(bias) if bias is not None else None
@@ -186,6 +186,12 @@ class SharedProjection(nn.Module):
                 f"runs={len(self._segments)}{rank}")
 
 
+def stored_dim(proj: ProjSpec, input_major: bool) -> int:
+    """The dimension of a SharedProjection's stored weight that unit slices cut: the original weight's
+    (`ProjSpec.weight_dim`), or the first when it is stored input-major."""
+    return 0 if input_major else proj.weight_dim()
+
+
 def transposed(proj: ProjSpec) -> bool:
     """Whether storing this projection input-major transposes it (an o projection held as nn.Linear; a
     Conv1D's is input-major already)."""
@@ -215,7 +221,7 @@ def _empty_weight(proj: ProjSpec, module: nn.Module, own: list[int], rank: int |
     weight = None
     if own:
         shape = list(w.shape)[::-1] if input_major else list(w.shape)
-        shape[0 if input_major else proj.weight_dim()] = proj.unit_width * len(own)
+        shape[stored_dim(proj, input_major)] = proj.unit_width * len(own)
         if rank is not None:
             shape[1 - proj.weight_dim()] = rank
         weight = torch.empty(shape, dtype=w.dtype, device=w.device)
