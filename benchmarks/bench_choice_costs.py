@@ -52,7 +52,7 @@ def main() -> None:
         errs = [0.0] * (U + 1)
         for f in (0, 1):  # each direction has columns of its own in choiceshare; here both see z
             grams, base = nested_stats(z, z0, w, wo, folds)
-            one = nested_prune_errors(grams, wo.T @ wo, [args.head_dim] * U, order, 1.0, base=base,
+            one = nested_prune_errors(grams, wo, [args.head_dim] * U, order, 1.0, base=base,
                                       directions=((f, 1 - f),), dtype=dtype)
             errs = [a + b for a, b in zip(errs, one, strict=True)]
         return errs

@@ -276,10 +276,12 @@ def test_on_a_smollm2_layer_with_query_units(smollm2_dir):
 
 
 @pytest.mark.parametrize("rho", [0.0, 1e-2, 1.0, 1e3])
-def test_nested_prune_errors_are_the_per_subset_solves_at_the_fixed_ridge(rho):
-    """The downdated errors of a nested chain against one Cholesky per subset (`fixed_ridge=True`)."""
+@pytest.mark.parametrize("widths", [[3, 4, 3, 5, 3, 4, 2, 4], [4] * 8], ids=["mixed", "equal"])
+def test_nested_prune_errors_are_the_per_subset_solves_at_the_fixed_ridge(rho, widths):
+    """The downdated errors of a nested chain against one Cholesky per subset (`fixed_ridge=True`). Units of
+    mixed widths shift the rows after a leaving unit up; units of one width (query heads) move the last unit
+    into the gap: both orders of the rows give the same errors."""
     g = torch.Generator().manual_seed(7)
-    widths = [3, 4, 3, 5, 3, 4, 2, 4]
     total, n = sum(widths), 300
     z = torch.randn(n, total, generator=g, dtype=torch.float64) @ torch.randn(total, total, generator=g,
                                                                                dtype=torch.float64)
@@ -291,7 +293,7 @@ def test_nested_prune_errors_are_the_per_subset_solves_at_the_fixed_ridge(rho):
     order = [5, 0, 7, 2, 3, 6, 1, 4]
     chain = [frozenset(order[:k]) for k in range(1, len(order) + 1)]
     want = prune_errors(grams, wo, cols, chain, rho, n, fixed_ridge=True)
-    got = nested_prune_errors(grams, wo.T @ wo, widths, order, rho)
+    got = nested_prune_errors(grams, wo, widths, order, rho)
     scale = want[chain[-1]] * n
     assert got[0] == pytest.approx(0.0, abs=1e-10 * scale)  # nothing pruned: nothing to refit
     for s, e in zip(chain, got[1:], strict=True):
@@ -316,8 +318,8 @@ def test_nested_errors_with_a_base_are_the_token_refits(rho):
     folds = (slice(0, split), slice(split, n))
     e = z0 - z
     grams = tuple(z[f].T @ (z[f] * w[f]) for f in folds)
-    base = tuple((z[f].T @ (e[f] * w[f]), float(((e[f] @ wo.T) ** 2 * w[f]).sum())) for f in folds)
-    got = nested_prune_errors(grams, wo.T @ wo, widths, order, rho, base=base)
+    base = tuple((z[f].T @ (e[f] @ wo.T * w[f]), float(((e[f] @ wo.T) ** 2 * w[f]).sum())) for f in folds)
+    got = nested_prune_errors(grams, wo, widths, order, rho, base=base)
     assert len(got) == len(order) + 1
     for k in range(len(order) + 1):
         kept = torch.cat([torch.arange(starts[u], starts[u + 1]) for u in range(len(widths))
@@ -335,7 +337,7 @@ def test_nested_errors_with_a_base_are_the_token_refits(rho):
         assert got[k] == pytest.approx(want, rel=1e-8)
     # choiceshare computes the chain in float32 (`CHAIN_DTYPE`): the same errors to float32's precision, and the
     # steps between consecutive subsets, which the choice reads, in the same order
-    low = nested_prune_errors(grams, wo.T @ wo, widths, order, rho, base=base, dtype=torch.float32)
+    low = nested_prune_errors(grams, wo, widths, order, rho, base=base, dtype=torch.float32)
     assert low == pytest.approx(got, rel=1e-4) and low != got  # close, and computed another way
     steps = [b - a for a, b in itertools.pairwise(got)]
     assert sorted(range(len(steps)), key=steps.__getitem__) == sorted(

@@ -16,7 +16,8 @@ RANKS = 12  # rank candidates per group: RANKS steps up to the rank at which the
 
 
 # the downdated chains of `choice_costs` compute in float32 (their inner products summed in float64): 1.75-1.85x
-# faster on a CPU, within 2e-8 of the smallest step between subsets of float64's on Qwen's and the 7B's shapes
+# faster on a CPU, within 2e-8 of the smallest step between subsets of float64's on Qwen's and the 7B's shapes;
+# so do the layer's rows put on each rank's basis (what the block then runs is float32 or narrower anyway)
 CHAIN_DTYPE = torch.float32
 
 
@@ -81,16 +82,16 @@ def subset_errors(fits: tuple, evals: tuple, wo: torch.Tensor, cols: list[torch.
 
 def nested_stats(z: torch.Tensor, z0: torch.Tensor | None, w: torch.Tensor, wo: torch.Tensor, folds) -> tuple:
     """The folds' statistics `nested_prune_errors` takes for columns z (their o weight `wo`, (D, in)) and the
-    target z0 wo' (None: z itself): (Z'WZ per fold, (Z'WE, sum w |E wo'|^2) per fold with E = z0 - z, or None).
-    Grams in float32, kept in float64, as `fold_stats`."""
+    target z0 wo' (None: z itself): (Z'WZ per fold, (Z'W E wo', sum w |E wo'|^2) per fold with E = z0 - z, or
+    None). Grams in float32, kept in float64, as `fold_stats`."""
     grams, base = [], []
     for part in folds:
         zf, wf = z[part].float(), w[part].float()
         zw = zf * wf
         grams.append((zf.T @ zw).double())
         if z0 is not None:
-            e = z0[part].float() - zf
-            base.append(((zw.T @ e).double(), float(((e @ wo.float().T).double() ** 2 * w[part]).sum())))
+            ew = (z0[part].float() - zf) @ wo.float().T  # what E does to the output
+            base.append(((zw.T @ ew).double(), float((ew.double() ** 2 * w[part]).sum())))
     return tuple(grams), (tuple(base) if z0 is not None else None)
 
 
@@ -136,37 +137,44 @@ def choice_costs(model, walk_again, layout, grams, groups, ins, subsets, rho: fl
                                                   subsets[layer], rho, n)
         else:
             wop = wo[:, perm]
-            ww = wop.T @ wop
             fg, _ = nested_stats(d.z[:, perm], None, d.w, wop, folds)
-            errs = nested_prune_errors(fg, ww, widths, order, rho, dtype=CHAIN_DTYPE)
+            errs = nested_prune_errors(fg, wop, widths, order, rho, dtype=CHAIN_DTYPE)
             costs[(layer, None)] = {s: max(errs[len(s)], 0.0) / n for s in subsets[layer]}
         saved = {p.path: block.get_submodule(p.path).weight.data.clone() for p in ins}
-        own = {p.path: layer_weight(bl, (layer, p.path), ins).to(dev) for p in ins}
-        coefs = [{path: w @ coef_map for path, w in own.items()} for _, coef_map in factors]
+        own = {p.path: layer_weight(bl, (layer, p.path), ins).to(dev, CHAIN_DTYPE) for p in ins}
+        fits, evals = {r: [] for r in ranks}, {r: [] for r in ranks}
+        errs = {r: [0.0] * (len(order or []) + 1) for r in ranks}
         try:
-            for r in ranks:
-                fits, evals, errs = [], [], [0.0] * (len(order or []) + 1)
-                for f, (basis, _) in enumerate(factors):
+            for f, (basis, coef_map) in enumerate(factors):
+                # the layer's rows on fold f's basis, built up rank by rank: the next rank's are the last one's
+                # plus the basis rows between them, so the whole grid costs about what the largest rank costs
+                on_basis = {path: torch.zeros_like(w) for path, w in own.items()}
+                done = 0
+                for r in ranks:
                     for p in ins:
-                        dense_w = coefs[f][p.path][:, :r] @ basis[:r]
-                        block.get_submodule(p.path).weight.data.copy_(orient(dense_w, p.conv1d))
+                        coef = own[p.path] @ coef_map[:, done:r].to(CHAIN_DTYPE)
+                        on_basis[p.path].addmm_(coef, basis[done:r].to(CHAIN_DTYPE))
+                        block.get_submodule(p.path).weight.data.copy_(orient(on_basis[p.path], p.conv1d))
+                    done = r
                     z = d.attention_z(block, layout)
                     if order is None:
-                        fits.append(fold_stats(z, a, d.w, folds[f]))
-                        evals.append(fold_stats(z, a, d.w, folds[1 - f]))
+                        fits[r].append(fold_stats(z, a, d.w, folds[f]))
+                        evals[r].append(fold_stats(z, a, d.w, folds[1 - f]))
                         continue
                     # direction f fits on fold f with fold f's basis, so it has columns of its own
                     fg, base = nested_stats(z[:, perm], d.z[:, perm], d.w, wop, folds)
-                    one = nested_prune_errors(fg, ww, widths, order, rho, base=base, directions=((f, 1 - f),),
+                    one = nested_prune_errors(fg, wop, widths, order, rho, base=base, directions=((f, 1 - f),),
                                               dtype=CHAIN_DTYPE)
-                    errs = [x + y for x, y in zip(errs, one, strict=True)]
-                if order is None:
-                    costs[(layer, r)] = subset_errors(tuple(fits), tuple(evals), wo, cols, subsets[layer], rho, n)
-                else:
-                    costs[(layer, r)] = {s: max(errs[len(s)], 0.0) / n for s in subsets[layer]}
+                    errs[r] = [x + y for x, y in zip(errs[r], one, strict=True)]
+                del on_basis
         finally:
             for p in ins:
                 block.get_submodule(p.path).weight.data.copy_(saved[p.path])
+        for r in ranks:
+            if order is None:
+                costs[(layer, r)] = subset_errors(tuple(fits[r]), tuple(evals[r]), wo, cols, subsets[layer], rho, n)
+            else:
+                costs[(layer, r)] = {s: max(errs[r][len(s)], 0.0) / n for s in subsets[layer]}
         if layer == g[-1]:
             factors = None
     return costs
