@@ -211,19 +211,56 @@ class LayerData:
                                                                                         strict=True)]
         return torch.cat(outs).to(h.device)
 
-    def attention_z(self, block: nn.Module, layout: Layout) -> torch.Tensor:
+    def attention_z(self, block: nn.Module, layout: Layout, fixed: tuple[str, ...] = ()) -> torch.Tensor:
         """(N, in) the o projection's input when `block`'s attention (as it is now) runs on this layer's
-        captured attention input."""
+        captured attention input. The call stops there: the o product itself is not needed. `fixed`: paths of
+        projections in the block that the caller leaves as they are between calls on this layer (k and v when
+        only query rows change): their outputs are computed once and replayed while their weights stay the
+        same tensors, unchanged in place."""
         attn = block.get_submodule(arch_spec(layout.model_type).attention)
         got: list[torch.Tensor] = []
-        handle = block.get_submodule(layout.o_projection().path).register_forward_pre_hook(
-            lambda _m, args: got.append(args[0].reshape(-1, args[0].shape[-1])))
+
+        def stop(_m, args):
+            got.append(args[0].reshape(-1, args[0].shape[-1]))
+            raise _AtO
+
+        memo = self.__dict__.setdefault("_replay", {})
+        mods = {path: block.get_submodule(path) for path in fixed}
+        own = {path: m.__dict__.get("forward") for path, m in mods.items()}  # e.g. accelerate's hooked forward
+        plain = {path: m.forward for path, m in mods.items()}
+        handle = block.get_submodule(layout.o_projection().path).register_forward_pre_hook(stop)
         try:
-            for args, kwargs in self.attn_calls:
-                attn(*args, **kwargs)
+            for i, (args, kwargs) in enumerate(self.attn_calls):
+                for path, m in mods.items():
+                    m.forward = _replaying(m, plain[path], memo, (path, i))
+                try:
+                    attn(*args, **kwargs)
+                except _AtO:
+                    pass
         finally:
             handle.remove()
+            for path, m in mods.items():
+                if own[path] is None:
+                    m.__dict__.pop("forward", None)
+                else:
+                    m.forward = own[path]
         return torch.cat(got)
+
+
+class _AtO(Exception):
+    """Raised by `attention_z`'s hook once it holds the o projection's input."""
+
+
+def _replaying(module: nn.Module, forward, memo: dict, key: tuple):
+    """`forward` (the module's), its output kept under `key` in `memo` and given again while the module's
+    weight is the same tensor at the same version (an in-place change of the weight computes anew)."""
+    def replay(*args, **kwargs) -> torch.Tensor:
+        w = module.weight
+        stamp = (id(w), w._version)
+        if key not in memo or memo[key][0] != stamp:
+            memo[key] = (stamp, forward(*args, **kwargs))
+        return memo[key][1]
+    return replay
 
 
 def _micro_batches(n: int, block: int, batch_tokens: int) -> list[slice]:

@@ -63,6 +63,47 @@ def test_walk_sees_what_the_whole_model_computes(arch, tiny_tokenizer, tiny_mode
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+@pytest.mark.parametrize("arch", ["llama-gqa", "qwen2-bias", "gemma"])
+def test_attention_z_replays_fixed_projections_until_their_weights_change(arch, tiny_tokenizer, tiny_model,
+                                                                           monkeypatch):
+    """`attention_z` stops at the o projection's input (the o product is never run) and gives k and v again
+    from the first call while their weights are unchanged: the same z as computing them, a changed q weight
+    seen, and an in-place change of k (or a new k tensor) computed anew."""
+    model = tiny_model(arch)
+    layout = layout_of(model.config, "query")
+    fixed = tuple(p.path for p in layout.layer_projections())
+    block = blocks(model)[0]
+    q, k = (block.get_submodule(p) for p in (layout.in_projections()[0].path, fixed[0]))
+    o = block.get_submodule(layout.o_projection().path)
+    calls = {"o": 0, "k": 0}
+    o.register_forward_hook(lambda *_: calls.__setitem__("o", calls["o"] + 1))
+    linear = torch.nn.Linear.forward
+
+    def counted(self, x):  # k's products actually computed (a replay runs none)
+        calls["k"] += self is k
+        return linear(self, x)
+
+    monkeypatch.setattr(torch.nn.Linear, "forward", counted)
+    for layer, d in walk(model, _ids(tiny_tokenizer, n=4, t=16), batch_tokens=32):
+        if layer:
+            continue
+        assert len(d.attn_calls) == 2
+        calls.update(o=0, k=0)
+        assert torch.equal(d.attention_z(block, layout, fixed), d.z) and calls == {"o": 0, "k": 2}
+        assert torch.equal(d.attention_z(block, layout, fixed), d.z) and calls["k"] == 2  # replayed
+        with torch.no_grad():
+            q.weight.mul_(0.5)
+            moved = d.attention_z(block, layout, fixed)
+            assert calls["k"] == 2 and not torch.equal(moved, d.z)
+            assert torch.equal(moved, d.attention_z(block, layout)) and calls["k"] == 4  # k and v run again
+            q.weight.mul_(2.0)
+            k.weight.mul_(0.5)  # in place: the replay sees the new version
+            assert not torch.equal(d.attention_z(block, layout, fixed), d.z) and calls["k"] == 6
+            k.weight.mul_(2.0)
+            assert torch.equal(d.attention_z(block, layout, fixed), d.z) and calls["k"] == 8
+        assert "forward" not in k.__dict__  # the module's own forward is back
+
+
 def test_layers_with_their_own_calls_get_them(tiny_tokenizer, tiny_model):
     """Gemma 3 alternates sliding-window and global layers, each with its own mask and rotary embedding:
     each block must be replayed with its own call, not the first block's."""

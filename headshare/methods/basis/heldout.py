@@ -141,6 +141,8 @@ def choice_costs(model, walk_again, layout, grams, groups, ins, subsets, rho: fl
             errs = nested_prune_errors(fg, wop, widths, order, rho, dtype=CHAIN_DTYPE)
             costs[(layer, None)] = {s: max(errs[len(s)], 0.0) / n for s in subsets[layer]}
         saved = {p.path: block.get_submodule(p.path).weight.data.clone() for p in ins}
+        # k and v with query-head units: no basis carries them, so their outputs are the same at every rank
+        fixed = tuple(p.path for p in layout.layer_projections() if p.path not in {q.path for q in ins})
         own = {p.path: layer_weight(bl, (layer, p.path), ins).to(dev, CHAIN_DTYPE) for p in ins}
         fits, evals = {r: [] for r in ranks}, {r: [] for r in ranks}
         errs = {r: [0.0] * (len(order or []) + 1) for r in ranks}
@@ -156,7 +158,7 @@ def choice_costs(model, walk_again, layout, grams, groups, ins, subsets, rho: fl
                         on_basis[p.path].addmm_(coef, basis[done:r].to(CHAIN_DTYPE))
                         block.get_submodule(p.path).weight.data.copy_(orient(on_basis[p.path], p.conv1d))
                     done = r
-                    z = d.attention_z(block, layout)
+                    z = d.attention_z(block, layout, fixed)
                     if order is None:
                         fits[r].append(fold_stats(z, a, d.w, folds[f]))
                         evals[r].append(fold_stats(z, a, d.w, folds[1 - f]))
