@@ -371,7 +371,7 @@ def nested_prune_errors(grams: tuple, wo: torch.Tensor, widths: list[int], order
         return float((a * b).sum(dtype=torch.float64))
 
     for ia, ib in directions:
-        lam = rho * float(grams[ia].diagonal().mean().clamp_min(1e-30))
+        lam = rho * float(grams[ia].diagonal().double().mean().clamp_min(1e-30))
         ga = grams[ia].to(dtype)
         h = torch.cholesky_inverse(torch.linalg.cholesky(ga + lam * torch.eye(width, dtype=dtype, device=ga.device)))
         g = grams[ib].to(dtype, copy=True)  # Gb over the kept columns
