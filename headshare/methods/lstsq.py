@@ -399,26 +399,23 @@ def nested_prune_errors(grams: tuple, wo: torch.Tensor, widths: list[int], order
             t[:k].add_(gw)
             p[:k].addmm_(gk @ a, c, alpha=-1).sub_(gw)
             hk.addmm_(a, hk[s:e].clone(), alpha=-1)
-            # u's rows (and columns of H and Gb) leave: the last unit's move into them, or the rest shift up
-            last = k - widths[kept[-1]]
-            if i == len(kept) - 1:
-                pass
-            elif widths[kept[-1]] == e - s:
+            # u's rows (and columns of H and Gb) leave: the last unit's move into them if it is as wide,
+            # otherwise the rows after them shift up (none when u's are the last)
+            if i < len(kept) - 1 and widths[kept[-1]] == e - s:
+                last = k - (e - s)
                 for x in (h, g):
                     x[s:e, :k] = x[last:k, :k]
                     x[:k, s:e] = x[:k, last:k]
                 for x in (m, t, p):
                     x[s:e] = x[last:k]
-                kept[i] = kept[-1]
-                kept[-1] = u
+                kept[i] = kept.pop()
             else:
                 for x in (h, g):
                     x[s:k - (e - s), :k] = x[e:k, :k].clone()
                     x[:k, s:k - (e - s)] = x[:k, e:k].clone()
                 for x in (m, t, p):
                     x[s:k - (e - s)] = x[e:k].clone()
-                kept.append(kept.pop(i))
-            kept.pop()
+                kept.pop(i)
             k -= e - s
             errs[step] += rr + dot(m[:k], p[:k])
     return errs

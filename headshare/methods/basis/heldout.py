@@ -116,6 +116,8 @@ def choice_costs(model, walk_again, layout, grams, groups, ins, subsets, rho: fl
     perm = torch.cat(cols)
     widths = [len(c) for c in cols]
     group_of = {layer: i for i, g in enumerate(groups) for layer in g}
+    # k and v with query-head units: no basis carries them, so their outputs are the same at every rank
+    fixed = tuple(p.path for p in layout.layer_projections() if p.path not in {q.path for q in ins})
     costs = {}
     factors, ranks = None, None
     for layer, d in walk_again():
@@ -143,8 +145,6 @@ def choice_costs(model, walk_again, layout, grams, groups, ins, subsets, rho: fl
             errs = nested_prune_errors(fg, wop, widths, order, rho, dtype=CHAIN_DTYPE)
             costs[(layer, None)] = {s: max(errs[len(s)], 0.0) / n for s in subsets[layer]}
         saved = {p.path: block.get_submodule(p.path).weight.data.clone() for p in ins}
-        # k and v with query-head units: no basis carries them, so their outputs are the same at every rank
-        fixed = tuple(p.path for p in layout.layer_projections() if p.path not in {q.path for q in ins})
         own = {p.path: layer_weight(bl, (layer, p.path), ins).to(dev, CHAIN_DTYPE) for p in ins}
         fits, evals = {r: [] for r in ranks}, {r: [] for r in ranks}
         errs = {r: [0.0] * (len(order or []) + 1) for r in ranks}
