@@ -202,6 +202,7 @@ def cmd_share(args) -> None:
     plan = _make_plan(source, model, tok, args)
     t0 = time.time()
     share(model, plan)
+    del plan, source  # the model holds copies of the fitted tensors now (the config the record): not twice
     model.save_pretrained(out, force=args.force, tokenizer=tok)
     summary = info(out)
     summary["share_seconds"] = round(time.time() - t0, 2)

@@ -6,16 +6,21 @@ the previous state or the finished result, never half of it.
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import os
 import shutil
+import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from .errors import HeadshareError
+
+_MADV_DONTNEED = 4  # Linux's value
 
 
 def check_output(out: str | Path, model_dir: str | Path | None = None, force: bool = False) -> Path:
@@ -106,3 +111,44 @@ def safetensors_shapes(file: str | Path) -> dict[str, tuple[list[int], str]]:
     except Exception as e:  # a cut-short file fails here too: safetensors checks the header covers the file
         raise safetensors_error(file, e) from None
     return out
+
+
+def _file_mappings() -> list[tuple[int, int]]:
+    """(start, end) of this process's memory mappings of files (Linux: /proc/self/maps)."""
+    spans = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                parts = line.split(maxsplit=5)
+                if len(parts) == 6 and parts[3] != "00:00" and parts[5].startswith("/"):
+                    lo, hi = parts[0].split("-")
+                    spans.append((int(lo, 16), int(hi, 16)))
+    except OSError:
+        pass
+    return spans
+
+
+def release_mapped(tensors: Iterable[torch.Tensor]) -> int:
+    """Take out of resident memory the pages of CPU `tensors` that lie inside a file mapping (weights
+    that safetensors memory-mapped on load), returning the bytes released. For weights about to be dropped:
+    their own storage is a view of the mapped file, so dropping the tensors frees nothing, and the pages
+    read (or copied on write) stay resident as long as the file stays mapped for the other weights. A
+    released page is read from the file again if touched, with the file's contents: only for tensors nothing
+    will read. Linux only (elsewhere, and for memory not mapped from a file, it does nothing)."""
+    if not sys.platform.startswith("linux"):
+        return 0
+    spans = _file_mappings()
+    page = mmap.PAGESIZE
+    libc = ctypes.CDLL(None, use_errno=True)
+    done = 0
+    for t in tensors:
+        if t.device.type != "cpu" or not t.numel():
+            continue
+        lo = t.data_ptr()
+        hi = lo + t.numel() * t.element_size()
+        if not any(a <= lo and hi <= b for a, b in spans):
+            continue
+        lo, hi = -(-lo // page) * page, hi // page * page  # whole pages inside the tensor only
+        if hi > lo and libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED) == 0:
+            done += hi - lo
+    return done

@@ -36,7 +36,9 @@ def unique_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 def share(model: nn.Module, plan: SharePlan) -> nn.Module:
-    """Apply `plan` to `model` in place and return it; memory drops by the shared units' weights.
+    """Apply `plan` to `model` in place and return it; memory drops by the shared units' weights. The attention
+    projections are replaced; weights memory-mapped from a checkpoint have their pages released, so tensors
+    of the old projections kept elsewhere read the file's values afterwards.
 
     >>> plan = headshare.make_plan(model, 0.3)     # doctest: +SKIP
     >>> headshare.share(model, plan)              # doctest: +SKIP

@@ -29,6 +29,7 @@ from torch import nn
 
 from .arch import Layout, ProjSpec, arch_spec, blocks
 from .errors import HeadshareError
+from .files import release_mapped
 from .plan import SharePlan
 from .units import basis_key, coef_key, own_index
 
@@ -319,9 +320,13 @@ def apply_structure(model: nn.Module, plan: SharePlan, layout: Layout, copy_weig
                 rl, ru = roots[(layer, u)]
                 sources[u] = (new[(rl, path)], ru)
         mod.link(sources, {u: scales[(layer, u)] for u in range(U) if (layer, u) in scales})
+    replaced = []
     for (layer, path), mod in {**new, **whole}.items():
         parent_path, _, name = path.rpartition(".")
         parent = blocks(model)[layer].get_submodule(parent_path) if parent_path else blocks(model)[layer]
+        replaced += [p.detach() for p in getattr(parent, name).parameters(recurse=False)]
         setattr(parent, name, mod)
+    if copy_weights:  # what they kept is copied: the originals' memory-mapped pages would stay resident
+        release_mapped(replaced)
 
 

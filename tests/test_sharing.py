@@ -7,16 +7,18 @@ gathered weight, or one per run), ties that hold through training, and what `sha
 from __future__ import annotations
 
 import copy
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import IDS, TINY, bias_flags, copy_in, outputs
+from conftest import IDS, TINY, bias_flags, build_tiny_llama, copy_in, outputs
 from torch.overrides import TorchFunctionMode
 
 import headshare
 import headshare.structure as structure
 from headshare.arch import blocks, layout_of
+from headshare.files import _file_mappings, release_mapped
 from headshare.plan import Assignment, SharePlan, new_plan
 from headshare.sharing import SharedProjection, unique_parameters
 
@@ -257,3 +259,61 @@ def test_forward_equals_copied_query_heads_and_savings_are_exact(arch, method, t
     # k and v are untouched modules: every layer keeps its key/value heads
     for a, b in zip(blocks(shared), blocks(model), strict=True):
         assert torch.equal(a.self_attn.k_proj.weight, b.self_attn.k_proj.weight)
+
+
+# -- memory-mapped weights ------------------------------------------------------------------------------------
+
+def _resident_kb(ptr: int) -> int:
+    """Resident kB of the memory mapping that holds address `ptr` (Linux /proc/self/smaps)."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= ptr < hi
+            elif inside and head == "Rss:":
+                return int(line.split()[1])
+    raise AssertionError(f"no mapping holds {ptr:#x}")
+
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self (Linux)")
+
+
+@linux_only
+def test_release_mapped_drops_a_mapped_tensors_pages_and_leaves_other_memory_alone(tmp_path):
+    path = tmp_path / "w.bin"
+    torch.arange(1 << 20, dtype=torch.float32).numpy().tofile(path)  # 4 MB
+    t = torch.from_file(str(path), shared=False, size=1 << 20, dtype=torch.float32)
+    t[:] += 1  # copied on write: private pages that differ from the file
+    before = _resident_kb(t.data_ptr())
+    anon = torch.ones(1 << 20)
+    assert release_mapped([anon]) == 0 and torch.equal(anon, torch.ones(1 << 20))
+    assert release_mapped([t[1024:]]) >= 4 * 1024 * 1024 - 4096 - 2 * 4096  # whole pages inside the view only
+    assert _resident_kb(t.data_ptr()) <= before - 4000
+    assert float(t[0]) == 1.0  # the page that holds t[0] is partly outside the view: kept, with its write
+    assert torch.equal(t[2048:], torch.arange(2048, 1 << 20, dtype=torch.float32))  # read back from the file
+
+
+@linux_only
+def test_sharing_a_memory_mapped_checkpoint_releases_what_it_replaced_and_computes_the_same(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    build_tiny_llama(0, hidden_size=256, intermediate_size=512, num_hidden_layers=3, num_attention_heads=8,
+                     num_key_value_heads=4).save_pretrained(tmp_path)
+    mapped = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    q = blocks(mapped)[1].self_attn.q_proj.weight
+    assert any(lo <= q.data_ptr() < hi for lo, hi in _file_mappings()), "transformers no longer maps the weights"
+    with torch.no_grad():  # every weight changed in place: what is kept must be the model's, not the file's
+        for p in mapped.parameters():
+            p.mul_(1.5)
+    in_memory = copy.deepcopy(mapped)
+    plan = headshare.make_plan(in_memory, 0.3)
+    released = []
+    monkeypatch.setattr(structure, "release_mapped", lambda ts: released.append(release_mapped(ts)) or released[-1])
+    headshare.share(in_memory, plan)
+    headshare.share(mapped, plan)
+    attention = 3 * sum(p.numel() * p.element_size() for p in blocks(in_memory)[0].self_attn.parameters())
+    assert released[0] == 0  # the copy is not mapped from a file
+    assert released[1] >= attention * 0.9
+    assert torch.equal(outputs(mapped, IDS), outputs(in_memory, IDS))

@@ -137,6 +137,7 @@ def autoshare(model, cfg: AutoShareConfig, tokenizer=None, progress: bool = Fals
                        "plan_seconds": round(seconds, 1)})
         if best is None or loss < best[0]:
             best = (loss, plan, scores[-1]["candidate"])
+        del plan  # a losing candidate's fitted tensors (a layer's worth each) go before the next one is made
     if best is None:
         raise HeadshareError("no autoshare candidate can remove this budget on this model: "
                          + "; ".join(f"{s['candidate']}: {s['reason']}" for s in skipped) + "; lower the ratio")

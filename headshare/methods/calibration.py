@@ -18,7 +18,9 @@ activations between blocks wait on the CPU in the offload mode and on the device
 
 A method that needs the model as the plan will make it (the sequential refits) keeps its own second stream:
 at each layer it runs the edited block on its stream with `LayerData.run_block`, while `walk` carries the
-original one. Statistics are accumulated in float32/float64 whatever the model's dtype.
+original one. Statistics are accumulated in float32/float64 whatever the model's dtype. What a method keeps
+from a layer until a later phase, and which would grow with depth (a basis group's input Grams, its basis and
+coefficient map), waits on disk in a `Stash` while other layers run.
 
 `borrowed_z` re-runs one layer's attention with other units' q/k/v slices swapped in, so what is measured
 is exactly what `share` computes; the block is restored after every swap.
@@ -26,9 +28,11 @@ is exactly what `share` computes; the block is restored after every swap.
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -42,6 +46,46 @@ from .gram import LayerGram
 # sequences per forward call of a block: bounds the block's intermediate activations (attention scores, the
 # MLP's inner width) on large calibration sets; the default calibration (8 x 512 tokens) runs as one call
 BATCH_TOKENS = 8192
+
+
+class Stash:
+    """Tensors set aside on disk (a temporary directory, removed on `close` or exit) between the pipeline's
+    phases, read back one entry at a time onto the device they left. What a 7B basis group keeps from the
+    first walk to the refit, its two folds' input Grams (256 MB of float64), its basis and coefficient map
+    (about 100 MB each), is one group's worth a few layers long: held in memory for every group it grew the
+    working memory with depth (2 GB of Grams alone at 32 layers, about 20 GB on an 80-layer 70B model).
+    The last entry read stays cached, since readers go through the groups in order."""
+
+    def __init__(self) -> None:
+        self._dir = tempfile.TemporaryDirectory(prefix="headshare-stash-")
+        self._where: dict = {}
+        self._last: tuple = (None, None)
+
+    def __setitem__(self, key, tensors: tuple[torch.Tensor, ...]) -> None:
+        path = Path(self._dir.name) / f"{len(self._where)}.pt"
+        torch.save(tuple(t.detach().cpu() for t in tensors), path)
+        self._where[key] = (path, tensors[0].device)
+        self._last = (None, None)
+
+    def __getitem__(self, key) -> tuple[torch.Tensor, ...]:
+        if self._last[0] != key:
+            path, device = self._where[key]
+            self._last = (None, None)  # free the cached entry before the next one is read
+            self._last = (key, tuple(t.to(device) for t in torch.load(path, weights_only=True)))
+        return self._last[1]
+
+    def __contains__(self, key) -> bool:
+        return key in self._where
+
+    def close(self) -> None:
+        self._last = (None, None)
+        self._dir.cleanup()
+
+    def __enter__(self) -> Stash:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def source_ids(tokenizer, source: str) -> list[tuple[str, torch.Tensor]]:

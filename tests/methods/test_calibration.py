@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ import headshare
 from headshare.arch import blocks, layout_of
 from headshare.errors import HeadshareError
 from headshare.methods.calibration import (
+    Stash,
     borrowed_z,
     calibration_ids,
     capture,
@@ -310,3 +312,40 @@ def test_a_mix_of_sources_gives_each_an_equal_share(tiny_llama, tiny_tokenizer, 
     (tmp_path / "short.txt").write_text("the sky is blue .")
     with pytest.raises(HeadshareError, match="'.*short.txt' has 5 tokens, fewer than one block of 64"):
         calibration_ids(model, tiny_tokenizer, f"{a}+{tmp_path / 'short.txt'}", 256, 64)
+
+
+def test_stash_reads_back_what_it_set_aside_and_leaves_nothing_on_disk():
+    a = torch.randn(6, 5, dtype=torch.float64)
+    with Stash() as stash:
+        stash[("gram", 0)] = (a, a.T)  # a transposed view comes back with its strides (products round alike)
+        stash[("gram", 1)] = (a[:2],)
+        where = Path(stash._dir.name)
+        assert len(list(where.iterdir())) == 2
+        back = stash[("gram", 0)]
+        assert torch.equal(back[0], a) and torch.equal(back[1], a.T) and back[1].stride() == a.T.stride()
+        assert stash[("gram", 0)] is back  # the last one read is cached
+        assert torch.equal(stash[("gram", 1)][0], a[:2]) and ("gram", 2) not in stash
+    assert not where.exists()
+
+
+def test_basisshare_leaves_no_stash_behind_when_it_fails_midway(tiny_tokenizer, calib_file, tiny_model, tmp_path,
+                                                                monkeypatch):
+    import headshare.methods.basis as basis
+
+    made = []
+
+    class Seen(Stash):
+        def __setitem__(self, key, tensors):
+            made.append(Path(self._dir.name))
+            super().__setitem__(key, tensors)
+
+    def fail(*a, **k):
+        assert made and made[-1].exists() and any(made[-1].iterdir())  # the Grams are on disk by now
+        raise RuntimeError("out of memory (simulated)")
+
+    monkeypatch.setattr(basis, "Stash", Seen)
+    monkeypatch.setattr(basis, "fit_bases", fail)
+    cfg = headshare.make_config("basisshare", 0.5, calib=calib_file, calib_tokens=128, group=1)
+    with pytest.raises(RuntimeError, match="simulated"):
+        headshare.make_plan(tiny_model("llama-gqa"), cfg, tokenizer=tiny_tokenizer)
+    assert made and not made[-1].exists()

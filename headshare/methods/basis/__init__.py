@@ -35,6 +35,7 @@ what a basis costs the whole model against what pruning costs it.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -44,7 +45,7 @@ from ...config import check, is_integer, is_number
 from ...plan import new_plan, units_for_ratio
 from ...units import weights_fingerprint
 from ..base import CalibConfig, register_method
-from ..calibration import calibration_ids, layer_gram, walk
+from ..calibration import Stash, calibration_ids, layer_gram, walk
 from ..lstsq import candidate_subsets, half
 from ..refit import RHO, RIDGES, ridges_note
 from .bases import fit_bases, layer_groups, own_rows
@@ -116,36 +117,39 @@ def _plan(model, cfg: BasisShareConfig, tokenizer, progress: bool, name: str, he
     split = half(tokens, len(ids))
     folds = (slice(0, split), slice(split, tokens))
 
-    # one walk: every group's attention-input Grams per fold (the bases' whitening), and per layer what the
-    # choice needs (heldout: the subsets worth weighing; fixed: the pruning costs)
-    grams: list[list[torch.Tensor]] = [[0.0, 0.0] for _ in groups]
-    subsets, prune_costs = {}, []
-    t_choice = time.perf_counter()
-    for layer, d in walk(model, ids, device, progress, desc="inputs"):
-        x = d.x.double()
-        for f, part in enumerate(folds):
-            grams[group_of[layer]][f] = grams[group_of[layer]][f] + x[part].T @ x[part]
+    with Stash() as stash:
+        # one walk: every group's attention-input Grams per fold (the bases' whitening; each group's waits in
+        # `stash` once its layers have passed: the held-out choice reads the folds, the bases their sum), and
+        # per layer what the choice needs (heldout: the subsets worth weighing; fixed: the pruning costs)
+        gram: list = [0.0, 0.0]
+        subsets, prune_costs = {}, []
+        t_choice = time.perf_counter()
+        for layer, d in walk(model, ids, device, progress, desc="inputs"):
+            x = d.x.double()
+            gram = [gram[f] + x[part].T @ x[part] for f, part in enumerate(folds)]
+            if heldout:
+                cands = candidate_subsets(layer_gram(model, d, layout, layer, []), U, cfg.rho)
+                subsets[layer] = [frozenset(), *(frozenset(c) for c in cands)]
+            elif n_prune:
+                prune_costs.append(pruning_costs(model, d, layout, layer, cfg.rho, len(ids)))
+            if layer == groups[group_of[layer]][-1]:
+                stash[("gram", group_of[layer])] = tuple(gram) if heldout else (gram[0] + gram[1],)
+                gram = [0.0, 0.0]
+        grams = _Grams(stash, len(groups))
         if heldout:
-            cands = candidate_subsets(layer_gram(model, d, layout, layer, []), U, cfg.rho)
-            subsets[layer] = [frozenset(), *(frozenset(c) for c in cands)]
-        elif n_prune:
-            prune_costs.append(pruning_costs(model, d, layout, layer, cfg.rho, len(ids)))
-    if heldout:
-        again = lambda: walk(model, ids, device, progress, desc="choice costs")  # noqa: E731
-        pruned, chosen = heldout_choice(model, again, layout, grams, ins, cfg, subsets, split, budget)
-    else:
-        pruned, chosen = fixed_choice(layout, ins, cfg, n_prune, prune_costs, budget)
-    t_choice = time.perf_counter() - t_choice
+            again = lambda: walk(model, ids, device, progress, desc="choice costs")  # noqa: E731
+            pruned, chosen = heldout_choice(model, again, layout, grams, ins, cfg, subsets, split, budget)
+        else:
+            pruned, chosen = fixed_choice(layout, ins, cfg, n_prune, prune_costs, budget)
+        t_choice = time.perf_counter() - t_choice
 
-    rows = {(layer, p.path): own_rows(layout, p, layer, pruned) for layer in range(L) for p in ins}
-    bases, coefs = fit_bases(model, layout, ins, chosen, grams, group_of, rows, progress)
-    del grams
-    in_basis = {layer: basis for g, basis in bases for layer in g}
-    t1 = time.perf_counter()
+        rows = {(layer, p.path): own_rows(layout, p, layer, pruned) for layer in range(L) for p in ins}
+        bases, coefs = fit_bases(model, layout, ins, chosen, grams, group_of, rows, progress, stash)
+        t1 = time.perf_counter()
 
-    fitted, ridges = sequential_refit(model, ids, layout, ins, pruned, rows, coefs, in_basis, cfg.rho, device,
-                                      progress, RIDGES if cfg.crossfit else None)
-    fitted.update(basis_tensors(model, layout, ins, bases, coefs))
+        fitted, ridges = sequential_refit(model, ids, layout, ins, pruned, rows, coefs, bases.by_layer(), cfg.rho,
+                                          device, progress, RIDGES if cfg.crossfit else None)
+        fitted.update(basis_tensors(model, layout, ins, bases, coefs))
     h = layout.hidden_size
     by_bases = sum(h * m - r * (h + m) for m, r in ((sum(len(rows[(la, p.path)]) for la in g for p in ins), r)
                                                      for g, r in chosen))
@@ -159,3 +163,16 @@ def _plan(model, cfg: BasisShareConfig, tokenizer, progress: bool, name: str, he
              "select_seconds": round(t1 - t0, 1), "refit_seconds": round(time.perf_counter() - t1, 1)}
     return new_plan(model, name, cfg.ratio, unit_kind=cfg.unit, pruned=sorted(pruned), notes=notes, fitted=fitted,
                     base_sha1=base, bases=[{"layers": g, "rank": r} for g, r in chosen])
+
+
+class _Grams(Sequence):
+    """Each group's input Grams (the two folds, or their sum), read from the stash when indexed."""
+
+    def __init__(self, stash: Stash, n: int):
+        self._stash, self._n = stash, n
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
+        return self._stash[("gram", i)]
+
+    def __len__(self) -> int:
+        return self._n

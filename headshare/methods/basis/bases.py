@@ -4,7 +4,7 @@ group's calibration inputs, and the row and rank bookkeeping both choices share.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -79,36 +79,73 @@ def group_rows(layout, ins, g: list[int], pruned=frozenset()) -> int:
     return sum(len(own_rows(layout, p, layer, pruned)) for layer in g for p in ins)
 
 
+class Bases(Sequence):
+    """The fitted bases as [(group layers, basis (rank, hidden) float64)], each group's basis and coefficient
+    map (hidden, rank) waiting in a `Stash` under ("basis", i) and read when asked for; `by_layer` maps a
+    layer to its group's basis."""
+
+    def __init__(self, groups: list[list[int]], stash):
+        self.groups, self._stash = groups, stash
+
+    def __getitem__(self, i: int) -> tuple[list[int], torch.Tensor]:
+        return self.groups[i], self._stash[("basis", i)][0]
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def coef_map(self, i: int) -> torch.Tensor:
+        return self._stash[("basis", i)][1]
+
+    def by_layer(self) -> Mapping[int, torch.Tensor]:
+        return _ByLayer(self)
+
+
+class _ByLayer(Mapping):
+    def __init__(self, bases: Bases):
+        self._bases = bases
+        self._group = {layer: i for i, g in enumerate(bases.groups) for layer in g}
+
+    def __getitem__(self, layer: int) -> torch.Tensor:
+        return self._bases[self._group[layer]][1]
+
+    def __iter__(self):
+        return iter(self._group)
+
+    def __len__(self) -> int:
+        return len(self._group)
+
+
 class Coefs(Mapping):
     """{(layer, path): coefficients (kept rows, rank), float64} of the fitted bases, each computed when asked
     for from the layer's weights and its group's coefficient map (hidden, rank). Kept as maps, not products: a
     7B layer's coefficients are about 10,000 x 3,100 float64 (250 MB), so holding them all grew the working
-    memory by that much for every layer; a map is one per group of layers."""
+    memory by that much for every layer; a map is one per group of layers (and waits on disk, `Bases`)."""
 
-    def __init__(self, bl, ins, rows: dict, maps: dict):
-        self._bl, self._ins, self._rows, self._maps = bl, ins, rows, maps  # maps: {(layer, path): coef map}
+    def __init__(self, bl, ins, rows: dict, bases: Bases):
+        self._bl, self._ins, self._rows, self._bases = bl, ins, rows, bases
+        self._group = {(layer, p.path): i for i, g in enumerate(bases.groups) for layer in g for p in ins}
 
     def __getitem__(self, key: tuple[int, str]) -> torch.Tensor:
-        m = self._maps[key]
+        m = self._bases.coef_map(self._group[key])
         return kept_rows(self._bl, self._ins, self._rows, key, m.device) @ m
 
     def __iter__(self):
-        return iter(self._maps)
+        return iter(self._group)
 
     def __len__(self) -> int:
-        return len(self._maps)
+        return len(self._group)
 
 
-def fit_bases(model, layout, ins, chosen, grams, group_of, rows, progress: bool) -> tuple[list, Coefs]:
-    """([(group layers, basis (rank, hidden))], coefficients by (layer, path) (`Coefs`)): each chosen group's
-    whitened basis of its rank, fitted on the rows that stay (`rows`) with the group's input Grams
-    (`grams[group][fold]`, both folds summed)."""
+def fit_bases(model, layout, ins, chosen, grams, group_of, rows, progress: bool, stash) -> tuple[Bases, Coefs]:
+    """(`Bases`, coefficients by (layer, path) (`Coefs`)): each chosen group's whitened basis of its rank,
+    fitted on the rows that stay (`rows`) with the group's input Grams (`grams[group]`: its two folds, summed
+    here, or their sum already), put in `stash`."""
     bl = blocks(model)
-    bases, maps = [], {}
-    for g, r in tqdm(chosen, desc="bases", disable=not progress, unit="group"):
+    for i, (g, r) in enumerate(tqdm(chosen, desc="bases", disable=not progress, unit="group")):
         keys = [(layer, p.path) for layer in g for p in ins]
-        gram = grams[group_of[g[0]]][0] + grams[group_of[g[0]]][1]
-        basis, coef_map = whitened_basis(gram, (kept_rows(bl, ins, rows, k, gram.device) for k in keys), r)
-        bases.append((g, basis))
-        maps.update({k: coef_map for k in keys})
-    return bases, Coefs(bl, ins, rows, maps)
+        folds = grams[group_of[g[0]]]
+        gram = folds[0] + folds[1] if len(folds) == 2 else folds[0]
+        stash[("basis", i)] = whitened_basis(gram, (kept_rows(bl, ins, rows, k, gram.device) for k in keys), r)
+        del gram, folds
+    bases = Bases([g for g, _ in chosen], stash)
+    return bases, Coefs(bl, ins, rows, bases)

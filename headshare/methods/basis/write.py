@@ -3,6 +3,8 @@ the o columns on the model as the plan will make it, and the tensors the plan ca
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import torch
 
 from ...arch import blocks
@@ -24,7 +26,7 @@ def write_dense(block, ins, rows, coefs, basis, layer) -> None:
 
 
 @torch.no_grad()
-def sequential_refit(model, ids, layout, ins, pruned: set, rows: dict, coefs: dict, in_basis: dict, rho: float,
+def sequential_refit(model, ids, layout, ins, pruned: set, rows: dict, coefs: Mapping, in_basis: Mapping, rho: float,
                      device, progress: bool, ridges: tuple[float, ...] | None) -> tuple[dict[str, torch.Tensor], dict]:
     """The sequential pass on the model as the plan will make it (dense coef x basis standing in for the bases,
     pruned units zero), each layer edited while it runs and restored after, the edited model's stream beside the
@@ -65,7 +67,7 @@ def sequential_refit(model, ids, layout, ins, pruned: set, rows: dict, coefs: di
     return fitted, used
 
 
-def basis_tensors(model, layout, ins, bases: list, coefs: dict) -> dict[str, torch.Tensor]:
+def basis_tensors(model, layout, ins, bases: Sequence, coefs: Mapping) -> dict[str, torch.Tensor]:
     """The bases and their coefficients as a plan carries them: on the CPU, in the model's dtype, coefficients in
     the projection's storage orientation."""
     fitted: dict[str, torch.Tensor] = {}
