@@ -80,6 +80,7 @@ class SharedProjection(nn.Module):
         self.bias = nn.Parameter(bias) if bias is not None else None
         # (module, start, stop, scale) runs in feature order; module None means zeros (a pruned unit)
         self._segments: list[tuple[SharedProjection | None, int, int, float]] = []
+        self._own_runs: list[tuple[int, int, int]] | None = None  # see _own_only
         self.__dict__["_basis"] = None  # a SharedBasis the input is projected on first (basis layers)
 
     def use_basis(self, basis: SharedBasis) -> None:
@@ -113,6 +114,23 @@ class SharedProjection(nn.Module):
         # a plain list attribute keeps other layers' modules out of this module's children and state dict
         self.__dict__["_segments"] = runs
         self._run_size = self.out_features * self.in_features / len(runs)  # mean weight elements a run
+        self._own_runs = self._own_only(runs)
+
+    def _own_only(self, runs: list) -> list[tuple[int, int, int]] | None:
+        """(feature start, stop, storage start) of each own run when the layer only keeps or prunes units (no
+        borrowed or scaled run, at least one pruned) and its own runs tile the stored weight in order, else None.
+        Such a layer computes with its stored weight in one product: no gathered copy, no products with zeros."""
+        if len(runs) < 2 or any(o is not None and (o is not self or s != 1.0) for o, _, _, s in runs):
+            return None
+        own, pos, stored = [], 0, 0
+        for owner, a, b, _ in runs:
+            if owner is not None:
+                if a != stored:
+                    return None
+                own.append((pos, pos + b - a, a))
+                stored = b
+            pos += b - a
+        return own if own and stored == self.weight.shape[self.dim] else None
 
     def _w(self, owner: SharedProjection, start: int, stop: int) -> torch.Tensor:
         return owner.weight.narrow(self.dim, start, stop - start)
@@ -146,6 +164,8 @@ class SharedProjection(nn.Module):
         if self._basis is not None:
             x = self._basis(x)
         segs = self._segments
+        if self._own_runs is not None:
+            return self._forward_own(x)
         if (len(segs) > 1 and x.numel() >= GATHER_MIN_TOKENS * x.shape[-1] and self._run_size < GATHER_MAX_RUN
                 and any(o is not None for o, *_ in segs)):
             # many tokens, narrow runs: one matrix product over a gathered weight beats a product per run
@@ -180,6 +200,20 @@ class SharedProjection(nn.Module):
             pos += n
         y = x.new_zeros(*x.shape[:-1], self.out_features) if y is None else y.reshape(*x.shape[:-1], -1)
         return y + self.bias if self.bias is not None else y
+
+    def _forward_own(self, x: torch.Tensor) -> torch.Tensor:
+        """The forward of a layer that only keeps or prunes units: its stored weight is exactly the kept
+        units' slices, so one product over it, and the pruned features are zeros in the output (q/k/v) or
+        left out of the input (o)."""
+        runs = self._own_runs
+        if self.proj.role == "out":
+            y = self._project(x, self.weight, self.bias)
+            out = y.new_zeros(*y.shape[:-1], self.out_features)
+            for start, stop, src in runs:
+                out[..., start:stop] = y[..., src:src + stop - start]
+            return out
+        xs = [x[..., start:stop] for start, stop, _ in runs]
+        return self._project(xs[0] if len(xs) == 1 else torch.cat(xs, dim=-1), self.weight, self.bias)
 
     def extra_repr(self) -> str:
         rank = f", basis rank={self._basis.weight.shape[0]}" if self._basis is not None else ""

@@ -101,6 +101,38 @@ class _LinearWeights(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+@pytest.mark.parametrize("arch,unit", [(a, "kv") for a in ARCHS] + [("llama-gqa", "query"), ("qwen2-bias", "query")])
+def test_a_layer_that_only_prunes_computes_on_its_stored_weight(arch, unit, product, monkeypatch, tiny_model):
+    # a layer whose units are kept or pruned, none borrowed, runs one product over its stored weight (no
+    # gathered copy, no product with the pruned units' zeros), whatever the gather settings
+    model = tiny_model(arch)
+    layout = layout_of(model.config, unit)
+    U = layout.units_per_layer
+    pruned = [(1, 0), (2, U - 1)] if U > 1 else [(1, 0)]
+    plan = new_plan(model, "manual", 0.0, unit_kind=unit, pruned=pruned)
+    reference = copy.deepcopy(model)
+    headshare.share(model, plan)
+    copy_in(reference, plan)
+    torch.testing.assert_close(outputs(model, IDS), outputs(reference, IDS), rtol=1e-5, atol=1e-6)
+    if U == 1:
+        return  # the pruned layer keeps nothing: no product at all
+    for layer, _ in pruned:
+        for proj in layout.projections():
+            mod = blocks(model)[layer].get_submodule(proj.path)
+            assert mod._own_runs is not None, proj.path
+            assert mod.weight.shape[mod.dim] == (U - 1) * sum(w for _, _, w in proj.parts)
+            x = torch.randn(2, 20, mod.in_features)
+            with monkeypatch.context() as m, _LinearWeights() as lin, torch.no_grad():
+                m.setattr(SharedProjection, "_gathered", lambda self: pytest.fail("gathered a copy"))
+                y = mod(x)
+            if not mod.xw:  # F.linear got the stored weight itself, not a copy
+                assert [w.data_ptr() for w in lin.weights] == [mod.weight.data_ptr()]
+            # the same as the dense projection with the pruned units' slices zeroed
+            with torch.no_grad():
+                want = blocks(reference)[layer].get_submodule(proj.path)(x)
+            torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-6)
+
+
 def test_shared_weights_stay_tied_through_training(monkeypatch, tiny_model):
     # one product per run: the forward then reads each unit's rows where they are stored, no gathered copy
     monkeypatch.setattr(structure, "GATHER_MIN_TOKENS", 10**9)
