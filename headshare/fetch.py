@@ -49,6 +49,7 @@ from typing import Any
 import torch
 
 from .errors import HeadshareError
+from .files import release_mapped
 
 COMPLETE_MARKER = ".headshare-complete"
 
@@ -352,12 +353,68 @@ def load_model(spec: str, dtype: torch.dtype | None = None,
         # so the Python API's default load stays the plain one
         where = {} if device is None else {"device_map": {"": str(torch.device(device))}}
         try:
-            model = auto.from_pretrained(path, dtype=dtype or torch.float32, **where)
+            model = _load_cast(path, cfg, auto, dtype, device)
+            if model is None:
+                model = auto.from_pretrained(path, dtype=dtype or torch.float32, **where)
         except (OSError, ValueError, SafetensorError) as e:  # a damaged file: one line, not a traceback
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise HeadshareError(f"cannot load model from {path}: {first}") from e
     model.eval()
     return model, _load_tokenizer(path)
+
+
+def _load_cast(path: Path, cfg: dict, auto, dtype: torch.dtype | None,
+               device: str | torch.device | None) -> torch.nn.Module | None:
+    """A plain safetensors checkpoint loaded into another dtype tensor by tensor, each stored tensor's mapped
+    pages released once it is cast; None where this does not apply (same dtype, keys the model does not
+    name one to one, a quantized or non-safetensors checkpoint), and transformers loads it instead.
+
+    transformers keeps every shard memory-mapped until the end of the load, so every page it read stays
+    resident: Qwen2.5-Coder-1.5B's float32 cache loaded in bfloat16 peaked at 10 GB of RSS for 3.6 GB of
+    weights; this way 3.8 GB, the same tensors bit for bit."""
+    from accelerate import init_empty_weights
+    from accelerate.utils import set_module_tensor_to_device
+    from safetensors import safe_open
+    from transformers import AutoConfig, GenerationConfig
+
+    files = sorted(path.glob("*.safetensors"))
+    if dtype is None or not files or "quantization_config" in cfg:
+        return None
+    stored: dict[str, Path] = {}
+    cast = False
+    for f in files:
+        with safe_open(f, framework="pt") as h:
+            for k in h.keys():
+                stored[k] = f
+                cast = cast or h.get_slice(k).get_dtype() != _SAFETENSORS_DTYPES.get(dtype)
+    if not cast:
+        return None  # nothing to convert: transformers maps the file without a copy
+    config = AutoConfig.from_pretrained(path)
+    with init_empty_weights():
+        model = auto.from_config(config, dtype=dtype)
+    names = set(model.state_dict())
+    if not set(stored) <= names:
+        return None  # renamed or extra keys: transformers knows the conversions
+    target = torch.device("cpu" if device is None else device)
+    for f in files:
+        with safe_open(f, framework="pt") as h:
+            for k in h.keys():
+                t = h.get_tensor(k)
+                value = t.to(dtype) if t.is_floating_point() else t
+                set_module_tensor_to_device(model, k, target, value=value)
+                release_mapped([t])
+                del t, value
+    model.tie_weights()
+    if target.type != "cpu":
+        model.to(target)  # the buffers the skeleton made on the CPU (rotary frequencies)
+    if any(p.is_meta for p in model.parameters()) or any(b.is_meta for b in model.buffers()):
+        return None  # a weight the file lacks and no tie fills: transformers initialises it
+    if (path / "generation_config.json").is_file() and getattr(model, "generation_config", None) is not None:
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    return model
+
+
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 
 
 def _load_tokenizer(path: Path):

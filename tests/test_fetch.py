@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY, build_tiny_model
 
 from headshare import fetch as fetch_mod
 from headshare.cli import main
@@ -308,3 +309,51 @@ def test_fetch_text_checks_the_checksum_and_caches(tmp_path, monkeypatch):
     assert [p.name for p in (tmp_path / "texts").iterdir()] == ["t.txt"]
     with pytest.raises(HeadshareError, match="unknown text source 'nope'"):
         fetch_mod.fetch_text("nope")
+
+
+@pytest.mark.parametrize("arch", sorted(TINY))
+def test_a_checkpoint_loaded_into_another_dtype_is_cast_tensor_by_tensor(arch, tmp_path, monkeypatch):
+    # float32 files asked for in bfloat16: read and cast one tensor at a time, each one's mapped pages released
+    # (transformers keeps every page it read resident until the end), the same model as transformers loads
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    model = build_tiny_model(arch)
+    model.save_pretrained(tmp_path / "m")
+    auto = AutoModel if arch == "bert" else AutoModelForCausalLM
+    want = auto.from_pretrained(tmp_path / "m", dtype=torch.bfloat16).eval()
+    released = []
+    monkeypatch.setattr(fetch_mod, "release_mapped", lambda ts: released.extend(ts) or 0)
+    with monkeypatch.context() as m:
+        m.setattr(auto, "from_pretrained", lambda *a, **k: pytest.fail("went through from_pretrained"))
+        got, _ = load_model(str(tmp_path / "m"), dtype=torch.bfloat16)
+    stored = {k for k in model.state_dict() if not (getattr(model.config, "tie_word_embeddings", False)
+                                                     and k.endswith("lm_head.weight"))}
+    assert len(released) >= len(stored) - 1  # every tensor in the file (GPT-2's may omit a tied one)
+    a, b = got.state_dict(), want.state_dict()
+    assert set(a) == set(b)
+    assert all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+    ids = torch.tensor([[1, 5, 9, 12, 3, 7]])
+    with torch.no_grad():
+        out_a, out_b = got(ids), want(ids)
+    key = "logits" if "logits" in out_a else "last_hidden_state"
+    assert torch.equal(out_a[key], out_b[key])
+    if getattr(model.config, "tie_word_embeddings", False) and hasattr(got, "lm_head"):
+        assert got.lm_head.weight is got.get_input_embeddings().weight
+
+
+def test_same_dtype_and_renamed_keys_go_through_transformers(tmp_path, monkeypatch, tiny_llama):
+    import safetensors.torch
+    from transformers import AutoModelForCausalLM
+
+    tiny_llama().save_pretrained(tmp_path / "m")
+    calls = []
+    real = AutoModelForCausalLM.from_pretrained.__func__
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: calls.append(k["dtype"]) or real(cls, *a, **k)))
+    load_model(str(tmp_path / "m"), dtype=torch.float32)  # stored float32: mapped without a copy
+    f = tmp_path / "m" / "model.safetensors"
+    sd = safetensors.torch.load_file(f)
+    sd["extra.weight"] = torch.zeros(2)  # a key the model does not name
+    safetensors.torch.save_file(sd, f, metadata={"format": "pt"})
+    load_model(str(tmp_path / "m"), dtype=torch.bfloat16)
+    assert calls == [torch.float32, torch.bfloat16]
