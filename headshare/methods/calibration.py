@@ -46,6 +46,7 @@ from .gram import LayerGram
 # sequences per forward call of a block: bounds the block's intermediate activations (attention scores, the
 # MLP's inner width) on large calibration sets; the default calibration (8 x 512 tokens) runs as one call
 BATCH_TOKENS = 8192
+W_ROWS = 16384  # token rows whose weights `_layer_data` computes at a time
 
 
 class Stash:
@@ -401,8 +402,11 @@ def _layer_data(block: nn.Module, apath: str, opath: str, h: torch.Tensor, calls
         for hd in handles:
             hd.remove()
     z, a = torch.cat(seen["z"]), torch.cat(seen["a"])
-    resid = h.reshape(-1, h.shape[-1]).double() + a.double()
-    w = 1.0 / ((resid ** 2).sum(-1, keepdim=True) + 1e-12)
+    hs = h.reshape(-1, h.shape[-1])
+    # in float64 a chunk of rows at a time: whole (tokens, hidden) float64 copies were the peak of a large
+    # calibration set
+    w = torch.cat([1.0 / (((hs[s:s + W_ROWS].double() + a[s:s + W_ROWS].double()) ** 2).sum(-1, keepdim=True) + 1e-12)
+                   for s in range(0, hs.shape[0], W_ROWS)])
     return LayerData(h=h, out=out, calls=calls, attn_calls=seen["attn"], rows=rows, z=z, a=a, w=w)
 
 

@@ -49,6 +49,56 @@ class RidgeResidual:
         return float(val)
 
 
+# token rows turned into float64 at a time by `refit_moments`: the refit's statistics then take memory of
+# the layer's width, not of the calibration size (a (tokens, hidden) float64 copy is 1.2 GB on SmolLM2 at 256k
+# tokens, 8.6 GB on a 7B layer)
+CHUNK_ROWS = 16384
+
+
+def refit_moments(z: torch.Tensor, idx: torch.Tensor, t: torch.Tensor, wk: torch.Tensor, w: torch.Tensor,
+                  part: slice, bias: torch.Tensor | None = None,
+                  chunk: int = CHUNK_ROWS) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(K'WK, K'Wv, v'Wv) over the token rows `part` for the refit of kept columns K = z[:, idx] toward
+    v = t - bias - K wk' (t: the target (N, D), any float dtype; wk: the kept columns' o weights (D, k)), summed
+    `chunk` rows at a time in float64: the sufficient statistics of `RidgeResidual(K, w, rho).solve(v)` and of
+    its error on other rows."""
+    k = len(idx)
+    g = torch.zeros(k, k, dtype=torch.float64, device=z.device)
+    c = torch.zeros(k, t.shape[1], dtype=torch.float64, device=z.device)
+    vv = 0.0
+    for s in range(part.start, part.stop, chunk):
+        r = slice(s, min(s + chunk, part.stop))
+        kz, wr = z[r][:, idx].double(), w[r]
+        v = t[r].double() - kz @ wk.T
+        if bias is not None:
+            v -= bias
+        g += kz.T @ (kz * wr)
+        c += kz.T @ (v * wr)
+        vv += float((v ** 2 * wr).sum())
+    return g, c, vv
+
+
+def ridge_from_moments(g: torch.Tensor, c: torch.Tensor, rho: float) -> torch.Tensor:
+    """The ridge fit (g + lam)^-1 c, lam = rho x the mean diagonal of g, as `RidgeResidual.solve` makes it."""
+    chol = torch.linalg.cholesky(g + rho * g.diagonal().mean().clamp_min(1e-30)
+                                 * torch.eye(g.shape[0], dtype=g.dtype, device=g.device))
+    return torch.cholesky_solve(c, chol)
+
+
+def crossfit_moments(folds: list[tuple], ridges: tuple[float, ...]) -> float | None:
+    """`crossfit_ridge` without borrowers, from the two folds' `refit_moments`: the ridge (or None, no refit)
+    whose fit on one fold leaves the least error on the other, both ways round; ties to no refit, then to the
+    smaller ridge."""
+    tried = {None: folds[0][2] + folds[1][2]}
+    for r in ridges:
+        err = 0.0
+        for (ga, ca, _), (gb, cb, vvb) in ((folds[0], folds[1]), (folds[1], folds[0])):
+            d = ridge_from_moments(ga, ca, r)
+            err += vvb - 2 * float((d * cb).sum()) + float((d * (gb @ d)).sum())
+        tried[r] = err
+    return min(tried, key=lambda r: (tried[r], r is not None, r or 0.0))
+
+
 def fit_scales(fit: RidgeResidual, v: torch.Tensor, ys: list[torch.Tensor]) -> torch.Tensor:
     """Scales a minimising min_D ||v - sum a_i y_i - Z D||_w^2 + lam||D||^2 (ridge only on D)."""
     if not ys:

@@ -10,7 +10,16 @@ from torch import nn
 from ..arch import blocks, layout_of
 from ..units import fitted_key, get_slices, o_columns, parse_fitted_key, set_o_columns, set_slices, unit_z
 from .calibration import model_dtype, walk
-from .lstsq import RidgeResidual, crossfit_ridge, fit_scales, half, heldout_lenders
+from .lstsq import (
+    RidgeResidual,
+    crossfit_moments,
+    crossfit_ridge,
+    fit_scales,
+    half,
+    heldout_lenders,
+    refit_moments,
+    ridge_from_moments,
+)
 
 RHO = 1.0  # ridge, relative to the mean diagonal of the Gram matrix: best held-out error (1e-2 overfitted)
 # the ridges a refit chooses from per layer by cross-fitting (`crossfit=True`; no refit at all is the last
@@ -112,11 +121,13 @@ def fit_layer(block, layout, layer, data, z, gone, borrow, source, rho, scales, 
     ridge is `rho`. Returns the ridge used (None: the kept columns were left as they were)."""
     U = layout.units_per_layer
     opath = layout.o_projection().path
+    kept = [u for u in range(U) if u not in gone]
+    if not any((layer, u) in borrow for u in gone):
+        return _fit_kept(block, layout, data, z, kept, gone, rho, heldout, ridges)
     target, w = data.a.double(), data.w
     bias = block.get_submodule(opath).bias
     if bias is not None:  # a per-layer constant that no unit owns: not part of the fit
         target = target - bias.detach().double()
-    kept = [u for u in range(U) if u not in gone]
     zs = {u: unit_z(z, layout, u) for u in range(U)}
     wk = {u: o_columns(block, layout, u) for u in kept}
     v = target - sum((zs[u] @ wk[u].T for u in kept), torch.zeros_like(target))
@@ -146,6 +157,37 @@ def fit_layer(block, layout, layer, data, z, gone, borrow, source, rho, scales, 
     for u in gone:
         if u not in lent:
             set_o_columns(block, layout, u, torch.zeros_like(o_columns(block, layout, u)))
+    return rho
+
+
+def _fit_kept(block, layout, data, z, kept, gone, rho, heldout, ridges) -> float | None:
+    """`fit_layer` for a layer whose removed units are all pruned (no borrower): the same fits and choices
+    from the folds' sufficient statistics (`lstsq.refit_moments`), summed a chunk of tokens at a time, so
+    that no (tokens, hidden) float64 array is made whatever the calibration size."""
+    opath = layout.o_projection().path
+    if not heldout:
+        ridges = None
+    if kept:
+        o = layout.o_projection()
+        idx = torch.cat([o.unit_index(u) for u in kept]).to(z.device)
+        wk = torch.cat([o_columns(block, layout, u) for u in kept], 1)
+        bias = block.get_submodule(opath).bias  # a per-layer constant that no unit owns: not part of the fit
+        bias = bias.detach().double() if bias is not None else None
+        split = half(z.shape[0], data.h.shape[0])
+        folds = [refit_moments(z, idx, data.a, wk, data.w, part, bias)
+                 for part in (slice(0, split), slice(split, z.shape[0]))]
+        if ridges:
+            rho = crossfit_moments(folds, ridges)
+        if rho is not None:
+            g, c = folds[0][0] + folds[1][0], folds[0][1] + folds[1][1]
+            d = ridge_from_moments(g, c, rho)
+            width = d.shape[0] // len(kept)
+            for i, u in enumerate(kept):
+                set_o_columns(block, layout, u, wk[:, i * width:(i + 1) * width] + d[i * width:(i + 1) * width].T)
+    elif ridges:
+        rho = None  # nothing to refit: cross-fitting has only "no refit" to choose
+    for u in gone:
+        set_o_columns(block, layout, u, torch.zeros_like(o_columns(block, layout, u)))
     return rho
 
 

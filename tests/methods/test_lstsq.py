@@ -27,6 +27,7 @@ from headshare.methods.lstsq import (
     EXHAUSTIVE,
     RidgeResidual,
     candidate_subsets,
+    crossfit_moments,
     crossfit_ridge,
     fit_scales,
     fold_grams,
@@ -40,6 +41,8 @@ from headshare.methods.lstsq import (
     layer_options,
     nested_prune_errors,
     prune_errors,
+    refit_moments,
+    ridge_from_moments,
 )
 from headshare.units import o_columns, unit_z
 
@@ -482,3 +485,34 @@ def test_crossfit_ridge_refits_where_it_generalises_and_not_where_it_fits_noise(
     # a borrower whose output is the target pays off held out, with or without the refit
     rho, lent = crossfit_ridge(kz, noise, w, {7: noise.clone()}, n // 2, (0.01, 0.1))
     assert lent == [7]
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_refit_moments_give_the_token_refit_and_its_crossfit_in_any_chunks(bias):
+    # a refit without borrowers from the folds' sufficient statistics: the same columns as the refit on the
+    # tokens (`RidgeResidual`), the same cross-fitted choice as `crossfit_ridge`, whatever the chunk size
+    g = torch.Generator().manual_seed(3)
+    n, width, hidden = 96, 12, 5
+    z = torch.randn(n, width, generator=g)  # float32, as the edited stream's o input is
+    idx = torch.tensor([0, 1, 2, 6, 7, 8])  # two kept units of three features
+    wk = torch.randn(hidden, len(idx), generator=g, dtype=torch.float64)
+    a = (z.double()[:, idx] @ torch.randn(len(idx), hidden, generator=g, dtype=torch.float64)
+         + 0.3 * torch.randn(n, hidden, generator=g, dtype=torch.float64)).float()
+    b = torch.randn(hidden, generator=g, dtype=torch.float64) if bias else None
+    w = torch.rand(n, 1, generator=g, dtype=torch.float64) + 0.5
+    kz = z.double()[:, idx]
+    v = a.double() - (b if bias else 0.0) - kz @ wk.T
+    split = 40
+    for chunk in (7, 16384):
+        folds = [refit_moments(z, idx, a, wk, w, part, b if bias else None, chunk=chunk)
+                 for part in (slice(0, split), slice(split, n))]
+        full = ridge_from_moments(folds[0][0] + folds[1][0], folds[0][1] + folds[1][1], 0.5)
+        assert torch.allclose(full, RidgeResidual(kz, w, 0.5).solve(v), rtol=1e-10, atol=1e-12)
+        assert folds[0][2] + folds[1][2] == pytest.approx(float((v ** 2 * w).sum()), rel=1e-12)
+        for ridges in ((0.1, 1.0, 10.0), (1e-4,), (1e6,)):
+            assert crossfit_moments(folds, ridges) == crossfit_ridge(kz, v, w, {}, split, ridges)[0]
+    # noise the kept columns cannot explain: no refit is chosen, as on the tokens
+    noise = torch.randn(n, hidden, generator=g).float()
+    folds = [refit_moments(z, idx, noise, torch.zeros_like(wk), w, part) for part in (slice(0, split), slice(split, n))]
+    assert crossfit_moments(folds, (1e-3,)) is None
+    assert crossfit_ridge(kz, noise.double(), w, {}, split, (1e-3,))[0] is None
