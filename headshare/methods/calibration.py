@@ -46,7 +46,10 @@ from .gram import LayerGram
 # sequences per forward call of a block: bounds the block's intermediate activations (attention scores, the
 # MLP's inner width) on large calibration sets; the default calibration (8 x 512 tokens) runs as one call
 BATCH_TOKENS = 8192
-W_ROWS = 16384  # token rows whose weights `_layer_data` computes at a time
+# token rows turned into float64 at a time (`_layer_data`'s token weights, `lstsq.refit_moments`): what they
+# compute then takes memory of the layer's width, not of the calibration size (a (tokens, hidden) float64
+# copy is 1.2 GB on SmolLM2 at 256k tokens, 8.6 GB on a 7B layer)
+CHUNK_ROWS = 16384
 
 
 class Stash:
@@ -403,10 +406,8 @@ def _layer_data(block: nn.Module, apath: str, opath: str, h: torch.Tensor, calls
             hd.remove()
     z, a = torch.cat(seen["z"]), torch.cat(seen["a"])
     hs = h.reshape(-1, h.shape[-1])
-    # in float64 a chunk of rows at a time: whole (tokens, hidden) float64 copies were the peak of a large
-    # calibration set
-    w = torch.cat([1.0 / (((hs[s:s + W_ROWS].double() + a[s:s + W_ROWS].double()) ** 2).sum(-1, keepdim=True) + 1e-12)
-                   for s in range(0, hs.shape[0], W_ROWS)])
+    w = torch.cat([1.0 / (((x.double() + y.double()) ** 2).sum(-1, keepdim=True) + 1e-12)
+                   for x, y in zip(hs.split(CHUNK_ROWS), a.split(CHUNK_ROWS), strict=True)])
     return LayerData(h=h, out=out, calls=calls, attn_calls=seen["attn"], rows=rows, z=z, a=a, w=w)
 
 

@@ -14,7 +14,7 @@ import torch
 
 from ..arch import Layout
 from ..errors import HeadshareError
-from .calibration import LayerData
+from .calibration import CHUNK_ROWS, LayerData
 from .gram import LayerGram
 
 SHORTLIST = 4  # fitshare ranks this many sources per unit under every refit (chosen from all by plain gain)
@@ -33,9 +33,7 @@ class RidgeResidual:
     def __init__(self, z: torch.Tensor | None, w: torch.Tensor, rho: float):
         self.z, self.w = z, w
         if z is not None and z.shape[1]:
-            g = z.T @ (z * w)
-            self.chol = torch.linalg.cholesky(g + rho * g.diagonal().mean().clamp_min(1e-30)
-                                              * torch.eye(g.shape[0], dtype=g.dtype, device=g.device))
+            self.chol = ridge_cholesky(z.T @ (z * w), rho)
         else:
             self.z = None
 
@@ -47,12 +45,6 @@ class RidgeResidual:
         if self.z is not None:
             val = val - ((self.z.T @ (a * self.w)) * self.solve(b)).sum()
         return float(val)
-
-
-# token rows turned into float64 at a time by `refit_moments`: the refit's statistics then take memory of
-# the layer's width, not of the calibration size (a (tokens, hidden) float64 copy is 1.2 GB on SmolLM2 at 256k
-# tokens, 8.6 GB on a 7B layer)
-CHUNK_ROWS = 16384
 
 
 def refit_moments(z: torch.Tensor, idx: torch.Tensor, t: torch.Tensor, wk: torch.Tensor, w: torch.Tensor,
@@ -78,11 +70,21 @@ def refit_moments(z: torch.Tensor, idx: torch.Tensor, t: torch.Tensor, wk: torch
     return g, c, vv
 
 
-def ridge_from_moments(g: torch.Tensor, c: torch.Tensor, rho: float) -> torch.Tensor:
-    """The ridge fit (g + lam)^-1 c, lam = rho x the mean diagonal of g, as `RidgeResidual.solve` makes it."""
-    chol = torch.linalg.cholesky(g + rho * g.diagonal().mean().clamp_min(1e-30)
+def ridge_cholesky(g: torch.Tensor, rho: float) -> torch.Tensor:
+    """The Cholesky factor of g + lam, lam = rho x the mean diagonal of the Gram g: every ridge refit's."""
+    return torch.linalg.cholesky(g + rho * g.diagonal().mean().clamp_min(1e-30)
                                  * torch.eye(g.shape[0], dtype=g.dtype, device=g.device))
-    return torch.cholesky_solve(c, chol)
+
+
+def ridge_from_moments(g: torch.Tensor, c: torch.Tensor, rho: float) -> torch.Tensor:
+    """The ridge fit (g + lam)^-1 c, as `RidgeResidual.solve` makes it from the tokens."""
+    return torch.cholesky_solve(c, ridge_cholesky(g, rho))
+
+
+def least_crossfit(errors: dict) -> float | None:
+    """The ridge with the least cross-fitted error in {ridge or None (no refit): error}; ties go to no
+    refit, then to the smaller ridge."""
+    return min(errors, key=lambda r: (errors[r], r is not None, r or 0.0))
 
 
 def crossfit_moments(folds: list[tuple], ridges: tuple[float, ...]) -> float | None:
@@ -96,7 +98,7 @@ def crossfit_moments(folds: list[tuple], ridges: tuple[float, ...]) -> float | N
             d = ridge_from_moments(ga, ca, r)
             err += vvb - 2 * float((d * cb).sum()) + float((d * (gb @ d)).sum())
         tried[r] = err
-    return min(tried, key=lambda r: (tried[r], r is not None, r or 0.0))
+    return least_crossfit(tried)
 
 
 def fit_scales(fit: RidgeResidual, v: torch.Tensor, ys: list[torch.Tensor]) -> torch.Tensor:
@@ -299,7 +301,7 @@ def crossfit_ridge(kz: torch.Tensor | None, v: torch.Tensor, w: torch.Tensor, ys
     (`heldout_lending`). Ties go to no refit, then to the smaller ridge."""
     tried = {r: heldout_lending(kz, v, w, ys, r, split) for r in ridges}
     tried[None] = heldout_lending(None, v, w, ys, 1.0, split)
-    rho = min(tried, key=lambda r: (tried[r][1], r is not None, r or 0.0))
+    rho = least_crossfit({r: err for r, (_, err) in tried.items()})
     return rho, tried[rho][0]
 
 

@@ -164,14 +164,13 @@ def _fit_kept(block, layout, data, z, kept, gone, rho, heldout, ridges) -> float
     """`fit_layer` for a layer whose removed units are all pruned (no borrower): the same fits and choices
     from the folds' sufficient statistics (`lstsq.refit_moments`), summed a chunk of tokens at a time, so
     that no (tokens, hidden) float64 array is made whatever the calibration size."""
-    opath = layout.o_projection().path
+    o = layout.o_projection()
     if not heldout:
         ridges = None
     if kept:
-        o = layout.o_projection()
         idx = torch.cat([o.unit_index(u) for u in kept]).to(z.device)
         wk = torch.cat([o_columns(block, layout, u) for u in kept], 1)
-        bias = block.get_submodule(opath).bias  # a per-layer constant that no unit owns: not part of the fit
+        bias = block.get_submodule(o.path).bias  # a per-layer constant that no unit owns: not part of the fit
         bias = bias.detach().double() if bias is not None else None
         split = half(z.shape[0], data.h.shape[0])
         folds = [refit_moments(z, idx, data.a, wk, data.w, part, bias)
