@@ -1,5 +1,5 @@
-"""Time one direction of choiceshare's downdated chain (`lstsq.nested_prune_errors`, float32) on random
-statistics of a layer's shape, and print its errors, so two versions of the code can be compared on the same
+"""Time one direction of choiceshare's downdated chain (`lstsq.nested_prune_errors`, float32) on the random
+statistics of a layer's shape that `bench_choice_costs.py` makes, and print its errors, so two versions of the code can be compared on the same
 input (the old one through a worktree on PYTHONPATH):
 
     PYTHONPATH=OLD python benchmarks/bench_chain_direction.py --heads 32 --hidden 4096 --runs 1 > old.json
@@ -18,6 +18,8 @@ import torch
 
 
 def main() -> None:
+    from bench_choice_costs import random_layer  # the same random statistics (benchmarks/ is on sys.path)
+
     from headshare.methods.basis.heldout import nested_stats
     from headshare.methods.lstsq import nested_prune_errors
 
@@ -30,13 +32,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    g = torch.Generator().manual_seed(0)
-    width, n = args.heads * args.head_dim, args.tokens
-    mix = torch.randn(width, width, generator=g) / width ** 0.5
-    z0 = torch.randn(n, width, generator=g) @ mix
-    z = z0 + 0.2 * torch.randn(n, width, generator=g) @ mix  # a projected layer's o inputs
-    w = torch.ones(n, 1)
-    wo = (torch.randn(args.hidden, width, generator=g) / width ** 0.5).double()
+    n = args.tokens
+    z0, z, w, wo = random_layer(args.heads, args.head_dim, args.hidden, n)
     folds = (slice(0, n // 2), slice(n // 2, n))
     grams, base = nested_stats(z, z0, w, wo, folds)
     order = list(range(args.heads - 1))

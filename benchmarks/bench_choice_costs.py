@@ -23,6 +23,18 @@ from headshare.methods.basis.heldout import fold_stats, nested_stats, subset_err
 from headshare.methods.lstsq import nested_prune_errors
 
 
+def random_layer(heads: int, head_dim: int, hidden: int, tokens: int) -> tuple[torch.Tensor, ...]:
+    """(z0, z, w, wo) of a layer's shape, seeded: o inputs z0, a projected layer's o inputs z near them, unit
+    token weights and an o weight (hidden, heads x head_dim) in float64."""
+    g = torch.Generator().manual_seed(0)
+    width = heads * head_dim
+    mix = torch.randn(width, width, generator=g) / width ** 0.5
+    z0 = torch.randn(tokens, width, generator=g) @ mix
+    z = z0 + 0.2 * torch.randn(tokens, width, generator=g) @ mix
+    wo = (torch.randn(hidden, width, generator=g) / width ** 0.5).double()
+    return z0, z, torch.ones(tokens, 1), wo
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--heads", type=int, default=12)
@@ -35,13 +47,8 @@ def main() -> None:
     ap.add_argument("--json", help="append the result here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    g = torch.Generator().manual_seed(0)
-    width, n, U = args.heads * args.head_dim, args.tokens, args.heads
-    mix = torch.randn(width, width, generator=g) / width ** 0.5
-    z0 = torch.randn(n, width, generator=g) @ mix
-    z = z0 + 0.2 * torch.randn(n, width, generator=g) @ mix  # a projected layer's o inputs
-    w = torch.ones(n, 1)
-    wo = (torch.randn(args.hidden, width, generator=g) / width ** 0.5).double()
+    n, U = args.tokens, args.heads
+    z0, z, w, wo = random_layer(args.heads, args.head_dim, args.hidden, n)
     cols = [torch.arange(u * args.head_dim, (u + 1) * args.head_dim) for u in range(U)]
     order = list(range(U))
     subsets = [frozenset(order[:k]) for k in range(U + 1)]
