@@ -160,16 +160,24 @@ def _to(obj, device: torch.device, dtype: torch.dtype | None = None):
 
 def compute_dtype(module: nn.Module, device: torch.device) -> torch.dtype | None:
     """The dtype `module` computes in on `device` during calibration: float32 for a half-precision module on
-    a CPU, None (its own) elsewhere. On a CPU the statistics read the activations in float32 or float64
-    anyway, and computing the block in float32 from the rounded weights makes a bf16 model's plan the fp32
-    one's up to the weights' rounding. The speed depends on the CPU: bf16 products ran 6x slower than float32
-    on one of these machines (a 7B block on 512 tokens, 2 cores: 20.1 s against 3.4 s) and 4.8x faster on
-    another with AMX (2026-12-07: 4096 x 4096 x 11008, 1.7 TFLOP/s against 361 GFLOP/s); a dtype chosen by
-    speed would make the plan depend on the machine."""
+    a CPU without matrix units for that dtype, None (its own) elsewhere. The statistics read the activations
+    in float32 or float64 either way, so a bf16 model's plan is the fp32 one's up to rounding; computing in
+    float32 from the rounded weights makes it so up to the weights' rounding alone, at a price that depends
+    on the CPU: bf16 products ran 6x slower than float32 on one of these machines (a 7B block on 512 tokens,
+    2 cores: 20.1 s against 3.4 s) and 4.8x faster on one with AMX (4096 x 4096 x 11008, 1.7 TFLOP/s against
+    361 GFLOP/s). So a CPU with AMX computes a bf16 block in bf16 as a GPU does (`native_half`), and a bf16
+    plan made there can differ from one made on a CPU without AMX by the activations' rounding."""
     p = next(module.parameters(), None)
     if p is None or torch.device(device).type != "cpu" or p.dtype not in (torch.bfloat16, torch.float16):
         return None
-    return torch.float32
+    return None if native_half(p.dtype) else torch.float32
+
+
+def native_half(dtype: torch.dtype) -> bool:
+    """Whether this CPU multiplies matrices of `dtype` in hardware (AMX tiles for bf16, AMX-FP16 for fp16)."""
+    probe = {torch.bfloat16: "_is_amx_tile_supported", torch.float16: "_is_amx_fp16_supported"}.get(dtype)
+    check = getattr(torch.cpu, probe, None) if probe else None  # torch.cpu's probes; absent in older torch
+    return bool(check()) if check is not None else False
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:

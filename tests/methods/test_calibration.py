@@ -12,6 +12,7 @@ from conftest import TINY_CORPUS
 import headshare
 from headshare.arch import blocks, layout_of
 from headshare.errors import HeadshareError
+from headshare.methods import calibration
 from headshare.methods.calibration import (
     Stash,
     borrowed_z,
@@ -150,10 +151,14 @@ def test_explicit_cpu_device_is_the_model_device(tiny_tokenizer, calib_file, tin
     assert all(torch.equal(a.fitted[k], b.fitted[k]) for k in a.fitted)
 
 
+@pytest.mark.parametrize("native", [False, True], ids=["cpu-float32", "cpu-amx-bf16"])
 @pytest.mark.parametrize("method", ["prune", "fitprune", "basisshare", "choiceshare"])
-def test_bfloat16_model_gives_the_plan_float32_gives(method, tiny_tokenizer, calib_file, tiny_model):
+def test_bfloat16_model_gives_the_plan_float32_gives(method, native, tiny_tokenizer, calib_file, tiny_model,
+                                                     monkeypatch):
     """Statistics accumulate in float32/float64 whatever the model's dtype, so a bf16 copy of a model chooses
-    the same units (the fitted tensors differ by bf16 rounding only)."""
+    the same units (the fitted tensors differ by bf16 rounding only), whether its blocks compute in float32
+    (a CPU without AMX) or in bf16 (a CPU with AMX, as on a GPU)."""
+    monkeypatch.setattr(calibration, "native_half", lambda dtype: native)
     model = tiny_model("llama-mha", seed=1)
     kw = dict(tokenizer=tiny_tokenizer, calib=calib_file, calib_tokens=128)
     fp32 = headshare.make_plan(model, 0.5, method, **kw)
@@ -166,23 +171,35 @@ def test_bfloat16_model_gives_the_plan_float32_gives(method, tiny_tokenizer, cal
         assert err < 0.1, (k, float(err))
 
 
-def test_half_precision_blocks_compute_in_float32_on_the_cpu_and_keep_their_tensors(tiny_model):
-    """On a CPU a bf16 block computes in float32 during its turn (bf16 products are slow there), and afterwards
-    holds its own bf16 tensors again, the same storage: nothing rounded, a memory-mapped weight stays mapped."""
+@pytest.mark.parametrize("native", [False, True], ids=["cpu-float32", "cpu-amx-bf16"])
+def test_half_precision_blocks_compute_on_the_cpu_and_keep_their_tensors(native, tiny_model, monkeypatch):
+    """On a CPU without AMX a bf16 block computes in float32 during its turn (bf16 products are slow there),
+    with AMX in bf16; afterwards it holds its own bf16 tensors again, the same storage: nothing rounded, a
+    memory-mapped weight stays mapped."""
+    monkeypatch.setattr(calibration, "native_half", lambda dtype: native)
+    turn = torch.bfloat16 if native else torch.float32
     model = tiny_model("llama-gqa").to(torch.bfloat16)
     before = {n: (p.data_ptr(), p.dtype) for n, p in model.named_parameters()}
     ids = torch.randint(4, 50, (2, 16), generator=torch.Generator().manual_seed(0))
     for layer, d in walk(model, ids):
         block = blocks(model)[layer]
-        assert {p.dtype for p in block.parameters()} == {torch.float32}
-        assert d.z.dtype == d.out.dtype == torch.float32
+        assert {p.dtype for p in block.parameters()} == {turn}
+        assert d.z.dtype == d.out.dtype == turn
         assert {p.dtype for p in blocks(model)[(layer + 1) % 3].parameters()} == {torch.bfloat16}
     assert {n: (p.data_ptr(), p.dtype) for n, p in model.named_parameters()} == before
-    # the float32 stream agrees with the bf16 model's own forward (whose last hidden state is after the final
-    # norm) up to bf16 rounding
+    # the stream agrees with the bf16 model's own forward (whose last hidden state is after the final norm) up
+    # to bf16 rounding
     ref = model(ids, output_hidden_states=True).hidden_states[-1]
     got = model.model.norm(list(walk(model, ids))[-1][1].out.to(torch.bfloat16))
     assert ((got.float() - ref.float()).norm() / ref.float().norm()) < 0.05
+
+
+def test_native_half_reads_the_cpu_probe_and_is_false_without_one(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert calibration.native_half(torch.bfloat16) is True
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
+    assert calibration.native_half(torch.bfloat16) is False  # an older torch without the probe: float32
+    assert calibration.native_half(torch.float32) is False
 
 
 def test_a_model_dispatched_by_accelerate_is_computed_where_it_was_put(tiny_tokenizer, calib_file,
