@@ -316,3 +316,38 @@ def test_whole_model_alternatives_remove_parameters_and_reload(method, tiny_llam
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
     with torch.no_grad():
         assert torch.equal(model(ids[:1]).logits, reloaded(ids[:1]).logits)
+
+
+def test_mlp_refit_is_the_ridge_least_squares_chosen_on_the_other_fold():
+    """down_proj's refit from the folds' Grams equals ridge least squares on the tokens themselves: each fold's
+    fit (an augmented least squares toward the original columns) measured on the other fold's tokens, the
+    ridge with the least summed error kept and refitted on both folds."""
+    import torch
+
+    from headshare.bench.alternatives import RIDGES, _refit
+
+    g = torch.Generator().manual_seed(0)
+    inner, hidden, n = 24, 8, 200
+    mix = torch.randn(inner, inner, generator=g, dtype=torch.float64)  # correlated channels: a refit can help
+    acts = [torch.randn(n, inner, generator=g, dtype=torch.float64) @ mix for _ in range(2)]
+    W = torch.randn(hidden, inner, generator=g, dtype=torch.float64)
+    keep = torch.tensor([0, 2, 3, 5, 8, 9, 11, 14, 15, 17, 20, 22])
+
+    def ridge(a: torch.Tensor, rho: float) -> torch.Tensor:
+        ak = a[:, keep]
+        lam = rho * (ak.T @ ak).diagonal().mean()
+        lhs = torch.cat([ak, lam.sqrt() * torch.eye(len(keep), dtype=a.dtype)])
+        rhs = torch.cat([a @ W.T, lam.sqrt() * W[:, keep].T])
+        return torch.linalg.lstsq(lhs, rhs).solution.T
+
+    def err(a: torch.Tensor, wk: torch.Tensor) -> float:
+        return float(((a @ W.T - a[:, keep] @ wk.T) ** 2).sum())
+
+    want = {rho: err(acts[1], ridge(acts[0], rho)) + err(acts[0], ridge(acts[1], rho)) for rho in RIDGES}
+    best = min(want, key=want.get)
+    got, info = _refit(W, [a.T @ a for a in acts], keep)
+    assert info["ridge"] == best
+    assert info["held_out_refit"] == pytest.approx(want[best], rel=1e-9)
+    assert info["held_out_unfitted"] == pytest.approx(err(acts[1], W[:, keep]) + err(acts[0], W[:, keep]), rel=1e-9)
+    assert want[best] < info["held_out_unfitted"] and got is not None  # the refit pays off here, so it is applied
+    torch.testing.assert_close(got, ridge(torch.cat(acts), best), rtol=1e-9, atol=1e-9)

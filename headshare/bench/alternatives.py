@@ -62,34 +62,37 @@ def _mlp_paths(model: nn.Module) -> tuple[tuple[str, ...], str]:
     return spec.mlp_in, spec.mlp_out
 
 
-def _error(W: torch.Tensor, G: torch.Tensor, keep: torch.Tensor, Wk: torch.Tensor) -> float:
-    """||W a - Wk a_keep||^2 summed over the tokens whose Gram is G (= sum a a^T)."""
-    full = (W @ G @ W.T).trace()
-    cross = (Wk @ G[keep] @ W.T).trace()
-    own = (Wk @ G[keep][:, keep] @ Wk.T).trace()
-    return float(full - 2 * cross + own)
-
-
-def _ridge_fit(W: torch.Tensor, G: torch.Tensor, keep: torch.Tensor, rho: float) -> torch.Tensor:
-    """argmin ||W a - W' a_keep||^2 + lam ||W' - W[:, keep]||^2, lam = rho x the mean diagonal of G[keep, keep]."""
-    Gk = G[keep][:, keep]
-    lam = rho * Gk.diagonal().mean().clamp_min(1e-30)
-    rhs = W @ G[:, keep] + lam * W[:, keep]
-    return torch.linalg.solve(Gk + lam * torch.eye(len(keep), dtype=G.dtype, device=G.device), rhs.T).T
-
-
 def _refit(W: torch.Tensor, folds: list[torch.Tensor], keep: torch.Tensor) -> tuple[torch.Tensor | None, dict]:
-    """The refitted columns (None: keep the original ones) and the held-out errors that chose them."""
-    def held_out(fit) -> float:
-        return sum(_error(W, folds[1 - i], keep, fit(folds[i])) for i in range(2))
+    """The refitted columns (None: keep the original ones) and the held-out errors that chose them.
 
-    base = held_out(lambda G: W[:, keep])
-    errors = {rho: held_out(lambda G, rho=rho: _ridge_fit(W, G, keep, rho)) for rho in RIDGES}
+    A fit Wk on one fold is measured on the other fold's Gram G as ||W a - Wk a_keep||^2 summed over its tokens,
+    tr(W G W') - 2 <Wk, (W G)[:, keep]> + <Wk G_kk, Wk>, and a ridge fit on G with strength lam = rho x the mean
+    diagonal of G_kk solves (G_kk + lam) Wk' = ((W G)[:, keep] + lam W[:, keep])' by one Cholesky. So W G, its
+    energy and G_kk are formed once per fold and each candidate costs a factorisation and one product
+    (hidden x kept x kept): on Qwen2.5's 8,960 channels a third of the products per layer that an LU solve and
+    three products per error took."""
+    wg = [W @ G for G in folds]  # (hidden, inner) per fold
+    full = [float((x * W).sum()) for x in wg]
+    wgk = [x[:, keep] for x in wg]
+    gk = [G[keep][:, keep] for G in folds]
+    wk0 = W[:, keep]
+
+    def fit(i: int | None, rho: float) -> torch.Tensor:
+        g, rhs = (gk[0] + gk[1], wgk[0] + wgk[1]) if i is None else (gk[i], wgk[i])
+        lam = rho * g.diagonal().mean().clamp_min(1e-30)
+        chol = torch.linalg.cholesky(g + lam * torch.eye(len(keep), dtype=g.dtype, device=g.device))
+        return torch.cholesky_solve((rhs + lam * wk0).T, chol).T
+
+    def error(j: int, wk: torch.Tensor) -> float:
+        return full[j] - 2 * float((wk * wgk[j]).sum()) + float(((wk @ gk[j]) * wk).sum())
+
+    base = sum(error(1 - i, wk0) for i in range(2))
+    errors = {rho: sum(error(1 - i, fit(i, rho)) for i in range(2)) for rho in RIDGES}
     rho = min(errors, key=errors.get)
     info = {"held_out_unfitted": base, "held_out_refit": errors[rho], "ridge": rho}
     if errors[rho] >= base:
         return None, info
-    return _ridge_fit(W, folds[0] + folds[1], keep, rho), info
+    return fit(None, rho), info
 
 
 def _narrow(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:
