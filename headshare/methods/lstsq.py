@@ -87,10 +87,10 @@ def least_crossfit(errors: dict) -> float | None:
     return min(errors, key=lambda r: (errors[r], r is not None, r or 0.0))
 
 
-def crossfit_moments(folds: list[tuple], ridges: tuple[float, ...]) -> float | None:
-    """`crossfit_ridge` without borrowers, from the two folds' `refit_moments`: the ridge (or None, no refit)
-    whose fit on one fold leaves the least error on the other, both ways round; ties to no refit, then to the
-    smaller ridge."""
+def crossfit_errors(folds: list[tuple], ridges: tuple[float, ...]) -> dict:
+    """{ridge or None (no refit): the error left on one fold by the ridge fit (`ridge_from_moments`) on the
+    other, summed both ways round}, from the two folds' moments (g, c, vv): the Gram of the columns that may
+    change, their products with what is left to fit, and that residual's energy."""
     tried = {None: folds[0][2] + folds[1][2]}
     for r in ridges:
         err = 0.0
@@ -98,7 +98,14 @@ def crossfit_moments(folds: list[tuple], ridges: tuple[float, ...]) -> float | N
             d = ridge_from_moments(ga, ca, r)
             err += vvb - 2 * float((d * cb).sum()) + float((d * (gb @ d)).sum())
         tried[r] = err
-    return least_crossfit(tried)
+    return tried
+
+
+def crossfit_moments(folds: list[tuple], ridges: tuple[float, ...]) -> float | None:
+    """`crossfit_ridge` without borrowers, from the two folds' `refit_moments`: the ridge (or None, no refit)
+    whose fit on one fold leaves the least error on the other, both ways round (`crossfit_errors`); ties to no
+    refit, then to the smaller ridge."""
+    return least_crossfit(crossfit_errors(folds, ridges))
 
 
 def fit_scales(fit: RidgeResidual, v: torch.Tensor, ys: list[torch.Tensor]) -> torch.Tensor:
