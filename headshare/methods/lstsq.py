@@ -21,6 +21,11 @@ SHORTLIST = 4  # fitshare ranks this many sources per unit under every refit (ch
 EXHAUSTIVE = 6  # layers with up to this many units weigh every subset of them; beyond, a greedy nested few
 LENDERS = 4  # up to this many candidate borrowers a layer, every subset of them is cross-fitted; beyond, greedily
 
+# the downdated chains (`nested_prune_errors`) of the selections compute in float32, the inner products that make
+# each error summed in float64: 1.75-1.85x faster on a CPU, within 2e-8 of the smallest step between subsets of
+# float64's on Qwen's and the 7B's shapes
+CHAIN_DTYPE = torch.float32
+
 
 class RidgeResidual:
     """min_D ||v - Z D||_w^2 + lam ||D||^2 for many targets v: the fitted D and the S inner product.
@@ -518,5 +523,5 @@ def heldout_prune_costs(gram: LayerGram, subsets, data: LayerData, layout: Layou
         return prune_errors(grams, wo, cols, subsets, rho, n)
     # the greedy's nested subsets (many units a layer): one downdated factorisation per fold, at the
     # ridge fixed for the layer as the greedy order has it
-    errs = nested_prune_errors(grams, wo, [len(c) for c in cols], order, rho)
+    errs = nested_prune_errors(grams, wo, [len(c) for c in cols], order, rho, dtype=CHAIN_DTYPE)
     return {s: max(errs[len(s)], 0.0) / n for s in subsets}

@@ -210,6 +210,9 @@ def test_refusals(tiny_tokenizer, calib_file, tiny_model):
         BasisShareConfig(ratio=0.3, group=0)
     with pytest.raises(ValueError, match="prune"):
         BasisShareConfig(ratio=0.3, prune=1.5)
+    for bad in (0, 2.5, "6"):
+        with pytest.raises(ValueError, match="ranks"):
+            ChoiceShareConfig(ratio=0.3, ranks=bad)
     plan = _plan(model, tiny_tokenizer, calib_file)
     d = plan.to_dict()
     with pytest.raises(ValueError, match="rank"):
@@ -334,6 +337,21 @@ def test_choice_costs_of_many_query_heads_are_the_per_subset_solves(tiny_llama, 
         scale = max(costs.values())
         for s, c in costs.items():
             assert nested[key][s] == pytest.approx(c, rel=1e-4, abs=1e-6 * scale), (key, sorted(s))
+
+
+def test_choiceshare_weighs_as_many_ranks_a_group_as_asked(tiny_llama, tiny_tokenizer, calib_file, monkeypatch):
+    """`ranks` sets the grid's size; the costs of leaving a layer dense do not depend on it."""
+    import headshare.methods.basis.heldout as heldout
+
+    model = tiny_llama(seed=3, hidden_size=64, num_attention_heads=8, num_key_value_heads=2, num_hidden_layers=3)
+    seen = []
+    real = heldout.choice_costs
+    monkeypatch.setattr(heldout, "choice_costs", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    for steps in (12, 3):
+        _plan(model, tiny_tokenizer, calib_file, unit="query", config=ChoiceShareConfig, group=3, ranks=steps)
+    many, few = ({r for _, r in costs if r is not None} for costs in seen)
+    assert 1 <= len(few) <= 3 < len(many)
+    assert {k: v for k, v in seen[0].items() if k[1] is None} == {k: v for k, v in seen[1].items() if k[1] is None}
 
 
 def test_allocate_spends_the_budget_where_the_error_is_least():

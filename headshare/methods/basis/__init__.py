@@ -50,7 +50,7 @@ from ..lstsq import candidate_subsets, half
 from ..refit import RHO, RIDGES, ridges_note
 from .bases import fit_bases, layer_groups, own_rows
 from .fixed import fixed_choice, pruning_costs
-from .heldout import heldout_choice
+from .heldout import RANKS, heldout_choice
 from .write import basis_tensors, sequential_refit
 
 GROUP = 4  # layers per basis; SmolLM2 at 30 %, prune 2/3: 2 layers 17.97, 4 layers 17.88, 8 layers 18.01
@@ -86,7 +86,14 @@ def basisshare(model, cfg: BasisShareConfig, tokenizer=None, progress: bool = Fa
 
 @dataclass
 class ChoiceShareConfig(BasisShareConfig):
-    """basisshare's options; `prune` is not read: the held-out choice decides what pruning takes."""
+    """basisshare's options (`prune` is not read: the held-out choice decides what pruning takes) and how many
+    basis ranks it weighs per group."""
+
+    ranks: int = RANKS  # rank candidates per group (at most); each costs a layer two chains and two folds' statistics
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self, "ranks", is_integer(self.ranks) and self.ranks >= 1, "an integer >= 1")
 
 
 @register_method("choiceshare", ChoiceShareConfig, "basisshare with the split chosen by held-out error: per group "

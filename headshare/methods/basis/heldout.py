@@ -9,16 +9,10 @@ import torch
 
 from ...arch import blocks
 from ...errors import HeadshareError
-from ..lstsq import EXHAUSTIVE, chain_order, nested_prune_errors
+from ..lstsq import CHAIN_DTYPE, EXHAUSTIVE, chain_order, nested_prune_errors
 from .bases import group_rows, layer_groups, layer_weight, orient, whitened_basis
 
-RANKS = 12  # rank candidates per group: RANKS steps up to the rank at which the factors stop being smaller
-
-
-# the downdated chains of `choice_costs` compute in float32 (their inner products summed in float64): 1.75-1.85x
-# faster on a CPU, within 2e-8 of the smallest step between subsets of float64's on Qwen's and the 7B's shapes;
-# so do the layer's rows put on each rank's basis (what the block then runs is float32 or narrower anyway)
-CHAIN_DTYPE = torch.float32
+RANKS = 8  # default for `ChoiceShareConfig.ranks`: rank candidates a group, evenly spaced up to where factors stop paying
 
 
 BINS = 20_000  # resolution of the parameter budget in the allocation (item savings rounded down, so never short)
@@ -28,7 +22,7 @@ def heldout_choice(model, walk_again, layout, grams, ins, cfg, subsets: dict, sp
     """choiceshare's held-out choice: per group of `group` layers a rank or no basis, per layer the units to prune (among
     `subsets`), for the least summed cross-fitted error (`choice_costs`) that removes the budget (`allocate`)."""
     groups = layer_groups(layout.num_layers, cfg.group)
-    costs = choice_costs(model, walk_again, layout, grams, groups, ins, subsets, cfg.rho, split)
+    costs = choice_costs(model, walk_again, layout, grams, groups, ins, subsets, cfg.rho, split, cfg.ranks)
     options = {}
     for (layer, r), by_subset in costs.items():
         options[(layer, r)] = {s: (c, group_rows(layout, ins, [layer], {(layer, u) for u in s}))
@@ -40,11 +34,12 @@ def heldout_choice(model, walk_again, layout, grams, ins, cfg, subsets: dict, sp
     return pruned, chosen
 
 
-def rank_grid(h: int, m: int) -> list[int]:
-    """Ranks worth weighing for a group of m rows on hidden size h: below h m / (h + m) (factors smaller)."""
+def rank_grid(h: int, m: int, steps: int = RANKS) -> list[int]:
+    """Up to `steps` evenly spaced ranks worth weighing for a group of m rows on hidden size h: below h m / (h + m),
+    where the factors stop being smaller than the rows."""
     top = (h * m) // (h + m)
-    step = max(1, top // RANKS)
-    return sorted({step * k for k in range(1, RANKS + 1) if 1 <= step * k < top})
+    step = max(1, top // steps)
+    return sorted({step * k for k in range(1, steps + 1) if 1 <= step * k < top})
 
 
 def fold_stats(z: torch.Tensor, a: torch.Tensor, w: torch.Tensor, part: slice) -> tuple:
@@ -97,7 +92,8 @@ def nested_stats(z: torch.Tensor, z0: torch.Tensor | None, w: torch.Tensor, wo: 
 
 
 @torch.no_grad()
-def choice_costs(model, walk_again, layout, grams, groups, ins, subsets, rho: float, split: int) -> dict:
+def choice_costs(model, walk_again, layout, grams, groups, ins, subsets, rho: float, split: int,
+                 steps: int = RANKS) -> dict:
     """{(layer, rank or None): {subset: cross-fitted error per token}}: the layer's attention output error
     when `subset` is pruned, its q/k/v rows are put on its group's whitened basis of that rank (None: left
     dense) and the o columns that stay are refitted. The basis is fitted on one fold of the tokens (all rows of
@@ -126,11 +122,11 @@ def choice_costs(model, walk_again, layout, grams, groups, ins, subsets, rho: fl
         g = groups[group_of[layer]]
         dev = d.z.device
         if layer == g[0]:  # the group's fold bases, from the weights of all its layers (read one at a time)
-            ranks = rank_grid(layout.hidden_size, group_rows(layout, ins, g))
+            ranks = rank_grid(layout.hidden_size, group_rows(layout, ins, g), steps)
             factors = [tuple(x.to(CHAIN_DTYPE) for x in whitened_basis(
                 grams[group_of[layer]][f].to(dev),
                 (layer_weight(bl, (la, p.path), ins).to(dev) for la in g for p in ins), max(ranks)))
-                for f in (0, 1)]  # only the rows put on them read them, in CHAIN_DTYPE
+                for f in (0, 1)]  # only the rows put on them read them, in CHAIN_DTYPE (the block runs fp32 or narrower)
         block = bl[layer]
         wo = orient(block.get_submodule(op.path).weight, op.conv1d).double()  # (D, in)
         order = chain_order(subsets[layer]) if U > EXHAUSTIVE and len(perm) == wo.shape[1] else None
