@@ -29,6 +29,7 @@ from ..errors import HeadshareError
 from ..plan import new_plan, units_for_ratio
 from .base import METHODS, CalibConfig, make_config, make_plan, register_method, split_method
 from .calibration import held_out_loss, source_ids
+from .fitshare import shared_pruning_costs
 
 # the two sharing methods that won somewhere in BENCHMARKS.md, and the two prunings, so that autoshare never
 # keeps a plan that scores worse than pruning on its validation text; each is a registered method and a unit kind
@@ -116,28 +117,30 @@ def autoshare(model, cfg: AutoShareConfig, tokenizer=None, progress: bool = Fals
     scores, best = [], None
     names = parse_candidates(cfg.candidates)
     skipped = []
-    for method, unit in tqdm(names, desc="candidates", disable=not progress, unit="plan"):
-        t0 = time.perf_counter()
-        options = METHODS[method].config.options()
-        calib = {k: getattr(cfg, k) for k in ("calib", "calib_tokens") if k in options}  # data-free ones have none
-        try:  # a shallow model may not hold the budget in this candidate's units: the others still run
-            ratio = candidate_ratio(model, budget, unit)
-            units_for_ratio(ratio, layout_of(model.config, unit))
-        except ValueError as e:
-            skipped.append({"candidate": f"{method}@{unit}", "reason": str(e)})
-            if progress:
-                print(f"headshare: autoshare skips {method}@{unit}: {e}", file=sys.stderr, flush=True)
-            continue
-        sub = make_config(method, ratio, unit=unit, **calib)
-        plan = make_plan(model, sub, tokenizer=tokenizer, progress=progress, device=device)
-        seconds = time.perf_counter() - t0
-        loss = held_out_loss(model, val, plan, device)  # the shared model, emulated one block at a time
-        scores.append({"candidate": f"{method}@{unit}", "ratio": sub.ratio, "val_loss": round(loss, 6),
-                       **({"calib_loss": round(held_out_loss(model, same, plan, device), 6)} if same is not None else {}),
-                       "plan_seconds": round(seconds, 1)})
-        if best is None or loss < best[0]:
-            best = (loss, plan, scores[-1]["candidate"])
-        del plan  # a losing candidate's fitted tensors (a layer's worth each) go before the next one is made
+    # fitprune and basisshare's fixed split weigh the same pruning costs on this same model: computed once
+    with shared_pruning_costs():
+        for method, unit in tqdm(names, desc="candidates", disable=not progress, unit="plan"):
+            t0 = time.perf_counter()
+            options = METHODS[method].config.options()
+            calib = {k: getattr(cfg, k) for k in ("calib", "calib_tokens") if k in options}  # data-free ones have none
+            try:  # a shallow model may not hold the budget in this candidate's units: the others still run
+                ratio = candidate_ratio(model, budget, unit)
+                units_for_ratio(ratio, layout_of(model.config, unit))
+            except ValueError as e:
+                skipped.append({"candidate": f"{method}@{unit}", "reason": str(e)})
+                if progress:
+                    print(f"headshare: autoshare skips {method}@{unit}: {e}", file=sys.stderr, flush=True)
+                continue
+            sub = make_config(method, ratio, unit=unit, **calib)
+            plan = make_plan(model, sub, tokenizer=tokenizer, progress=progress, device=device)
+            seconds = time.perf_counter() - t0
+            loss = held_out_loss(model, val, plan, device)  # the shared model, emulated one block at a time
+            scores.append({"candidate": f"{method}@{unit}", "ratio": sub.ratio, "val_loss": round(loss, 6),
+                           **({"calib_loss": round(held_out_loss(model, same, plan, device), 6)} if same is not None else {}),
+                           "plan_seconds": round(seconds, 1)})
+            if best is None or loss < best[0]:
+                best = (loss, plan, scores[-1]["candidate"])
+            del plan  # a losing candidate's fitted tensors (a layer's worth each) go before the next one is made
     if best is None:
         raise HeadshareError("no autoshare candidate can remove this budget on this model: "
                          + "; ".join(f"{s['candidate']}: {s['reason']}" for s in skipped) + "; lower the ratio")

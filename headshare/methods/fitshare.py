@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 from ..arch import layout_of
@@ -35,6 +37,7 @@ from .base import CalibConfig, register_method
 from .calibration import WINDOW, calibration_ids, candidate_sources, layer_gram, walk, window_ok
 from .lstsq import (
     candidate_subsets,
+    heldout_prune_costs,
     heldout_share_costs,
     knapsack,
     layer_options,
@@ -42,6 +45,36 @@ from .lstsq import (
 from .refit import RHO, RIDGES, refit, ridges_note
 
 MIN_GAIN = 0.01  # fitshare shares a unit only if borrowing removes >= 1 % of what the refit leaves
+
+_SHARED: ContextVar[dict | None] = ContextVar("headshare_pruning_costs", default=None)
+
+
+@contextmanager
+def shared_pruning_costs():
+    """Inside, `pruning_costs` of the same layer, units, ridge and calibration data are computed once: autoshare's
+    candidates fitprune and basisshare weigh the same costs on the same model, which nothing changes meanwhile."""
+    token = _SHARED.set({})
+    try:
+        yield
+    finally:
+        _SHARED.reset(token)
+
+
+def pruning_costs(model, d, layout, layer: int, rho: float, n_seqs: int) -> dict:
+    """{subset of the layer's units: cross-fitted error per token left after pruning it and refitting o} over the
+    greedy's candidate subsets: fitprune's selection and basisshare's fixed split both weigh these."""
+    memo, key = _SHARED.get(), None
+    if memo is not None:  # the o inputs' first moments stand in for the calibration text (the model is fixed)
+        z = d.z.float()
+        key = (layer, layout.unit_kind, rho, n_seqs, tuple(z.shape), float(z.sum()), float(z.square().sum()))
+        if key in memo:
+            return dict(memo[key])
+    gram = layer_gram(model, d, layout, layer, [])
+    subsets = [frozenset(c) for c in candidate_subsets(gram, layout.units_per_layer, rho)]
+    out = heldout_prune_costs(gram, subsets, d, layout, rho, n_seqs)
+    if memo is not None:
+        memo[key] = dict(out)
+    return out
 
 
 def _fit_plan(model, method: str, cfg: CalibConfig, tokenizer, rho: float, window: int | None,
@@ -57,16 +90,14 @@ def _fit_plan(model, method: str, cfg: CalibConfig, tokenizer, rho: float, windo
     U, share = layout.units_per_layer, math.isfinite(min_gain)
     options, costs = [], []
     for layer, d in walk(model, ids, device, progress, desc="costs"):
-        sources = candidate_sources(layer, U, window, ()) if share else []
-        gram = layer_gram(model, d, layout, layer, sources)
         if share:
+            sources = candidate_sources(layer, U, window, ())
+            gram = layer_gram(model, d, layout, layer, sources)
             options.append(layer_options(gram, U, sources, rho, min_gain))
             costs.append(heldout_share_costs(gram, options[-1], d, layout, rho, len(ids), min_gain))
         else:  # pruning alone reads only the held-out costs: no in-sample refit per subset (a factorisation each)
-            options.append({frozenset(c): (0.0, 0.0, {}) for c in candidate_subsets(gram, U, rho)})
-            # the cross-fitted pruning error: no candidate lends (min_gain infinite)
-            held = heldout_share_costs(gram, options[-1], d, layout, rho, len(ids), math.inf)
-            costs.append({r: held[r] for r in options[-1]})
+            costs.append(pruning_costs(model, d, layout, layer, rho, len(ids)))
+            options.append({r: (0.0, 0.0, {}) for r in costs[-1]})
     removed = set(knapsack(costs, n))
     borrow: dict = {}
     gains: dict = {}

@@ -143,3 +143,27 @@ def test_the_plan_says_what_it_was_scored_on(tiny_model, tiny_tokenizer, tmp_pat
                                                                            val_tokens=128), tokenizer=tiny_tokenizer)
     assert default.notes["val_text"] == "builtin:calib (after calib_tokens)"
     assert all("calib_loss" not in c for c in default.notes["candidates"])  # its val_loss is that already
+
+
+def test_fitprune_and_basisshare_weigh_the_pruning_costs_once(tiny_tokenizer, calib_file, tiny_model, monkeypatch):
+    """Inside autoshare the pruning costs both candidates weigh (same layer, units, ridge and data) are
+    computed once, and each candidate still makes the plan it makes alone."""
+    from headshare.methods import fitshare
+
+    model = tiny_model("llama-gqa")
+    calls = []
+    real = fitshare.heldout_prune_costs
+    monkeypatch.setattr(fitshare, "heldout_prune_costs", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    cfg = _cfg(calib_file, candidates="fitprune@kv,basisshare@kv")
+    plan = headshare.make_plan(model, cfg, tokenizer=tiny_tokenizer)
+    layers = model.config.num_hidden_layers
+    assert len(calls) == layers  # fitprune computed them; basisshare read them
+    calls.clear()
+    val = validation_ids(tiny_tokenizer, cfg)
+    for score in plan.notes["candidates"]:
+        method, unit = score["candidate"].split("@")
+        alone = headshare.make_plan(model, make_config(method, score["ratio"], unit=unit, calib=calib_file,
+                                                       calib_tokens=96), tokenizer=tiny_tokenizer)
+        assert held_out_loss(headshare.share(copy.deepcopy(model), alone), val) == pytest.approx(
+            score["val_loss"], abs=1e-6)
+    assert len(calls) == 2 * layers  # alone, each computes its own

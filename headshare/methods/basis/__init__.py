@@ -46,10 +46,11 @@ from ...plan import new_plan, units_for_ratio
 from ...units import weights_fingerprint
 from ..base import CalibConfig, register_method
 from ..calibration import Stash, calibration_ids, layer_gram, walk
+from ..fitshare import pruning_costs
 from ..lstsq import candidate_subsets, half
 from ..refit import RHO, RIDGES, ridges_note
 from .bases import fit_bases, layer_groups, own_rows
-from .fixed import fixed_choice, pruning_costs
+from .fixed import fixed_choice
 from .heldout import RANKS, heldout_choice
 from .write import basis_tensors, sequential_refit
 

@@ -4,16 +4,8 @@ rank for every group of layers."""
 from __future__ import annotations
 
 from ...errors import HeadshareError
-from ..calibration import layer_gram
-from ..lstsq import candidate_subsets, heldout_prune_costs, knapsack
+from ..lstsq import knapsack
 from .bases import group_rows, layer_groups, rank_for_budget
-
-
-def pruning_costs(model, d, layout, layer: int, rho: float, n_seqs: int) -> dict:
-    """{subset of the layer's units: cross-fitted error left after pruning it and refitting o} (fitprune's)."""
-    gram = layer_gram(model, d, layout, layer, [])
-    subsets = [frozenset(c) for c in candidate_subsets(gram, layout.units_per_layer, rho)]
-    return heldout_prune_costs(gram, subsets, d, layout, rho, n_seqs)
 
 
 def fixed_choice(layout, ins, cfg, n_prune: int, costs: list[dict], budget: int):
