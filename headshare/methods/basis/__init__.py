@@ -90,7 +90,7 @@ class ChoiceShareConfig(BasisShareConfig):
     """basisshare's options (`prune` is not read: the held-out choice decides what pruning takes) and how many
     basis ranks it weighs per group."""
 
-    ranks: int = RANKS  # rank candidates per group (at most); each costs a layer two chains and two folds' statistics
+    ranks: int = RANKS  # rank candidates a group (at most); each costs a layer 2 attention runs, 2 folds' statistics, 2 chains
 
     def __post_init__(self) -> None:
         super().__post_init__()
